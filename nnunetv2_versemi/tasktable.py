@@ -1,0 +1,207 @@
+"""The task table: which source dataset each task came from and how its labels map into the union.
+
+The table is the contract between the merge (which writes it into the union dataset's dataset.json under
+``"versemi"``), planning (which copies it into the plans file, so a trained model folder is self-contained),
+the network (one prompt per task plus the synthetic task) and inference (source label values, intensity
+transform). Merged label space: 0 = background, then every task's foreground classes in task order.
+
+Serialized form (JSON)::
+
+    {"version": 1,
+     "tasks": [{"name": "CT", "source_dataset": "Dataset901_DemoCT",
+                "channel_names": {"0": "CT"}, "file_ending": ".nii.gz", "channel": null,
+                "normalization": {"scheme": "CT", "mean": .., "std": .., "lower": .., "upper": ..},
+                "labels": [{"name": "organ", "source": 1, "merged": 1}],
+                "labeled": ["CT_0001", ...], "unlabeled": [...], "test": [...]}, ...]}
+
+``normalization.scheme`` is ``"CT"`` (clip to [lower, upper], then (x - mean) / std, with the task's own
+foreground statistics) or ``"zscore"`` (per image, per channel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+TABLE_KEY = "versemi"
+TABLE_VERSION = 1
+
+
+class TaskTableError(ValueError):
+    """The task table is missing or inconsistent."""
+
+
+@dataclass
+class TaskLabel:
+    name: str
+    source: int
+    merged: int
+
+
+@dataclass
+class Task:
+    name: str
+    source_dataset: str
+    channel_names: dict[str, str]
+    labels: list[TaskLabel]
+    normalization: dict = field(default_factory=lambda: {"scheme": "zscore"})
+    file_ending: str = ".nii.gz"
+    channel: int | None = None
+    labeled: list[str] = field(default_factory=list)
+    unlabeled: list[str] = field(default_factory=list)
+    test: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        """Output channels of this task's head: background + its foreground classes."""
+        return 1 + len(self.labels)
+
+    @property
+    def merged_values(self) -> list[int]:
+        return [lab.merged for lab in self.labels]
+
+    @property
+    def source_values(self) -> list[int]:
+        return [lab.source for lab in self.labels]
+
+    def source_label_dict(self) -> dict[str, int]:
+        """The ``labels`` entry of the source dataset.json (background first)."""
+        return {"background": 0, **{lab.name: lab.source for lab in self.labels}}
+
+
+@dataclass
+class TaskTable:
+    tasks: list[Task]
+    version: int = TABLE_VERSION
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- structure -------------------------------------------------------------------------------
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def synthetic_prompt(self) -> int:
+        """Prompt index of the synthetic "any foreground" task (after the T real tasks)."""
+        return len(self.tasks)
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.tasks) + 1
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def num_merged_labels(self) -> int:
+        return 1 + sum(len(t.labels) for t in self.tasks)
+
+    def num_classes_per_prompt(self) -> list[int]:
+        """Head output channels per prompt: 1 + K_t for each task, 2 for the synthetic task."""
+        return [t.num_classes for t in self.tasks] + [2]
+
+    def index(self, name: str) -> int:
+        for i, t in enumerate(self.tasks):
+            if t.name == name:
+                return i
+        raise TaskTableError(f"Unknown task '{name}'. Valid tasks: {', '.join(self.names)}")
+
+    def merged_label_dict(self) -> dict[str, int]:
+        """The ``labels`` entry of the union dataset.json."""
+        out = {"background": 0}
+        for t in self.tasks:
+            for lab in t.labels:
+                out[f"{t.name}_{lab.name}"] = lab.merged
+        return out
+
+    def merged_to_task_lut(self) -> list[tuple[int, int]]:
+        """For merged value v: (task index, class index within that task's head); background -> (-1, 0)."""
+        lut = [(-1, 0)] * self.num_merged_labels
+        for ti, t in enumerate(self.tasks):
+            for ci, lab in enumerate(t.labels, start=1):
+                lut[lab.merged] = (ti, ci)
+        return lut
+
+    def task_of_case(self, case_id: str) -> int:
+        """Task index of a case id (labeled, unlabeled or test), from the lists, else by name prefix."""
+        lookup = self._case_lookup()
+        if case_id in lookup:
+            return lookup[case_id]
+        # longest matching "<task>_" prefix, so task names may share prefixes (e.g. "Lung" and "LungTumour")
+        best = -1
+        for i, t in enumerate(self.tasks):
+            if case_id.startswith(t.name + "_") and (best < 0 or len(t.name) > len(self.tasks[best].name)):
+                best = i
+        if best < 0:
+            raise TaskTableError(f"Case '{case_id}' belongs to no task of the table ({', '.join(self.names)})")
+        return best
+
+    def _case_lookup(self) -> dict[str, int]:
+        if not hasattr(self, "_lookup_cache"):
+            cache = {}
+            for i, t in enumerate(self.tasks):
+                for c in (*t.labeled, *t.unlabeled, *t.test):
+                    cache[c] = i
+            object.__setattr__(self, "_lookup_cache", cache)
+        return self._lookup_cache
+
+    # ---- validation --------------------------------------------------------------------------------
+    def validate(self) -> None:
+        if len(self.tasks) < 1:
+            raise TaskTableError("The task table has no tasks")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise TaskTableError(f"Duplicate task names in the task table: {names}")
+        merged = sorted(v for t in self.tasks for v in t.merged_values)
+        if merged != list(range(1, len(merged) + 1)):
+            raise TaskTableError(
+                f"Merged label values must be 1..{len(merged)} without gaps or repeats, got {merged}"
+            )
+        for t in self.tasks:
+            if not t.labels:
+                raise TaskTableError(f"Task '{t.name}' has no foreground label")
+            if "_" in t.name:
+                raise TaskTableError(f"Task name '{t.name}' must not contain '_' (it prefixes case ids)")
+
+    # ---- (de)serialization ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"version": self.version, "tasks": [asdict(t) for t in self.tasks]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TaskTable:
+        try:
+            tasks = []
+            for td in d["tasks"]:
+                td = dict(td)
+                td["labels"] = [TaskLabel(**lab) for lab in td["labels"]]
+                tasks.append(Task(**td))
+            return cls(tasks=tasks, version=d.get("version", TABLE_VERSION))
+        except (KeyError, TypeError) as e:
+            raise TaskTableError(f"Malformed task table: {e!r}") from e
+
+    @classmethod
+    def from_dataset_json(cls, dataset_json: dict, where: str = "dataset.json") -> TaskTable:
+        if TABLE_KEY not in dataset_json:
+            raise TaskTableError(
+                f"{where} has no '{TABLE_KEY}' task table. VerSemi trains on a union dataset made by "
+                "nnUNetv2_versemi_merge."
+            )
+        return cls.from_dict(dataset_json[TABLE_KEY])
+
+    @classmethod
+    def from_plans(cls, plans: dict, where: str = "plans") -> TaskTable:
+        if TABLE_KEY not in plans:
+            raise TaskTableError(
+                f"The {where} hold no '{TABLE_KEY}' task table. Plan the union dataset with "
+                "nnUNetv2_versemi_plan_and_preprocess (or run it with --only-attach on existing plans)."
+            )
+        return cls.from_dict(plans[TABLE_KEY])
+
+    def same_structure(self, other: TaskTable) -> bool:
+        """True when both tables define the same tasks and label mapping (case lists may differ)."""
+        def key(tt: TaskTable):
+            return [(t.name, [(lab.name, lab.source, lab.merged) for lab in t.labels]) for t in tt.tasks]
+
+        return key(self) == key(other)
