@@ -1,0 +1,548 @@
+"""``nnUNetv2_versemi_evaluate``: per-task Dice, IoU, HD95 and ASD of a prediction folder.
+
+Without ``--task`` the folders hold union-format label maps (merged values); each case is scored on
+the classes of its own task (from its case id, ``TaskTable.task_of_case``), so a CT case is never
+penalised for, or credited with, the classes of another task. With ``--task NAME`` the folders hold
+that task's source label values (what ``nnUNetv2_versemi_predict --task`` writes) and every case is
+scored on that task's classes. Metric definitions and empty-mask conventions: ``metrics.py``.
+
+Outputs (``-o``, default ``PRED/evaluation``): ``metrics.json``, ``metrics.csv``, ``summary.md`` and,
+with ``--png``, ``overlays/<case>.png``. Every input check (missing files, unknown task or case,
+shape/spacing mismatch) runs before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from nnunetv2_versemi.evaluation.metrics import METRICS, aggregate, compute_case_metrics
+from nnunetv2_versemi.tasktable import TABLE_KEY, TaskTable, TaskTableError
+
+PROG = "nnUNetv2_versemi_evaluate"
+# files nnU-Net writes next to predictions; never label maps
+_NOT_LABEL_FILES = {"dataset.json", "plans.json", "predict_from_raw_data_args.json"}
+
+
+class EvaluationError(ValueError):
+    """Bad input to the evaluation: missing or mismatched files, unknown task or case."""
+
+
+# ---- dataset / task table ------------------------------------------------------------------------
+def _table_from_folder(folder: Path) -> TaskTable | None:
+    """The task table of a folder's dataset.json, else of its plans.json (model folders hold both)."""
+    for name, loader in (("dataset.json", TaskTable.from_dataset_json), ("plans.json", TaskTable.from_plans)):
+        f = folder / name
+        if f.is_file():
+            content = json.loads(f.read_text())
+            if TABLE_KEY in content:
+                return loader(content, where=str(f))
+    return None
+
+
+def load_task_table(dataset: str | None = None, dataset_json: str | os.PathLike | None = None) -> TaskTable:
+    """Task table of a union dataset.
+
+    ``dataset_json``: a dataset.json (or plans.json) file, or a folder holding one (e.g. a trained model
+    folder). ``dataset``: a dataset id or name, looked up in $nnUNet_raw, then $nnUNet_preprocessed, then
+    the model folders under $nnUNet_results; a path is accepted as well.
+    """
+    if dataset_json is not None:
+        p = Path(dataset_json)
+        if p.is_dir():
+            table = _table_from_folder(p)
+            if table is None:
+                raise TaskTableError(
+                    f"{p} holds no dataset.json or plans.json with a '{TABLE_KEY}' task table"
+                )
+            return table
+        if not p.is_file():
+            raise EvaluationError(f"--dataset-json {p} does not exist")
+        content = json.loads(p.read_text())
+        if p.name == "plans.json" or (TABLE_KEY not in content and "plans_name" in content):
+            return TaskTable.from_plans(content, where=str(p))
+        return TaskTable.from_dataset_json(content, where=str(p))
+    if dataset is None:
+        raise EvaluationError("Give the union dataset with -d ID/NAME or --dataset-json PATH")
+    if Path(dataset).exists():
+        return load_task_table(dataset_json=dataset)
+
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        name = maybe_convert_to_dataset_name(dataset)
+    except (RuntimeError, ValueError) as e:
+        raise EvaluationError(f"Cannot find dataset '{dataset}': {e}") from e
+    folders = []
+    for var in ("nnUNet_raw", "nnUNet_preprocessed"):
+        if os.environ.get(var):
+            folders.append(Path(os.environ[var]) / name)
+    if os.environ.get("nnUNet_results"):
+        folders.extend(sorted(p for p in (Path(os.environ["nnUNet_results"]) / name).glob("*") if p.is_dir()))
+    seen = []
+    for folder in folders:
+        if (folder / "dataset.json").is_file() or (folder / "plans.json").is_file():
+            seen.append(str(folder))
+            table = _table_from_folder(folder)
+            if table is not None:
+                return table
+    if not seen:
+        raise EvaluationError(
+            f"No dataset.json for {name} in $nnUNet_raw, $nnUNet_preprocessed or $nnUNet_results; "
+            "pass --dataset-json PATH"
+        )
+    raise TaskTableError(
+        f"{name} has no '{TABLE_KEY}' task table (looked in {', '.join(seen)}). Evaluate predictions of a "
+        "union dataset made by nnUNetv2_versemi_merge."
+    )
+
+
+# ---- files ------------------------------------------------------------------------------------------
+def _supported_endings() -> list[str]:
+    from nnunetv2.imageio.reader_writer_registry import LIST_OF_IO_CLASSES
+
+    endings = {e for rw in LIST_OF_IO_CLASSES for e in rw.supported_file_endings}
+    return sorted(endings, key=len, reverse=True)  # '.nii.gz' before '.gz'-less '.nii'
+
+
+def _split_ending(filename: str, endings: list[str]) -> tuple[str, str] | None:
+    for e in endings:
+        if filename.lower().endswith(e):
+            return filename[: -len(e)], filename[-len(e) :]
+    return None
+
+
+def list_label_files(folder: str | os.PathLike, file_ending: str | None = None) -> tuple[dict[str, str], str]:
+    """``({case id: path}, file ending)`` of the label maps in ``folder`` (top level only).
+
+    Without ``file_ending`` the ending is detected among the formats nnU-Net reads; a folder mixing
+    formats needs an explicit one.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EvaluationError(f"Folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in _NOT_LABEL_FILES)
+    if file_ending is None:
+        endings = _supported_endings()
+        found = {}
+        for p in files:
+            split = _split_ending(p.name, endings)
+            if split is not None:
+                found.setdefault(split[1].lower(), []).append(p.name)
+        if not found:
+            raise EvaluationError(
+                f"{folder} holds no label files in a format nnU-Net reads ({', '.join(endings)})"
+            )
+        if len(found) > 1:
+            raise EvaluationError(
+                f"{folder} mixes file formats ({', '.join(sorted(found))}); choose one with --file-ending"
+            )
+        file_ending = next(iter(found))
+    cases = {
+        p.name[: -len(file_ending)]: str(p) for p in files if p.name.lower().endswith(file_ending.lower())
+    }
+    if not cases:
+        raise EvaluationError(f"{folder} holds no files ending in {file_ending}")
+    return cases, file_ending
+
+
+def find_image(images_dir: str | os.PathLike, case: str) -> str | None:
+    """The first channel ``CASE_0000.<ending>`` of a case in ``images_dir``, or None."""
+    images_dir = Path(images_dir)
+    endings = _supported_endings()
+    for e in endings:
+        f = images_dir / f"{case}_0000{e}"
+        if f.is_file():
+            return str(f)
+    return None
+
+
+def _reader_for(file_ending: str, example_file: str):
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_file_ending
+
+    try:
+        return determine_reader_writer_from_file_ending(file_ending, example_file, verbose=False)
+    except RuntimeError as e:
+        raise EvaluationError(f"Cannot read {example_file}: {e}") from e
+
+
+def read_label_map(path: str, reader_class=None) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Label map (nnU-Net axis order, channel axis removed) and its spacing per axis in mm."""
+    if reader_class is None:
+        split = _split_ending(Path(path).name, _supported_endings())
+        if split is None:
+            raise EvaluationError(f"{path}: not a format nnU-Net reads")
+        reader_class = _reader_for(split[1], path)
+    try:
+        seg, props = reader_class().read_seg(path)
+    except Exception as e:  # readers raise anything from RuntimeError to AssertionError
+        raise EvaluationError(f"Cannot read label file {path}: {e!r}") from e
+    seg = np.asarray(seg[0])
+    rounded = np.rint(seg)
+    if not np.array_equal(rounded, seg):
+        raise EvaluationError(f"{path} holds non-integer values; expected a label map")
+    return rounded.astype(np.int32), tuple(float(s) for s in props["spacing"])
+
+
+# ---- evaluation -------------------------------------------------------------------------------------
+def _evaluate_case(job: dict) -> dict:
+    """Worker: read one reference/prediction pair, check they match, compute the metrics."""
+    ref, ref_spacing = read_label_map(job["ref_file"], job["ref_reader"])
+    pred, pred_spacing = read_label_map(job["pred_file"], job["pred_reader"])
+    case = job["case"]
+    if ref.shape != pred.shape:
+        raise EvaluationError(
+            f"Case {case}: reference {job['ref_file']} has shape {ref.shape} but prediction "
+            f"{job['pred_file']} has shape {pred.shape}"
+        )
+    if not np.allclose(ref_spacing, pred_spacing, rtol=1e-3, atol=1e-6):
+        raise EvaluationError(
+            f"Case {case}: reference {job['ref_file']} has spacing {ref_spacing} but prediction "
+            f"{job['pred_file']} has spacing {pred_spacing}"
+        )
+    names = [n for n, _ in job["labels"]]
+    values = [v for _, v in job["labels"]]
+    by_value = compute_case_metrics(ref, pred, values, ref_spacing)
+    unexpected = sorted(set(np.unique(ref).tolist()) - {0, *values})
+    return {
+        "case": case,
+        "task": job["task"],
+        "ref_file": job["ref_file"],
+        "pred_file": job["pred_file"],
+        "shape": list(ref.shape),
+        "spacing": list(ref_spacing),
+        "unexpected_ref_values": unexpected,
+        "metrics": {n: {"label": v, **by_value[v]} for n, v in zip(names, values)},
+    }
+
+
+def _run_jobs(jobs: list[dict], num_processes: int, verbose: bool) -> list[dict]:
+    n = min(num_processes, len(jobs))
+    if n <= 1:
+        return [_evaluate_case(j) for j in tqdm(jobs, desc="evaluate", disable=not verbose)]
+    # spawn: no forked copies of a parent that may hold CUDA or OpenMP state
+    with multiprocessing.get_context("spawn").Pool(n) as pool:
+        return list(
+            tqdm(pool.imap(_evaluate_case, jobs), total=len(jobs), desc="evaluate", disable=not verbose)
+        )
+
+
+def evaluate_folders(
+    ref_dir: str | os.PathLike,
+    pred_dir: str | os.PathLike,
+    table: TaskTable,
+    task: str | None = None,
+    num_processes: int = 1,
+    file_ending: str | None = None,
+    output_dir: str | os.PathLike | None = None,
+    png: int = 0,
+    images_dir: str | os.PathLike | None = None,
+    verbose: bool = False,
+) -> dict:
+    """Evaluate every reference case in ``ref_dir`` against the same-named file in ``pred_dir``.
+
+    ``task=None``: union-format files (merged values), each case on its own task's classes.
+    ``task=NAME``: files in that task's source values, every case on that task's classes.
+    Returns ``{"cases": {case: {...,"metrics": {class: {...}}}}, "tasks": {task: aggregate}, "overall",
+    "extra_predictions", ...}``. With ``output_dir`` also writes metrics.json/csv, summary.md and
+    ``png`` overlays per task (see ``write_outputs``). Raises ``EvaluationError``/``TaskTableError``
+    before writing anything when inputs are inconsistent.
+    """
+    if task is not None:
+        task_idx = table.index(task)  # TaskTableError listing the valid tasks
+        label_space = "source"
+    else:
+        label_space = "merged"
+    ref_files, ref_ending = list_label_files(ref_dir, file_ending)
+    pred_files, pred_ending = list_label_files(pred_dir, file_ending)
+    missing = sorted(set(ref_files) - set(pred_files))
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
+        raise EvaluationError(
+            f"{len(missing)} reference case(s) have no prediction in {pred_dir}: {shown} "
+            f"(expected e.g. {Path(pred_dir) / (missing[0] + pred_ending)})"
+        )
+    extra = sorted(set(pred_files) - set(ref_files))
+
+    jobs = []
+    for case, ref_file in sorted(ref_files.items()):
+        if task is None:
+            try:
+                ti = table.task_of_case(case)
+            except TaskTableError as e:
+                raise EvaluationError(f"Reference file {ref_file}: {e}") from e
+        else:
+            ti = task_idx
+        t = table.tasks[ti]
+        labels = [(lab.name, lab.source if task is not None else lab.merged) for lab in t.labels]
+        jobs.append(
+            {
+                "case": case,
+                "task": t.name,
+                "ref_file": ref_file,
+                "pred_file": pred_files[case],
+                "labels": labels,
+            }
+        )
+
+    overlay_cases = select_overlay_cases(jobs, png)
+    if images_dir is not None and overlay_cases:
+        for case in overlay_cases:
+            if find_image(images_dir, case) is None:
+                raise EvaluationError(
+                    f"No image {case}_0000.<ending> in {images_dir} for the overlay of case {case}"
+                )
+
+    ref_reader = _reader_for(ref_ending, jobs[0]["ref_file"])
+    pred_reader = _reader_for(pred_ending, jobs[0]["pred_file"])
+    for j in jobs:
+        j["ref_reader"], j["pred_reader"] = ref_reader, pred_reader
+    records = _run_jobs(jobs, num_processes, verbose)
+
+    results = {
+        "ref_dir": str(ref_dir),
+        "pred_dir": str(pred_dir),
+        "task": task,
+        "label_space": label_space,
+        "distance_unit": "mm",
+        "conventions": {
+            "both_empty": "dice = iou = 1, hd95 = asd = 0 (counted in means)",
+            "one_empty": "dice = iou = 0, hd95 = asd = NaN (null in JSON; left out of distance means)",
+            "mean_over_classes": "per case mean over the task's classes, then mean/std over cases",
+            "std": "population std (ddof=0)",
+        },
+        "cases": {r["case"]: r for r in records},
+        "tasks": {},
+        "extra_predictions": extra,
+    }
+    for t in table.tasks:
+        task_records = [r for r in records if r["task"] == t.name]
+        if not task_records:
+            continue
+        agg = aggregate([r["metrics"] for r in task_records])
+        for name, lab in zip(agg["classes"], t.labels):
+            agg["classes"][name] = {
+                "label": lab.source if task is not None else lab.merged,
+                **agg["classes"][name],
+            }
+        results["tasks"][t.name] = agg
+    results["overall"] = {
+        m: _mean_of([agg["mean_over_classes"][m]["mean"] for agg in results["tasks"].values()])
+        for m in METRICS
+    }
+    results["overall"]["n_tasks"] = len(results["tasks"])
+
+    if verbose:
+        if extra:
+            print(
+                f"Warning: {len(extra)} prediction(s) without a reference, not evaluated: {', '.join(extra[:10])}"
+            )
+        for r in records:
+            if r["unexpected_ref_values"]:
+                print(
+                    f"Warning: {r['ref_file']} holds values {r['unexpected_ref_values']} that are no {label_space} "
+                    f"label of task {r['task']}" + ("" if task else " (source-valued files need --task)")
+                )
+    if output_dir is not None:
+        write_outputs(results, output_dir, overlay_cases=overlay_cases, table=table, images_dir=images_dir)
+    return results
+
+
+def _mean_of(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+def select_overlay_cases(jobs_or_cases: list[dict], n: int) -> list[str]:
+    """The first ``n`` cases (sorted by id) of every task."""
+    per_task: dict[str, list[str]] = {}
+    for j in sorted(jobs_or_cases, key=lambda j: j["case"]):
+        per_task.setdefault(j["task"], [])
+        if len(per_task[j["task"]]) < n:
+            per_task[j["task"]].append(j["case"])
+    return [c for cases in per_task.values() for c in cases]
+
+
+# ---- outputs ----------------------------------------------------------------------------------------
+def _json_safe(obj):
+    """NaN -> None (JSON has no NaN), numpy scalars -> Python."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return None if math.isnan(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+CSV_COLUMNS = ["case", "task", "class", "label", *METRICS, "n_ref", "n_pred"]
+
+
+def _fmt(stats: dict, digits: int) -> str:
+    if stats["mean"] is None:
+        return "n/a"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def summary_markdown(results: dict) -> str:
+    space = f"source labels of task {results['task']}" if results["task"] else "merged labels"
+    lines = [
+        "# VerSemi evaluation",
+        "",
+        f"- reference: `{results['ref_dir']}`",
+        f"- prediction: `{results['pred_dir']}` ({space})",
+        f"- cases: {len(results['cases'])}; predictions without reference (not evaluated): "
+        f"{len(results['extra_predictions'])}",
+        "",
+        "Mean ± std over cases. HD95 and ASD in mm; cases where exactly one of reference and prediction is "
+        "empty have no distance and are left out of the distance means (column *one empty*). Both empty "
+        "counts as Dice 1, distance 0.",
+        "",
+        "| task | class | n | Dice | IoU | HD95 (mm) | ASD (mm) | one empty |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for tname, agg in results["tasks"].items():
+        for cname, c in agg["classes"].items():
+            lines.append(
+                f"| {tname} | {cname} ({c['label']}) | {c['n']} | {_fmt(c['dice'], 3)} | {_fmt(c['iou'], 3)} | "
+                f"{_fmt(c['hd95'], 2)} | {_fmt(c['asd'], 2)} | {c['n_one_empty']} |"
+            )
+        m = agg["mean_over_classes"]
+        lines.append(
+            f"| {tname} | *mean over classes* | {agg['n_cases']} | {_fmt(m['dice'], 3)} | {_fmt(m['iou'], 3)} | "
+            f"{_fmt(m['hd95'], 2)} | {_fmt(m['asd'], 2)} | |"
+        )
+    o = results["overall"]
+
+    def f(v, d):
+        return "n/a" if v is None else f"{v:.{d}f}"
+
+    lines += [
+        "",
+        f"Mean over tasks ({o['n_tasks']}): Dice {f(o['dice'], 3)}, IoU {f(o['iou'], 3)}, "
+        f"HD95 {f(o['hd95'], 2)} mm, ASD {f(o['asd'], 2)} mm.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_outputs(
+    results: dict,
+    output_dir: str | os.PathLike,
+    overlay_cases: list[str] | None = None,
+    table: TaskTable | None = None,
+    images_dir: str | os.PathLike | None = None,
+) -> None:
+    """Write metrics.json, metrics.csv (one row per case x class), summary.md and overlays/<case>.png."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(_json_safe(results), indent=2))
+    with open(out / "metrics.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(CSV_COLUMNS)
+        for case, r in results["cases"].items():
+            for cname, m in r["metrics"].items():
+                row = [case, r["task"], cname, m["label"]]
+                row += ["" if math.isnan(m[k]) else repr(float(m[k])) for k in METRICS]
+                row += [m["n_ref"], m["n_pred"]]
+                w.writerow(row)
+    (out / "summary.md").write_text(summary_markdown(results))
+    if overlay_cases:
+        from nnunetv2_versemi.evaluation.overlays import render_case_overlay
+
+        (out / "overlays").mkdir(exist_ok=True)
+        for case in overlay_cases:
+            r = results["cases"][case]
+            render_case_overlay(
+                out / "overlays" / f"{case}.png",
+                ref_file=r["ref_file"],
+                pred_file=r["pred_file"],
+                labels=[(n, m["label"]) for n, m in r["metrics"].items()],
+                image_file=find_image(images_dir, case) if images_dir is not None else None,
+                title=f"{case} ({r['task']})",
+                dice={n: m["dice"] for n, m in r["metrics"].items()},
+            )
+
+
+# ---- CLI --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from nnunetv2.configuration import default_num_processes
+
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Per-task Dice, IoU, HD95 and ASD of VerSemi predictions. Without --task the files are "
+        "union-format (merged labels) and each case is scored on its own task's classes; with --task NAME "
+        "they hold that task's source labels.",
+    )
+    p.add_argument("-ref", required=True, help="folder of reference label files")
+    p.add_argument("-pred", required=True, help="folder of predicted label files (same case names)")
+    p.add_argument(
+        "-d", dest="dataset", help="union dataset id or name (or a folder holding its dataset.json)"
+    )
+    p.add_argument(
+        "--dataset-json", help="dataset.json (or plans.json / model folder) holding the task table"
+    )
+    p.add_argument("--task", help="evaluate files in this task's source label values")
+    p.add_argument("-o", dest="output_dir", help="output folder (default: PRED/evaluation)")
+    p.add_argument(
+        "--png",
+        nargs="?",
+        type=int,
+        const=3,
+        default=None,
+        metavar="N",
+        help="render overlays of the first N cases per task (default N: 3)",
+    )
+    p.add_argument("--images", help="images folder (CASE_0000.<ending>) for the overlays; implies --png")
+    p.add_argument("--file-ending", help="label file ending when a folder mixes formats (e.g. .nii.gz)")
+    p.add_argument(
+        "-np", dest="num_processes", type=int, default=default_num_processes, help="worker processes"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.dataset is None and args.dataset_json is None:
+        build_parser().error("give the union dataset with -d ID/NAME or --dataset-json PATH")
+    png = args.png if args.png is not None else (3 if args.images else 0)
+    if png < 0:
+        build_parser().error("--png N must be >= 0")
+    out = args.output_dir or os.path.join(args.pred, "evaluation")
+    try:
+        table = load_task_table(args.dataset, args.dataset_json)
+        results = evaluate_folders(
+            args.ref,
+            args.pred,
+            table,
+            task=args.task,
+            num_processes=max(1, args.num_processes),
+            file_ending=args.file_ending,
+            output_dir=out,
+            png=png,
+            images_dir=args.images,
+            verbose=not args.quiet,
+        )
+    except (EvaluationError, TaskTableError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+    if not args.quiet:
+        print(summary_markdown(results))
+        print(f"Wrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
