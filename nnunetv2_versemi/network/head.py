@@ -1,0 +1,199 @@
+"""Prompt-conditioned dynamic head (DoDNet style) and the VerSemi network around nnU-Net's planned U-Net.
+
+VerSemi (Lu et al., "Segment Together", TMI 2025) conditions only the segmentation head on a one-hot task
+prompt; the encoder-decoder is task-agnostic. So one backbone pass serves every prompt: the head is applied
+per prompt to the same decoder features, which is what makes this implementation cheaper than running the
+whole network once per prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# value for merged-space channels that a prompted forward leaves out; finite so fp16 and softmax stay sane
+_ABSENT_LOGIT = -1e4
+
+
+class DynamicHead(nn.Module):
+    """One deep-supervision scale of the dynamic head.
+
+    decoder features -> 1x1 conv to ``hidden`` channels -> three dynamic 1x1 convs (hidden->hidden, ReLU,
+    hidden->hidden, ReLU, hidden->out) whose weights come from a controller fed with the pooled bottleneck
+    features and the one-hot prompt. Every prompt gets ``max(out_channels)`` outputs; a prompt with fewer
+    classes uses the first ones.
+    """
+
+    def __init__(self, in_channels: int, context_channels: int, num_prompts: int, out_channels: int,
+                 conv_op: type[nn.Module], hidden: int = 8):
+        super().__init__()
+        if in_channels < 1 or context_channels < 1 or num_prompts < 2 or out_channels < 2 or hidden < 1:
+            raise ValueError(
+                f"DynamicHead needs positive channel counts, >= 2 prompts and >= 2 outputs, got in={in_channels}, "
+                f"context={context_channels}, prompts={num_prompts}, out={out_channels}, hidden={hidden}"
+            )
+        self.num_prompts = num_prompts
+        self.out_channels = out_channels
+        self.hidden = hidden
+        self.pre = conv_op(in_channels, hidden, 1, 1, 0, bias=True)
+        self._shapes = [(hidden, hidden), (hidden, hidden), (out_channels, hidden)]
+        n_params = sum(o * i + o for o, i in self._shapes)
+        self.controller = nn.Linear(context_channels + num_prompts, n_params)
+
+    def dynamic_params(self, context: torch.Tensor, prompts: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Weights and biases of the three dynamic layers, each (B, P, out, in) and (B, P, out, 1)."""
+        b, p = prompts.shape
+        onehot = F.one_hot(prompts, self.num_prompts).to(context.dtype)
+        ctx = context[:, None, :].expand(b, p, context.shape[1])
+        flat = self.controller(torch.cat((ctx, onehot), dim=-1))
+        out, start = [], 0
+        for o, i in self._shapes:
+            w = flat[..., start:start + o * i].reshape(b, p, o, i)
+            start += o * i
+            bias = flat[..., start:start + o].reshape(b, p, o, 1)
+            start += o
+            out.append((w, bias))
+        return out
+
+    def forward(self, features: torch.Tensor, context: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """features (B, C, *S), context (B, Cb), prompts (B, P) long -> logits (B, P, out_channels, *S)."""
+        b, p = prompts.shape
+        spatial = features.shape[2:]
+        x = self.pre(features).flatten(2)[:, None]  # (B, 1, hidden, N), broadcast over prompts
+        (w1, b1), (w2, b2), (w3, b3) = self.dynamic_params(context, prompts)
+        x = F.relu(torch.matmul(w1, x) + b1)
+        x = F.relu(torch.matmul(w2, x) + b2)
+        x = torch.matmul(w3, x) + b3
+        return x.reshape(b, p, self.out_channels, *spatial)
+
+
+class VerSemiNetwork(nn.Module):
+    """nnU-Net's planned U-Net as a task-agnostic backbone plus a dynamic head at every decoder scale.
+
+    ``forward(x)`` without prompts returns merged-label-space logits (what stock nnU-Net inference calls):
+    with ``self.prompt = None`` their argmax is background where every task predicts background, else the
+    foreground class of the task with the largest margin of foreground over background probability; with
+    ``self.prompt = t`` only task t's channels are filled (its own logits at its merged positions).
+    ``forward(x, prompts)`` returns raw head outputs for training, see :meth:`forward`.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes_per_prompt: Sequence[int],
+                 merged_values_per_task: Sequence[Sequence[int]], hidden: int = 8):
+        super().__init__()
+        if not (hasattr(backbone, "encoder") and hasattr(backbone, "decoder")
+                and hasattr(backbone.decoder, "seg_layers")):
+            raise ValueError(
+                f"The backbone {type(backbone).__name__} is not an encoder/decoder U-Net with seg_layers "
+                "(PlainConvUNet or ResidualEncoderUNet from dynamic_network_architectures)"
+            )
+        if len(merged_values_per_task) != len(num_classes_per_prompt) - 1:
+            raise ValueError("merged_values_per_task needs one entry per real task (prompts minus the synthetic one)")
+        for n, vals in zip(num_classes_per_prompt, merged_values_per_task):
+            if n != len(vals) + 1:
+                raise ValueError(f"A task with {len(vals)} foreground classes needs {len(vals) + 1} outputs, got {n}")
+        self.backbone = backbone
+        # the decoder then returns features instead of logits at every scale
+        backbone.decoder.seg_layers = nn.ModuleList([nn.Identity() for _ in backbone.decoder.seg_layers])
+        channels = list(backbone.encoder.output_channels)
+        self.num_classes_per_prompt = [int(n) for n in num_classes_per_prompt]
+        self.num_tasks = len(self.num_classes_per_prompt) - 1
+        self.synthetic_prompt = self.num_tasks
+        self.merged_values_per_task = [[int(v) for v in vals] for vals in merged_values_per_task]
+        self.num_merged = 1 + sum(len(v) for v in self.merged_values_per_task)
+        out = max(self.num_classes_per_prompt)
+        self.heads = nn.ModuleList(
+            DynamicHead(channels[s], channels[-1], len(self.num_classes_per_prompt), out,
+                        backbone.encoder.conv_op, hidden)
+            for s in range(len(channels) - 1)
+        )
+        self.prompt: int | None = None
+
+    # nnU-Net toggles deep supervision through `.decoder.deep_supervision`
+    @property
+    def decoder(self) -> nn.Module:
+        return self.backbone.decoder
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.backbone.encoder
+
+    def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One backbone pass: decoder features per output scale (full resolution first) and the pooled
+        bottleneck context that conditions the controller."""
+        skips = self.backbone.encoder(x)
+        feats = self.backbone.decoder(skips)
+        if not isinstance(feats, (list, tuple)):
+            feats = [feats]
+        context = skips[-1].mean(dim=tuple(range(2, skips[-1].ndim)))
+        return list(feats), context
+
+    def apply_heads(self, feats: list[torch.Tensor], context: torch.Tensor,
+                    prompts: torch.Tensor) -> list[torch.Tensor]:
+        return [head(f, context, prompts) for head, f in zip(self.heads, feats)]
+
+    def forward(self, x: torch.Tensor, prompts: torch.Tensor | Sequence[torch.Tensor] | None = None):
+        """
+        prompts=None: merged-space logits (one tensor, or a list per scale with deep supervision).
+        prompts (B, P) long tensor: list per scale of (B, P, max_classes, *S) head outputs; a prompt with
+            n classes uses the first n channels.
+        prompts as a sequence of (B_g, P_g) tensors whose B_g add up to B: the batch is split into groups
+            along dim 0 (one backbone pass for all), and a list (per group) of such lists is returned.
+        """
+        feats, context = self.features(x)
+        if prompts is None:
+            out = [self._merged(f, context, s) for s, f in enumerate(feats)]
+            return out if self.backbone.decoder.deep_supervision else out[0]
+        if isinstance(prompts, torch.Tensor):
+            return self.apply_heads(feats, context, prompts)
+        sizes = [p.shape[0] for p in prompts]
+        if sum(sizes) != x.shape[0]:
+            raise ValueError(f"Prompt groups cover {sum(sizes)} samples, the batch has {x.shape[0]}")
+        outputs, start = [], 0
+        for p, n in zip(prompts, sizes):
+            sl = slice(start, start + n)
+            outputs.append(self.apply_heads([f[sl] for f in feats], context[sl], p))
+            start += n
+        return outputs
+
+    def task_prompts(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(self.num_tasks, device=device)[None].expand(batch_size, -1)
+
+    def _merged(self, feat: torch.Tensor, context: torch.Tensor, scale: int) -> torch.Tensor:
+        b = feat.shape[0]
+        head = self.heads[scale]
+        if self.prompt is not None:
+            t = int(self.prompt)
+            logits = head(feat, context, torch.full((b, 1), t, device=feat.device, dtype=torch.long))[:, 0]
+            out = torch.full((b, self.num_merged, *feat.shape[2:]), _ABSENT_LOGIT, device=feat.device,
+                             dtype=logits.dtype)
+            out[:, 0] = logits[:, 0]
+            out[:, self.merged_values_per_task[t]] = logits[:, 1:self.num_classes_per_prompt[t]]
+            return out
+        logits = head(feat, context, self.task_prompts(b, feat.device))
+        return merge_task_logits(logits, self.num_classes_per_prompt[:-1], self.merged_values_per_task)
+
+
+def merge_task_logits(task_logits: torch.Tensor, num_classes: Sequence[int],
+                      merged_values: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(B, T, max_classes, *S) per-task logits -> (B, M, *S) merged-space scores.
+
+    Score of merged class (t, k) = q_t[k] - q_t[0] (q_t = softmax of task t); background score =
+    min over tasks of (q_t[0] - max_k q_t[k]). The argmax is therefore background exactly when every task
+    predicts background, else the foreground class of the most confident task (largest margin over its own
+    background). The scores lie in [-1, 1]; they rank, they are not calibrated probabilities.
+    """
+    b, t_count = task_logits.shape[:2]
+    num_merged = 1 + sum(len(v) for v in merged_values)
+    out = task_logits.new_empty((b, num_merged, *task_logits.shape[3:]))
+    bg = None
+    for t in range(t_count):
+        q = torch.softmax(task_logits[:, t, :num_classes[t]].float(), dim=1)
+        margins = q[:, 1:] - q[:, :1]
+        out[:, list(merged_values[t])] = margins.to(out.dtype)
+        task_bg = -margins.max(dim=1).values
+        bg = task_bg if bg is None else torch.minimum(bg, task_bg)
+    out[:, 0] = bg.to(out.dtype)
+    return out

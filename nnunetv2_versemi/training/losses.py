@@ -1,0 +1,81 @@
+"""VerSemi loss terms (Lu et al., "Segment Together", TMI 2025, Eq. 2-6), independent of the trainer.
+
+Hard-label terms (L_sup, L_syn, L_spec) use nnU-Net's own Dice + CE with deep supervision, passed in as
+``loss`` (what ``nnUNetTrainer._build_loss`` returns). The soft consistency terms (L_unsup, L_cons) are a
+soft Dice between probability maps, summed over deep-supervision scales with nnU-Net's scale weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def prompted_supervised_loss(logits: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+                             tasks: torch.Tensor, num_classes: Sequence[int],
+                             loss: Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+    """Dice + CE of each sample under its own prompt, on its own task's classes.
+
+    logits: per scale (B, max_classes, *S) head outputs of each sample's prompt; targets: per scale
+    (B, 1, *S) class indices local to the sample's task; tasks: (B,) task index per sample. Samples are
+    grouped by task (each task has its own number of classes); the result is the sample-weighted mean.
+    """
+    total = logits[0].new_zeros(())
+    n = tasks.shape[0]
+    for t in torch.unique(tasks).tolist():
+        idx = torch.nonzero(tasks == t).flatten()
+        c = num_classes[t]
+        part = loss([lg[idx, :c] for lg in logits], [tg[idx] for tg in targets])
+        total = total + part * (idx.numel() / n)
+    return total
+
+
+def foreground_probability(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """1 - P(background) of a head output (B, >=num_classes, *S) -> (B, *S)."""
+    return 1 - torch.softmax(logits[:, :num_classes].float(), dim=1)[:, 0]
+
+
+def aggregate_task_foreground(task_logits: torch.Tensor, num_classes: Sequence[int]) -> torch.Tensor:
+    """VerSemi's P_agg: element-wise max over the T task prompts of each task's foreground probability.
+
+    task_logits: (B, T, max_classes, *S) -> (B, *S).
+    """
+    fg = [foreground_probability(task_logits[:, t], num_classes[t]) for t in range(task_logits.shape[1])]
+    return torch.stack(fg, dim=1).max(dim=1).values
+
+
+def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
+                   smooth: float = 1e-5) -> torch.Tensor:
+    """1 - soft Dice over the whole batch (as VerSemi's official Dice loss); ``mask`` restricts the region."""
+    prob = prob.float()
+    target = target.float()
+    if mask is not None:
+        mask = mask.float()
+        prob = prob * mask
+        target = target * mask
+    inter = (prob * target).sum()
+    denom = prob.sum() + target.sum()
+    return 1 - (2 * inter + smooth) / (denom + smooth)
+
+
+def deep_supervision_sum(terms: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Weighted sum of per-scale losses, skipping zero weights (nnU-Net gives the lowest scale weight 0)."""
+    out = None
+    for term, w in zip(terms, weights):
+        if w == 0:
+            continue
+        out = term * w if out is None else out + term * w
+    if out is None:
+        raise ValueError("All deep supervision weights are zero")
+    return out
+
+
+def deep_supervision_weights(num_scales: int) -> list[float]:
+    """nnU-Net's weights: 1/2^i, lowest resolution 0, normalized to sum 1."""
+    if num_scales == 1:
+        return [1.0]
+    w = [1 / (2**i) for i in range(num_scales)]
+    w[-1] = 0
+    s = sum(w)
+    return [x / s for x in w]

@@ -1,0 +1,46 @@
+"""Progress plot of the VerSemi loss terms and per-task pseudo Dice (next to nnU-Net's progress.png)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from nnunetv2_versemi.tasktable import TaskTable  # noqa: E402
+
+_TERMS = {"sup": "L_sup", "syn": "L_syn", "spec": "L_spec", "unsup": "L_unsup", "cons": "L_cons"}
+
+
+def plot_versemi_progress(log: dict, table: TaskTable, filename: str) -> None:
+    n = min(len(log.get(f"versemi_{k}", [])) for k in _TERMS)
+    fig, (ax_loss, ax_dice) = plt.subplots(2, 1, figsize=(10, 9))
+    x = np.arange(n)
+    for key, label in _TERMS.items():
+        vals = np.asarray(log[f"versemi_{key}"][:n], dtype=float)
+        if np.any(np.isfinite(vals)):
+            ax_loss.plot(x, vals, label=label)
+    lam = np.asarray(log.get("versemi_unsup_lambda", [])[:n], dtype=float)
+    if lam.size:
+        ax_l = ax_loss.twinx()
+        ax_l.plot(x, lam, "k:", label="lambda (unlabeled weight)")
+        ax_l.set_ylabel("lambda")
+        ax_l.set_ylim(-0.05, 1.05)
+        ax_l.legend(loc="upper center")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss term")
+    ax_loss.legend(loc="upper right")
+    ax_loss.set_title("VerSemi loss terms")
+    dice = log.get("dice_per_class_or_region", [])
+    m = min(len(dice), n) if n else len(dice)
+    for task in table.tasks:
+        vals = [np.nanmean([d[v - 1] for v in task.merged_values]) for d in dice[:m]]
+        ax_dice.plot(np.arange(m), vals, label=task.name)
+    ax_dice.set_xlabel("epoch")
+    ax_dice.set_ylabel("pseudo Dice (own prompt)")
+    ax_dice.set_ylim(0, 1)
+    ax_dice.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(filename)
+    plt.close(fig)

@@ -1,0 +1,65 @@
+"""Task-aware sampling of labeled cases for VerSemi batches."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+
+BALANCE_MODES = ("tasks", "cases")
+
+
+def draw_batch_tasks(num_tasks: int, batch_size: int, rng: np.random.RandomState,
+                     available: list[int] | None = None, pair_different_tasks: bool = True) -> list[int]:
+    """Task of every batch slot, each task as often as possible (counts differ by at most one).
+
+    With ``pair_different_tasks`` slot i and slot i + batch_size // 2 (the CutMix pairs of the trainer) get
+    different tasks whenever more than one task is available.
+    """
+    tasks = list(range(num_tasks)) if available is None else list(available)
+    if not tasks:
+        raise ValueError("No task has labeled cases to sample from")
+    half = batch_size // 2
+    if not pair_different_tasks or len(tasks) < 2 or half == 0:
+        cycle = [tasks[i] for i in rng.permutation(len(tasks))]
+        return [cycle[i % len(cycle)] for i in range(batch_size)]
+    # first half: balanced cycle; second half: the same cycle shifted by a random non-zero offset, so
+    # counts stay balanced and every pair crosses tasks
+    order = [tasks[i] for i in rng.permutation(len(tasks))]
+    first = [order[i % len(order)] for i in range(half)]
+    offset = rng.randint(1, len(order))
+    second = [order[(i + offset) % len(order)] for i in range(half)]
+    rest = [order[(half + i) % len(order)] for i in range(batch_size - 2 * half)]
+    return first + second + rest
+
+
+class TaskBalancedDataLoader(nnUNetDataLoader):
+    """nnU-Net's data loader with VerSemi's labeled sampling.
+
+    ``balance="tasks"``: every task fills the same share of each batch (small datasets are not drowned by
+    large ones); ``balance="cases"``: cases are drawn uniformly, so tasks appear in proportion to their case
+    counts (nnU-Net's own behaviour). Cropping, foreground oversampling and augmentation are nnU-Net's.
+    """
+
+    def __init__(self, *args, case_tasks: Mapping[str, int], num_tasks: int, balance: str = "tasks",
+                 pair_different_tasks: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        if balance not in BALANCE_MODES:
+            raise ValueError(f"balance must be one of {BALANCE_MODES}, got {balance!r}")
+        missing = [k for k in self.indices if k not in case_tasks]
+        if missing:
+            raise ValueError(f"Cases without a task: {missing[:5]}")
+        self.balance = balance
+        self.pair_different_tasks = pair_different_tasks
+        self.num_tasks = num_tasks
+        self.cases_per_task: dict[int, list[str]] = {}
+        for k in self.indices:
+            self.cases_per_task.setdefault(int(case_tasks[k]), []).append(k)
+
+    def get_indices(self):
+        if self.balance == "cases":
+            return super().get_indices()
+        slots = draw_batch_tasks(self.num_tasks, self.batch_size, np.random,
+                                 sorted(self.cases_per_task), self.pair_different_tasks)
+        return [self.cases_per_task[t][np.random.randint(len(self.cases_per_task[t]))] for t in slots]

@@ -1,0 +1,526 @@
+"""VerSemiTrainer: nnU-Net training with task prompts, the CutMix synthetic task and unlabeled consistency."""
+
+from __future__ import annotations
+
+import copy
+import os
+from os.path import isdir, isfile, join
+
+import numpy as np
+import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import autocast
+from torch import distributed as dist
+from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nnunetv2_versemi.network.head import VerSemiNetwork
+from nnunetv2_versemi.tasktable import TaskTable, TaskTableError
+from nnunetv2_versemi.training import cutmix, losses
+from nnunetv2_versemi.training.sampling import TaskBalancedDataLoader
+
+LOSS_TERMS = ("sup", "syn", "spec", "unsup", "cons")
+
+
+def unlabeled_folder(preprocessed_dataset_folder_base: str, data_identifier: str) -> str:
+    """Where ``nnUNetv2_versemi_plan_and_preprocess`` puts the preprocessed unlabeled images."""
+    return join(preprocessed_dataset_folder_base, data_identifier + "_unlabeled")
+
+
+def split_global_batch(global_batch: int, world_size: int, rank: int) -> int:
+    """This rank's share of a global batch, distributed the way nnU-Net distributes its labeled batch."""
+    if global_batch < world_size:
+        raise ValueError(f"Batch size {global_batch} is smaller than the number of GPUs ({world_size})")
+    return global_batch // world_size + (1 if rank < global_batch % world_size else 0)
+
+
+def sigmoid_rampup(progress: float) -> float:
+    """exp(-5 (1 - t)^2) for t in [0, 1] (Laine & Aila), 1 afterwards."""
+    t = float(np.clip(progress, 0.0, 1.0))
+    return float(np.exp(-5.0 * (1.0 - t) ** 2))
+
+
+class VerSemiTrainer(nnUNetTrainer):
+    """VerSemi (Lu et al., "Segment Together", IEEE TMI 2025) on nnU-Net's planned U-Net.
+
+    Per iteration, one backbone pass over [labeled batch; CutMix of its two halves; CutMix of unlabeled
+    images] feeds the prompt-conditioned head (see ``network/head.py``):
+      L_sup   Dice+CE of each labeled case under its own task prompt (nnU-Net's loss, deep supervision)
+      L_syn   Dice+CE of the synthetic prompt on the labeled mix vs the union foreground of both parts
+      L_spec  Dice+CE of a's / b's prompt on the labeled mix vs a's foreground outside / b's inside the box
+      L_unsup soft Dice of the synthetic prompt on the unlabeled mix vs P_agg = max over task prompts of
+              the task foreground probability
+      L_cons  soft Dice of the synthetic prompt vs the known foreground on the labeled part of an
+              unlabeled+labeled mix (only with ``unlabeled_mix = "labeled"``)
+    loss = w_sup L_sup + w_syn L_syn + w_spec L_spec + lambda(epoch) (w_unsup L_unsup + w_cons L_cons).
+
+    Paper/official code: Adam 1e-3, batch 8+8, 96^3, no augmentation, stage 1 (labeled only, r = 2/3)
+    then stage 2 (r ~ U(0.3, 0.6), no L_spec), consistency target with gradient on both sides.
+    Deviations, each an attribute:
+      - nnU-Net's optimizer, schedule, patch size, batch size, augmentation and deep supervision;
+      - ``target_source = "detach"``: the P_agg target carries no gradient ("ema": from an EMA teacher;
+        "gradient": the official behaviour);
+      - ``unlabeled_mix = "unlabeled"``: two unlabeled images are mixed as in the paper's formula
+        ("labeled" mixes unlabeled with labeled as the official code and enables L_cons);
+      - ``unsup_schedule = "ramp"``: sigmoid ramp-up of lambda over ``rampup_fraction`` of the epochs with
+        L_spec kept throughout ("stage": the official two stages, stage 1 for ``stage1_fraction``);
+      - hard-label terms use nnU-Net's Dice+CE instead of the official Dice only;
+      - one CutMix box per pair instead of one per batch; labeled pairs cross tasks whenever possible.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        # validate before nnU-Net creates output folders and log files
+        table = TaskTable.from_plans(plans)
+        check_table_against_dataset(table, dataset_json)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.task_table = table
+
+        # --- VerSemi hyperparameters (ablations and short runs are subclasses that change these) ---
+        self.labeled_balance = "tasks"  # or "cases" (tasks in proportion to their labeled case counts)
+        self.unlabeled_batch_size: int | None = None  # None: the labeled batch size
+        self.sup_weight = 1.0
+        self.syn_weight = 1.0
+        self.spec_weight = 1.0
+        self.unsup_weight = 1.0
+        self.cons_weight = 1.0
+        self.labeled_box_ratio = (2 / 3, 2 / 3)
+        self.unlabeled_box_ratio = (0.3, 0.6)
+        self.unlabeled_mix = "unlabeled"  # or "labeled"
+        self.target_source = "detach"  # or "ema" or "gradient"
+        self.ema_alpha = 0.99
+        self.unsup_schedule = "ramp"  # or "stage"
+        self.rampup_fraction = 0.2
+        self.stage1_fraction = 0.5
+        self.allow_labeled_only = False  # True: train without unlabeled images (logged), instead of failing
+
+        self.ema_network: VerSemiNetwork | None = None
+        self.dataloader_unlabeled = None
+        self.global_step = 0
+        self._uses_unlabeled = None  # -> initialize
+        for key in (*LOSS_TERMS, "unsup_lambda"):
+            self.logger.local_logger.my_fantastic_logging.setdefault(f"versemi_{key}", [])
+
+    # ------------------------------------------------------------------------------------------ network
+    @staticmethod
+    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> VerSemiNetwork:
+        table = TaskTable.from_plans(plans_manager.plans)
+        if num_output_channels != table.num_merged_labels:
+            raise TaskTableError(
+                f"The plans' task table defines {table.num_merged_labels} merged labels but the dataset has "
+                f"{num_output_channels} outputs: plans and dataset.json disagree"
+            )
+        backbone = get_network_from_plans(
+            configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
+            configuration_manager.network_arch_init_kwargs_req_import, num_input_channels, 2,
+            allow_init=True, deep_supervision=enable_deep_supervision)
+        return VerSemiNetwork(backbone, table.num_classes_per_prompt(), [t.merged_values for t in table.tasks])
+
+    def _plain_network(self) -> VerSemiNetwork:
+        mod = self.network.module if isinstance(self.network, DDP) else self.network
+        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+
+    def initialize(self):
+        self._uses_unlabeled = self.unsup_weight > 0 or (self.cons_weight > 0 and self.unlabeled_mix == "labeled")
+        if self.unlabeled_mix not in ("unlabeled", "labeled"):
+            raise ValueError(f"unlabeled_mix must be 'unlabeled' or 'labeled', got {self.unlabeled_mix!r}")
+        if self.target_source not in ("detach", "ema", "gradient"):
+            raise ValueError(f"target_source must be 'detach', 'ema' or 'gradient', got {self.target_source!r}")
+        if self.unsup_schedule not in ("ramp", "stage"):
+            raise ValueError(f"unsup_schedule must be 'ramp' or 'stage', got {self.unsup_schedule!r}")
+        if self._uses_unlabeled and not self._unlabeled_cases():
+            if not self.allow_labeled_only:
+                raise FileNotFoundError(
+                    f"No preprocessed unlabeled images in {self._unlabeled_dir()}. Run "
+                    f"nnUNetv2_versemi_plan_and_preprocess -d {self.plans_manager.dataset_name} -c "
+                    f"{self.configuration_name}, or train {self.__class__.__name__}_noUnsup (labeled only)."
+                )
+            self.print_to_log_file("WARNING: no unlabeled images; training labeled-only as allowed by "
+                                   "allow_labeled_only")
+            self._uses_unlabeled = False
+        super().initialize()
+        tables = self.task_table
+        device = self.device
+        n_max = max(tables.num_classes_per_prompt())
+        self._num_classes = tables.num_classes_per_prompt()
+        merged_to_local = torch.zeros(tables.num_merged_labels, dtype=torch.long)
+        local_to_merged = torch.zeros((tables.num_tasks, n_max), dtype=torch.long)
+        class_valid = torch.zeros((tables.num_tasks, n_max), dtype=torch.bool)
+        for ti, t in enumerate(tables.tasks):
+            class_valid[ti, :t.num_classes] = True
+            for ci, v in enumerate(t.merged_values, start=1):
+                merged_to_local[v] = ci
+                local_to_merged[ti, ci] = v
+        self._merged_to_local = merged_to_local.to(device)
+        self._local_to_merged = local_to_merged.to(device)
+        self._class_valid = class_valid.to(device)
+        self._ds_weights = losses.deep_supervision_weights(
+            len(self._get_deep_supervision_scales()) if self.enable_deep_supervision else 1)
+        if self.target_source == "ema" and self._uses_unlabeled:
+            self.ema_network = copy.deepcopy(self._plain_network()).eval()
+            for p in self.ema_network.parameters():
+                p.requires_grad_(False)
+
+    # --------------------------------------------------------------------------------------------- data
+    def _unlabeled_dir(self) -> str:
+        return unlabeled_folder(self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier)
+
+    def _unlabeled_cases(self) -> list[str]:
+        folder = self._unlabeled_dir()
+        if not isdir(folder):
+            return []
+        return infer_dataset_class(folder).get_identifiers(folder)
+
+    def _augmenter(self, loader, training: bool):
+        n = get_allowed_n_proc_DA()
+        if n == 0:
+            return SingleThreadedAugmenter(loader, None)
+        return NonDetMultiThreadedAugmenter(
+            data_loader=loader, transform=None,
+            num_processes=n if training else max(1, n // 2),
+            num_cached=max(6, n // 2) if training else max(3, n // 4), seeds=None,
+            pin_memory=self.device.type == "cuda", wait_time=0.002)
+
+    def get_dataloaders(self):
+        if self.dataset_class is None:
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        cm, lm = self.configuration_manager, self.label_manager
+        ds_scales = self._get_deep_supervision_scales()
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        tr_transforms = self.get_training_transforms(
+            cm.patch_size, rotation, ds_scales, mirror_axes, dummy_2d, use_mask_for_norm=cm.use_mask_for_norm,
+            is_cascaded=False, foreground_labels=lm.foreground_labels, regions=None, ignore_label=lm.ignore_label)
+        val_transforms = self.get_validation_transforms(
+            ds_scales, is_cascaded=False, foreground_labels=lm.foreground_labels, regions=None,
+            ignore_label=lm.ignore_label)
+        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
+        case_tasks = {k: self.task_table.task_of_case(k)
+                      for k in (*dataset_tr.identifiers, *dataset_val.identifiers)}
+        common = dict(case_tasks=case_tasks, num_tasks=self.task_table.num_tasks,
+                      oversample_foreground_percent=self.oversample_foreground_percent,
+                      probabilistic_oversampling=self.probabilistic_oversampling)
+        dl_tr = TaskBalancedDataLoader(dataset_tr, self.batch_size, initial_patch_size, cm.patch_size, lm,
+                                       transforms=tr_transforms, balance=self.labeled_balance, **common)
+        # validation batches are task balanced too, so every task gets an online pseudo Dice
+        dl_val = TaskBalancedDataLoader(dataset_val, self.batch_size, cm.patch_size, cm.patch_size, lm,
+                                        transforms=val_transforms, balance="tasks", pair_different_tasks=False,
+                                        **common)
+        mt_train, mt_val = self._augmenter(dl_tr, True), self._augmenter(dl_val, False)
+        if self._uses_unlabeled:
+            # nnU-Net's spatial and intensity augmentation; nothing that needs a segmentation
+            u_transforms = self.get_training_transforms(
+                cm.patch_size, rotation, None, mirror_axes, dummy_2d, use_mask_for_norm=cm.use_mask_for_norm,
+                is_cascaded=False, foreground_labels=lm.foreground_labels, regions=None, ignore_label=None)
+            folder = self._unlabeled_dir()
+            dataset_u = infer_dataset_class(folder)(folder)
+            world, rank = (dist.get_world_size(), dist.get_rank()) if self.is_ddp else (1, 0)
+            global_u = self.unlabeled_batch_size or self.configuration_manager.batch_size
+            dl_u = nnUNetDataLoader(dataset_u, split_global_batch(global_u, world, rank), initial_patch_size,
+                                    cm.patch_size, lm, oversample_foreground_percent=0.0, transforms=u_transforms)
+            self.dataloader_unlabeled = self._augmenter(dl_u, True)
+            _ = next(self.dataloader_unlabeled)
+        _ = next(mt_train)
+        _ = next(mt_val)
+        return mt_train, mt_val
+
+    def on_train_end(self):
+        super().on_train_end()
+        if isinstance(self.dataloader_unlabeled, NonDetMultiThreadedAugmenter):
+            self.dataloader_unlabeled._finish()
+        self.dataloader_unlabeled = None
+
+    # ------------------------------------------------------------------------------------------ schedule
+    def unlabeled_weight(self, epoch: int | None = None) -> float:
+        """lambda(epoch): weight of L_unsup and L_cons; 0 in stage 1 / at the start of the ramp."""
+        if not self._uses_unlabeled:
+            return 0.0
+        epoch = self.current_epoch if epoch is None else epoch
+        progress = epoch / max(1, self.num_epochs)
+        if self.unsup_schedule == "stage":
+            return 1.0 if progress >= self.stage1_fraction else 0.0
+        if self.rampup_fraction <= 0:
+            return 1.0
+        return sigmoid_rampup(progress / self.rampup_fraction)
+
+    def _in_stage_two(self) -> bool:
+        return self.unsup_schedule == "stage" and self.unlabeled_weight() > 0
+
+    # ---------------------------------------------------------------------------------------- training
+    def _hard_loss(self, logits: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
+        if self.enable_deep_supervision:
+            return self.loss(logits, targets)
+        return self.loss(logits[0], targets[0])
+
+    def _task_ids(self, keys) -> torch.Tensor:
+        return torch.tensor([self.task_table.task_of_case(k) for k in keys], device=self.device)
+
+    def _to_device(self, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in (target if isinstance(target, list) else [target])]
+        return data, target, self._task_ids(batch["keys"])
+
+    def train_step(self, batch: dict) -> dict:
+        data, target, tasks = self._to_device(batch)
+        lam = self.unlabeled_weight()
+        syn_prompt = self.task_table.synthetic_prompt
+        local = [self._merged_to_local[t.long()] for t in target]
+        fg = [(t > 0).long() for t in target]
+        spatial = data.shape[2:]
+
+        inputs, prompts = [data], [tasks[:, None]]
+        half = data.shape[0] // 2
+        if half > 0 and (self.syn_weight > 0 or self.spec_weight > 0):
+            a, b = slice(0, half), slice(half, 2 * half)
+            ratio = self.unlabeled_box_ratio if self._in_stage_two() else self.labeled_box_ratio
+            m = cutmix.box_masks(cutmix.draw_boxes(half, spatial, ratio), spatial, self.device)
+            ms = [cutmix.resize_mask(m, t.shape[2:]) for t in target]
+            inputs.append(cutmix.mix(data[a], data[b], m))
+            prompts.append(torch.stack((torch.full_like(tasks[a], syn_prompt), tasks[a], tasks[b]), dim=1))
+            same = (tasks[a] == tasks[b]).view(-1, *[1] * (data.ndim - 1))
+            syn_t = [cutmix.mix(f[a], f[b], mm) for f, mm in zip(fg, ms)]
+            both = [cutmix.mix(lc[a], lc[b], mm) for lc, mm in zip(local, ms)]
+            spec_a = [torch.where(same, y, cutmix.mix(lc[a], torch.zeros_like(lc[a]), mm))
+                      for y, lc, mm in zip(both, local, ms)]
+            spec_b = [torch.where(same, y, cutmix.mix(torch.zeros_like(lc[b]), lc[b], mm))
+                      for y, lc, mm in zip(both, local, ms)]
+        else:
+            half = 0
+
+        if lam > 0:
+            u = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True)
+            mu = cutmix.box_masks(cutmix.draw_boxes(u.shape[0], spatial, self.unlabeled_box_ratio), spatial,
+                                  self.device)
+            if self.unlabeled_mix == "labeled":
+                partner_idx = torch.randint(0, data.shape[0], (u.shape[0],), device=self.device)
+                partner = data[partner_idx]
+            else:
+                partner = u.roll(1, dims=0)
+            x_u = cutmix.mix(u, partner, mu)
+            inputs.append(x_u)
+            prompts.append(torch.cat((self._plain_network().task_prompts(u.shape[0], self.device),
+                                      torch.full((u.shape[0], 1), syn_prompt, device=self.device)), dim=1))
+
+        self.optimizer.zero_grad(set_to_none=True)
+        terms = {}
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            outs = self.network(torch.cat(inputs), prompts)
+            terms["sup"] = losses.prompted_supervised_loss([o[:, 0] for o in outs[0]], local, tasks,
+                                                           self._num_classes, self._hard_loss)
+            if half > 0:
+                out_mix = outs[1]
+                terms["syn"] = self._hard_loss([o[:, 0, :2] for o in out_mix], syn_t)
+                if not self._in_stage_two():
+                    terms["spec"] = 0.5 * (
+                        losses.prompted_supervised_loss([o[:, 1] for o in out_mix], spec_a, tasks[a],
+                                                        self._num_classes, self._hard_loss)
+                        + losses.prompted_supervised_loss([o[:, 2] for o in out_mix], spec_b, tasks[b],
+                                                          self._num_classes, self._hard_loss))
+            if lam > 0:
+                terms.update(self._unlabeled_terms(outs[-1], x_u, mu, fg, partner_idx
+                                                   if self.unlabeled_mix == "labeled" else None))
+            weights = dict(sup=self.sup_weight, syn=self.syn_weight, spec=self.spec_weight,
+                           unsup=self.unsup_weight * lam, cons=self.cons_weight * lam)
+            loss = sum(weights[k] * v for k, v in terms.items())
+
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        self.global_step += 1
+        if self.ema_network is not None:
+            self._update_ema()
+        out = {"loss": loss.detach().cpu().numpy(), "unsup_lambda": np.array(lam)}
+        for k in LOSS_TERMS:
+            out[k] = terms[k].detach().cpu().numpy() if k in terms else np.array(np.nan)
+        return out
+
+    def _unlabeled_terms(self, out_u: list[torch.Tensor], x_u: torch.Tensor, mu: torch.Tensor,
+                         fg: list[torch.Tensor], partner_idx: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        T = self.task_table.num_tasks
+        task_classes = self._num_classes[:-1]
+        if self.target_source == "ema":
+            with torch.no_grad():
+                teacher = self.ema_network(x_u, self.ema_network.task_prompts(x_u.shape[0], x_u.device))
+            agg = [losses.aggregate_task_foreground(o, task_classes) for o in teacher]
+        else:
+            agg = [losses.aggregate_task_foreground(o[:, :T], task_classes) for o in out_u]
+            if self.target_source == "detach":
+                agg = [a.detach() for a in agg]
+        p_syn = [losses.foreground_probability(o[:, T], 2) for o in out_u]
+        terms = {"unsup": losses.deep_supervision_sum(
+            [losses.soft_dice_loss(p, q) for p, q in zip(p_syn, agg)], self._ds_weights)}
+        if partner_idx is not None:
+            # the box holds the labeled partner: its known foreground supervises the synthetic prompt there
+            cons = []
+            for p, f in zip(p_syn, fg):
+                m = cutmix.resize_mask(mu, p.shape[1:])[:, 0]
+                cons.append(losses.soft_dice_loss(p, f[partner_idx][:, 0], mask=m))
+            terms["cons"] = losses.deep_supervision_sum(cons, self._ds_weights)
+        return terms
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        student = self._plain_network().state_dict()
+        for k, v in self.ema_network.state_dict().items():
+            if v.dtype.is_floating_point:
+                v.mul_(self.ema_alpha).add_(student[k].detach(), alpha=1 - self.ema_alpha)
+            else:
+                v.copy_(student[k])
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        super().on_train_epoch_end(train_outputs)
+        for key in (*LOSS_TERMS, "unsup_lambda"):
+            vals = np.array([float(o[key]) for o in train_outputs])
+            if self.is_ddp:
+                gathered = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, vals)
+                vals = np.concatenate(gathered)
+            value = float(np.nanmean(vals)) if np.any(np.isfinite(vals)) else float("nan")
+            self.logger.log(f"versemi_{key}", value, self.current_epoch)
+
+    # -------------------------------------------------------------------------------------- validation
+    def validation_step(self, batch: dict) -> dict:
+        data, target, tasks = self._to_device(batch)
+        local = [self._merged_to_local[t.long()] for t in target]
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            outs = self.network(data, tasks[:, None])
+            loss = losses.prompted_supervised_loss([o[:, 0] for o in outs], local, tasks, self._num_classes,
+                                                   self._hard_loss)
+        logits = outs[0][:, 0]
+        valid = self._class_valid[tasks].view(*tasks.shape, -1, *[1] * (logits.ndim - 2))
+        local_pred = logits.masked_fill(~valid, float("-inf")).argmax(1)
+        merged_pred = torch.gather(self._local_to_merged[tasks], 1, local_pred.flatten(1)).view_as(local_pred)
+        onehot = torch.zeros((logits.shape[0], self.task_table.num_merged_labels, *logits.shape[2:]),
+                             device=logits.device, dtype=torch.float16)
+        onehot.scatter_(1, merged_pred[:, None], 1)
+        axes = [0] + list(range(2, logits.ndim))
+        tp, fp, fn, _ = get_tp_fp_fn_tn(onehot, target[0], axes=axes)
+        return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp.detach().cpu().numpy()[1:],
+                "fp_hard": fp.detach().cpu().numpy()[1:], "fn_hard": fn.detach().cpu().numpy()[1:]}
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]):
+        super().on_validation_epoch_end(val_outputs)
+        per_class = self.logger.get_value("dice_per_class_or_region", step=-1)
+        per_task = {t.name: float(np.nanmean([per_class[v - 1] for v in t.merged_values]))
+                    for t in self.task_table.tasks}
+        self.print_to_log_file("Pseudo dice per task", {k: np.round(v, 4) for k, v in per_task.items()})
+
+    def on_epoch_end(self):
+        super().on_epoch_end()
+        if self.local_rank == 0:
+            from nnunetv2_versemi.training.plotting import plot_versemi_progress
+
+            plot_versemi_progress(self.logger.local_logger.my_fantastic_logging, self.task_table,
+                                  join(self.output_folder, "progress_versemi.png"))
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's final validation, with every case predicted under its own task prompt; per-task means
+        are added to summary.json under "versemi_per_task"."""
+        net, table, base = self._plain_network(), self.task_table, self.dataset_class or infer_dataset_class(
+            self.preprocessed_dataset_folder)
+
+        class PromptPerCase(base):
+            # nnU-Net loads each validation case right before predicting it: switch the prompt there
+            def load_case(self, identifier):
+                net.prompt = table.task_of_case(identifier)
+                return super().load_case(identifier)
+
+        self.dataset_class = PromptPerCase
+        try:
+            super().perform_actual_validation(save_probabilities)
+        finally:
+            self.dataset_class = base
+            net.prompt = None
+        summary_file = join(self.output_folder, "validation", "summary.json")
+        if self.local_rank == 0 and isfile(summary_file):
+            summary = load_json(summary_file)
+            summary["versemi_per_task"] = per_task_summary(summary, table)
+            save_json(summary, summary_file, sort_keys=False)
+            self.print_to_log_file("Validation Dice per task:",
+                                   {k: v["Dice"] for k, v in summary["versemi_per_task"].items()})
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, filename: str) -> None:
+        super().save_checkpoint(filename)
+        if self.local_rank != 0 or self.disable_checkpointing or not isfile(filename):
+            return
+        checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+        checkpoint["versemi"] = {
+            "global_step": self.global_step,
+            "task_table": self.task_table.to_dict(),
+            "ema_weights": self.ema_network.state_dict() if self.ema_network is not None else None,
+        }
+        tmp = filename + ".tmp"
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else torch.load(
+            filename_or_checkpoint, map_location=self.device, weights_only=False)
+        state = checkpoint.get("versemi")
+        if state is None:
+            return
+        if not TaskTable.from_dict(state["task_table"]).same_structure(self.task_table):
+            raise TaskTableError("The checkpoint was trained on other tasks than the plans describe")
+        self.global_step = state["global_step"]
+        if self.ema_network is not None and state["ema_weights"] is not None:
+            self.ema_network.load_state_dict(state["ema_weights"])
+
+
+def check_table_against_dataset(table: TaskTable, dataset_json: dict) -> None:
+    """The plans' task table must describe the dataset being trained on."""
+    ds_table = TaskTable.from_dataset_json(dataset_json)
+    if not ds_table.same_structure(table):
+        raise TaskTableError("The task table in the plans and the one in dataset.json disagree: re-run "
+                             "nnUNetv2_versemi_plan_and_preprocess")
+    labels = {k: int(v) for k, v in dataset_json["labels"].items()}
+    if labels != table.merged_label_dict():
+        raise TaskTableError(f"dataset.json labels {labels} do not match the task table's merged labels "
+                             f"{table.merged_label_dict()}")
+
+
+def per_task_summary(summary: dict, table: TaskTable) -> dict:
+    """Mean Dice/IoU per task from nnU-Net's summary.json: each case on its own task's classes."""
+    out = {}
+    for ti, task in enumerate(table.tasks):
+        per_class = {lab.name: {"Dice": [], "IoU": []} for lab in task.labels}
+        for case in summary["metric_per_case"]:
+            case_id = os.path.basename(case["reference_file"]).split(".")[0]
+            if table.task_of_case(case_id) != ti:
+                continue
+            for lab in task.labels:
+                m = case["metrics"].get(str(lab.merged)) or case["metrics"].get(lab.merged)
+                if m is None:
+                    continue
+                for key in ("Dice", "IoU"):
+                    per_class[lab.name][key].append(m[key])
+        means = {name: {k: float(np.nanmean(v)) if v else float("nan") for k, v in vals.items()}
+                 for name, vals in per_class.items()}
+        out[task.name] = {
+            "Dice": float(np.nanmean([m["Dice"] for m in means.values()])),
+            "IoU": float(np.nanmean([m["IoU"] for m in means.values()])),
+            "n_cases": len(next(iter(per_class.values()))["Dice"]),
+            "per_class": means,
+        }
+    return out

@@ -1,0 +1,100 @@
+"""VerSemiTrainer ablations and short runs. Class name = ``-tr`` value = results folder name."""
+
+from __future__ import annotations
+
+import torch
+
+from nnunetv2_versemi.training.trainer import VerSemiTrainer
+
+
+class VerSemiTrainer_noSyn(VerSemiTrainer):
+    """Without the synthetic-task CutMix loss (the synthetic head then only learns from L_unsup)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.syn_weight = 0.0
+
+
+class VerSemiTrainer_noSpec(VerSemiTrainer):
+    """Without the task-specific loss on the labeled mix."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.spec_weight = 0.0
+
+
+class VerSemiTrainer_noUnsup(VerSemiTrainer):
+    """Labeled-only VerSemi: prompts, synthetic task and L_spec, no unlabeled images."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.unsup_weight = 0.0
+        self.cons_weight = 0.0
+
+
+class VerSemiTrainer_EMA(VerSemiTrainer):
+    """Consistency target from an EMA teacher (alpha ``ema_alpha``) instead of the detached student."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.target_source = "ema"
+
+
+class VerSemiTrainer_officialMix(VerSemiTrainer):
+    """Unlabeled images CutMixed with labeled ones, as in the official code; enables L_cons."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.unlabeled_mix = "labeled"
+
+
+class VerSemiTrainer_stages(VerSemiTrainer):
+    """The official two-stage schedule: labeled losses only for the first half, then unlabeled losses."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.unsup_schedule = "stage"
+
+
+def _short(base: type, epochs: int, iterations: int | None = None, val_iterations: int | None = None,
+           name: str | None = None) -> type:
+    """A short-run subclass of ``base`` (module-level, so it pickles and nnU-Net finds it by name)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        base.__init__(self, plans, configuration, fold, dataset_json, device)
+        self.num_epochs = epochs
+        if iterations is not None:
+            self.num_iterations_per_epoch = iterations
+        if val_iterations is not None:
+            self.num_val_iterations_per_epoch = val_iterations
+
+    cls_name = name or f"{base.__name__}_{epochs}epochs"
+    cls = type(cls_name, (base,), {"__init__": __init__, "__module__": __name__,
+                                   "__doc__": f"{base.__name__} for {epochs} epochs."})
+    return cls
+
+
+# short runs for demos, tests and benchmarks
+VerSemiTrainer_1epoch = _short(VerSemiTrainer, 1, name="VerSemiTrainer_1epoch")
+VerSemiTrainer_5epochs = _short(VerSemiTrainer, 5)
+VerSemiTrainer_20epochs = _short(VerSemiTrainer, 20)
+VerSemiTrainer_50epochs = _short(VerSemiTrainer, 50)
+VerSemiTrainer_100epochs = _short(VerSemiTrainer, 100)
+VerSemiTrainer_noUnsup_5epochs = _short(VerSemiTrainer_noUnsup, 5)
+VerSemiTrainer_noUnsup_20epochs = _short(VerSemiTrainer_noUnsup, 20)
+VerSemiTrainer_noUnsup_50epochs = _short(VerSemiTrainer_noUnsup, 50)
+# tiny: 2 epochs of 3 iterations, for tests and the quick demo
+VerSemiTrainer_tiny = _short(VerSemiTrainer, 2, 3, 2, name="VerSemiTrainer_tiny")
+VerSemiTrainer_EMA_tiny = _short(VerSemiTrainer_EMA, 2, 3, 2, name="VerSemiTrainer_EMA_tiny")
+VerSemiTrainer_officialMix_tiny = _short(VerSemiTrainer_officialMix, 2, 3, 2,
+                                         name="VerSemiTrainer_officialMix_tiny")
+VerSemiTrainer_noUnsup_tiny = _short(VerSemiTrainer_noUnsup, 2, 3, 2, name="VerSemiTrainer_noUnsup_tiny")
+
+__all__ = [n for n, v in dict(globals()).items() if isinstance(v, type) and issubclass(v, VerSemiTrainer)]

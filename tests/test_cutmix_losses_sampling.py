@@ -1,0 +1,165 @@
+import numpy as np
+import pytest
+import torch
+
+from nnunetv2_versemi.training import cutmix, losses
+from nnunetv2_versemi.training.sampling import draw_batch_tasks
+
+
+# ------------------------------------------------------------------------------------------ CutMix
+def test_mix_constant_images_exact_values():
+    a = torch.full((1, 1, 4, 4), 0.25)
+    b = torch.full((1, 1, 4, 4), 0.5)
+    box = ((1, 3), (0, 2))
+    m = cutmix.box_masks([box], (4, 4))
+    x = cutmix.mix(a, b, m)
+    expected = torch.full((4, 4), 0.25)
+    expected[1:3, 0:2] = 0.5
+    assert torch.equal(x[0, 0], expected)
+    assert x.sum().item() == pytest.approx(12 * 0.25 + 4 * 0.5)
+
+
+def test_labels_follow_the_same_box():
+    img_a, img_b = torch.zeros(2, 1, 6, 6, 6), torch.ones(2, 1, 6, 6, 6)
+    lab_a, lab_b = torch.full((2, 1, 6, 6, 6), 3), torch.full((2, 1, 6, 6, 6), 7)
+    boxes = cutmix.draw_boxes(2, (6, 6, 6), (0.5, 0.5), np.random.RandomState(3))
+    m = cutmix.box_masks(boxes, (6, 6, 6))
+    x, y = cutmix.mix(img_a, img_b, m), cutmix.mix(lab_a, lab_b, m)
+    assert y.dtype == lab_a.dtype
+    assert torch.equal(x == 1, y == 7)
+    assert (x == 1).sum().item() == 2 * 27  # side round(0.5 * 6) = 3 on each axis, per sample
+
+
+def test_box_edge_cases():
+    full = cutmix.draw_boxes(5, (4, 7), (1.0, 1.0), np.random.RandomState(0))
+    assert all(b == ((0, 4), (0, 7)) for b in full)
+    tiny = cutmix.draw_boxes(20, (3, 3), (0.01, 0.01), np.random.RandomState(0))
+    assert all(e - s == 1 and 0 <= s < 3 for b in tiny for s, e in b)
+    boxes = cutmix.draw_boxes(200, (10, 10), (0.3, 0.6), np.random.RandomState(1))
+    starts = {b[0][0] for b in boxes}
+    assert len(starts) > 3  # positions vary
+    assert all(3 <= e - s <= 6 and 0 <= s and e <= 10 for b in boxes for s, e in b)
+
+
+def test_mask_resize_to_lower_scale():
+    m = cutmix.box_masks([((0, 4), (4, 8))], (8, 8))
+    small = cutmix.resize_mask(m, (4, 4))
+    assert small[0, 0].tolist() == [[0, 0, 1, 1]] * 2 + [[0, 0, 0, 0]] * 2
+
+
+@pytest.mark.parametrize("ratio", [(0.0, 0.5), (0.6, 0.3), (0.5, 1.2)])
+def test_ill_box_ratio(ratio):
+    with pytest.raises(ValueError, match="ratio"):
+        cutmix.draw_boxes(1, (8, 8), ratio)
+
+
+def test_ill_box_dimensions():
+    with pytest.raises(ValueError, match="axes"):
+        cutmix.box_masks([((0, 2),)], (4, 4))
+
+
+# ------------------------------------------------------------------------------------------- losses
+def test_soft_dice_perfect_zero_otherwise_positive():
+    t = torch.zeros(2, 8, 8)
+    t[:, 2:5, 2:5] = 1
+    assert losses.soft_dice_loss(t.clone(), t).item() == pytest.approx(0, abs=1e-6)
+    assert losses.soft_dice_loss(1 - t, t).item() == pytest.approx(1, abs=1e-5)
+    half = t * 0.5
+    assert losses.soft_dice_loss(half, t).item() == pytest.approx(1 - 2 * 0.5 * 18 / (9 + 18), abs=1e-5)
+
+
+def test_soft_dice_mask_restricts_region():
+    p, t = torch.zeros(1, 4, 4), torch.zeros(1, 4, 4)
+    p[0, :, :2] = 1  # wrong outside the mask only
+    t[0, :, 2:] = 1
+    p[0, :, 2:] = 1
+    mask = torch.zeros(1, 4, 4)
+    mask[0, :, 2:] = 1
+    assert losses.soft_dice_loss(p, t, mask=mask).item() == pytest.approx(0, abs=1e-6)
+    assert losses.soft_dice_loss(p, t).item() > 0.3
+
+
+def test_aggregate_is_max_of_task_foreground():
+    logits = torch.zeros(1, 2, 3, 1)
+    logits[0, 0, :, 0] = torch.tensor([0.0, 2.0, -50.0])  # task 0 (2 classes): fg = 1 - softmax[0]
+    logits[0, 1, :, 0] = torch.tensor([1.0, 0.0, 3.0])  # task 1 (3 classes)
+    agg = losses.aggregate_task_foreground(logits, [2, 3])
+    fg0 = 1 - torch.softmax(torch.tensor([0.0, 2.0]), 0)[0]
+    fg1 = 1 - torch.softmax(torch.tensor([1.0, 0.0, 3.0]), 0)[0]
+    assert agg.item() == pytest.approx(max(fg0, fg1).item(), abs=1e-6)
+
+
+def test_unsup_gradient_flows_to_student_not_through_detached_target():
+    syn_logits = torch.randn(2, 2, 6, 6, requires_grad=True)
+    task_logits = torch.randn(2, 2, 2, 6, 6, requires_grad=True)
+    target = losses.aggregate_task_foreground(task_logits, [2, 2]).detach()
+    loss = losses.soft_dice_loss(losses.foreground_probability(syn_logits, 2), target)
+    loss.backward()
+    assert syn_logits.grad.abs().sum() > 0
+    assert task_logits.grad is None
+    # without detaching (official behaviour) both sides receive gradient
+    syn2 = syn_logits.detach().clone().requires_grad_(True)
+    task2 = task_logits.detach().clone().requires_grad_(True)
+    losses.soft_dice_loss(losses.foreground_probability(syn2, 2),
+                          losses.aggregate_task_foreground(task2, [2, 2])).backward()
+    assert task2.grad.abs().sum() > 0
+
+
+def test_prompted_supervised_loss_uses_each_tasks_classes():
+    seen = []
+
+    def fake_loss(logits, targets):
+        seen.append((logits[0].shape[1], targets[0].shape[0]))
+        return logits[0].sum() * 0 + float(logits[0].shape[1])
+
+    logits = [torch.zeros(3, 3, 4, 4)]
+    targets = [torch.zeros(3, 1, 4, 4)]
+    tasks = torch.tensor([0, 1, 1])
+    total = losses.prompted_supervised_loss(logits, targets, tasks, [2, 3, 2], fake_loss)
+    assert sorted(seen) == [(2, 1), (3, 2)]
+    assert total.item() == pytest.approx(2 * 1 / 3 + 3 * 2 / 3)
+
+
+def test_nnunet_loss_near_zero_at_perfect_prediction():
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    loss = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1, weight_dice=1,
+                          dice_class=MemoryEfficientSoftDiceLoss)
+    target = torch.zeros(2, 1, 8, 8)
+    target[:, :, 2:6, 2:6] = 1
+    perfect = torch.cat((1 - target, target), 1) * 40 - 20
+    val = losses.prompted_supervised_loss([perfect], [target], torch.tensor([0, 0]), [2, 2],
+                                          lambda lg, tg: loss(lg[0], tg[0]))
+    wrong = losses.prompted_supervised_loss([-perfect], [target], torch.tensor([0, 0]), [2, 2],
+                                            lambda lg, tg: loss(lg[0], tg[0]))
+    assert val.item() < -0.99  # nnU-Net's Dice term is -Dice
+    assert wrong.item() > 0
+
+
+def test_deep_supervision_weights_match_nnunet():
+    w = losses.deep_supervision_weights(4)
+    assert w[-1] == 0 and sum(w) == pytest.approx(1) and w[0] == pytest.approx(2 * w[1])
+    assert losses.deep_supervision_sum([torch.tensor(1.0), torch.tensor(3.0)], [0.5, 0.5]).item() == 2.0
+
+
+# ----------------------------------------------------------------------------------------- sampling
+@pytest.mark.parametrize("num_tasks,batch", [(3, 12), (3, 2), (2, 5), (4, 8), (1, 4)])
+def test_batch_tasks_balanced_and_pairs_cross_tasks(num_tasks, batch):
+    rng = np.random.RandomState(0)
+    for _ in range(50):
+        slots = draw_batch_tasks(num_tasks, batch, rng)
+        counts = np.bincount(slots, minlength=num_tasks)
+        if batch >= num_tasks:
+            assert counts.max() - counts.min() <= 1 if batch % 2 == 0 or num_tasks == 1 else counts.max() - \
+                counts.min() <= 2
+        half = batch // 2
+        if num_tasks > 1:
+            assert all(slots[i] != slots[i + half] for i in range(half))
+
+
+def test_batch_tasks_only_available():
+    slots = draw_batch_tasks(4, 6, np.random.RandomState(0), available=[1, 3])
+    assert set(slots) == {1, 3}
+    with pytest.raises(ValueError):
+        draw_batch_tasks(3, 4, np.random.RandomState(0), available=[])

@@ -1,0 +1,131 @@
+import pytest
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+from torch import nn
+
+from nnunetv2_versemi.network.head import DynamicHead, VerSemiNetwork, merge_task_logits
+
+# tasks: A (1 class, merged 1), B (2 classes, merged 2, 3), C (1 class, merged 4); + synthetic
+NUM_CLASSES = [2, 3, 2, 2]
+MERGED = [[1], [2, 3], [4]]
+
+
+def _backbone(dim: int, residual: bool = False, ds: bool = True):
+    conv = nn.Conv2d if dim == 2 else nn.Conv3d
+    norm = nn.InstanceNorm2d if dim == 2 else nn.InstanceNorm3d
+    kw = dict(input_channels=1, n_stages=3, features_per_stage=[4, 8, 16], conv_op=conv, kernel_sizes=3,
+              strides=[1, 2, 2], num_classes=2, n_conv_per_stage_decoder=1, conv_bias=True, norm_op=norm,
+              norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU, deep_supervision=ds)
+    if residual:
+        return ResidualEncoderUNet(n_blocks_per_stage=[1, 1, 1], **kw)
+    return PlainConvUNet(n_conv_per_stage=1, **kw)
+
+
+def _net(dim=2, residual=False, ds=True):
+    torch.manual_seed(0)
+    return VerSemiNetwork(_backbone(dim, residual, ds), NUM_CLASSES, MERGED).eval()
+
+
+@pytest.mark.parametrize("dim,residual", [(2, False), (3, False), (2, True), (3, True)])
+def test_one_pass_equals_per_prompt_passes(dim, residual):
+    net = _net(dim, residual)
+    x = torch.randn(3, 1, *([16] * dim))
+    all_prompts = torch.arange(4)[None].expand(3, -1)
+    with torch.no_grad():
+        together = net(x, all_prompts)
+        for p in range(4):
+            alone = net(x, torch.full((3, 1), p))
+            for s in range(len(together)):
+                torch.testing.assert_close(together[s][:, p], alone[s][:, 0], rtol=1e-5, atol=1e-5)
+    assert len(together) == 2  # deep supervision: one output per decoder stage
+    assert together[0].shape == (3, 4, 3, *([16] * dim))
+    assert together[1].shape == (3, 4, 3, *([8] * dim))
+
+
+def test_grouped_prompts_equal_separate_calls():
+    net = _net()
+    x = torch.randn(5, 1, 16, 16)
+    g1, g2 = torch.tensor([[0], [1]]), torch.tensor([[3, 0, 2]] * 3)
+    with torch.no_grad():
+        grouped = net(x, [g1, g2])
+        torch.testing.assert_close(grouped[0][0], net(x[:2], g1)[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grouped[1][0], net(x[2:], g2)[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cover 2 samples"):
+        net(x, [g1])
+
+
+def test_prompt_changes_output_and_sample_context_matters():
+    net = _net()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        out = net(x, torch.arange(4)[None].expand(2, -1))[0]
+    assert not torch.allclose(out[:, 0], out[:, 1])
+
+
+def test_merge_contract_hand_made_logits():
+    # one voxel per case along the last axis: all background / A fg / B class 2 / A and C fg, C more confident
+    big = 10.0
+    logits = torch.full((1, 3, 3, 4), -big)
+    logits[0, :, 0, :] = big  # everybody background by default
+    # voxel 1: A foreground
+    logits[0, 0, :, 1] = torch.tensor([-big, big, -big])
+    # voxel 2: B class 2 (local index 2 -> merged 3)
+    logits[0, 1, :, 2] = torch.tensor([-big, 0, big])
+    # voxel 3: A weakly foreground, C strongly foreground
+    logits[0, 0, :, 3] = torch.tensor([0.0, 0.5, -big])
+    logits[0, 2, :, 3] = torch.tensor([-big, big, -big])
+    merged = merge_task_logits(logits, NUM_CLASSES[:3], MERGED)
+    assert merged.shape == (1, 5, 4)
+    assert merged.argmax(1).tolist() == [[0, 1, 3, 4]]
+
+
+def test_merged_forward_background_iff_all_tasks_background():
+    net = _net(ds=False)
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        merged = net(x)
+        per_task = net(x, torch.arange(3)[None].expand(2, -1))[0]
+    assert merged.shape == (2, 5, 16, 16)
+    task_fg = torch.stack([per_task[:, t, :NUM_CLASSES[t]].argmax(1) > 0 for t in range(3)], 1).any(1)
+    assert torch.equal(merged.argmax(1) > 0, task_fg)
+
+
+def test_prompt_mode_fills_only_that_task():
+    net = _net(ds=False)
+    x = torch.randn(1, 1, 16, 16)
+    net.prompt = 1
+    with torch.no_grad():
+        out = net(x)
+        head = net(x, torch.tensor([[1]]))[0][:, 0]
+    assert torch.equal(out[:, [0, 2, 3]], head[:, :3])
+    assert (out[:, [1, 4]] < -1e3).all()
+    assert set(out.argmax(1).unique().tolist()) <= {0, 2, 3}
+
+
+def test_deep_supervision_toggle_through_decoder():
+    net = _net()
+    net.decoder.deep_supervision = False
+    with torch.no_grad():
+        out = net(torch.randn(1, 1, 16, 16))
+    assert isinstance(out, torch.Tensor) and out.shape == (1, 5, 16, 16)
+
+
+def test_gradient_reaches_backbone_and_controller():
+    net = _net().train()
+    out = net(torch.randn(2, 1, 16, 16), torch.tensor([[0], [1]]))
+    out[0].sum().backward()
+    assert net.heads[0].controller.weight.grad.abs().sum() > 0
+    assert next(net.backbone.encoder.parameters()).grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kwargs", [dict(in_channels=0), dict(num_prompts=1), dict(out_channels=1)])
+def test_ill_head_arguments(kwargs):
+    args = dict(in_channels=4, context_channels=8, num_prompts=3, out_channels=2, conv_op=nn.Conv2d)
+    args.update(kwargs)
+    with pytest.raises(ValueError):
+        DynamicHead(**args)
+
+
+def test_ill_class_counts():
+    with pytest.raises(ValueError, match="needs 3 outputs"):
+        VerSemiNetwork(_backbone(2), [2, 2, 2, 2], MERGED)
