@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# value for merged-space channels that a prompted forward leaves out; finite so fp16 and softmax stay sane
-_ABSENT_LOGIT = -1e4
+# margin by which channels a prompted forward leaves out stay below the task's lowest logit: they never win
+# the argmax and stay finite (nnU-Net accumulates sliding-window logits in fp16 with Gaussian weights ~10)
+_ABSENT_MARGIN = 10.0
 
 
 class DynamicHead(nn.Module):
@@ -167,8 +168,9 @@ class VerSemiNetwork(nn.Module):
         if self.prompt is not None:
             t = int(self.prompt)
             logits = head(feat, context, torch.full((b, 1), t, device=feat.device, dtype=torch.long))[:, 0]
-            out = torch.full((b, self.num_merged, *feat.shape[2:]), _ABSENT_LOGIT, device=feat.device,
-                             dtype=logits.dtype)
+            own = logits[:, :self.num_classes_per_prompt[t]]
+            absent = own.min(dim=1, keepdim=True).values - _ABSENT_MARGIN
+            out = absent.expand(b, self.num_merged, *feat.shape[2:]).clone()
             out[:, 0] = logits[:, 0]
             out[:, self.merged_values_per_task[t]] = logits[:, 1:self.num_classes_per_prompt[t]]
             return out
