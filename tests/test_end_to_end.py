@@ -1,0 +1,212 @@
+"""The user's path on tiny demo data (one augmentation worker: the spawned loaders must pickle): generate -> merge -> plan/preprocess -> stock nnUNetv2_train with
+VerSemiTrainer -> --c -> nnUNetv2_versemi_predict --task -> evaluate. One shared setup (module fixture)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from os.path import isfile, join
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunetv2_versemi.discovery import ext_trainer_dir
+
+UNION_ID = 950
+UNION = "Dataset950_VerSemiUnion"
+TRAINER = "VerSemiTrainer_EMA_tiny"
+
+
+def _run(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    env = dict(os.environ)
+    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"), nnUNet_results=str(root / "res"),
+               nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1", nnUNet_extTrainer=ext_trainer_dir(),
+               nnUNet_compile="false")
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA", "nnUNet_def_n_proc",
+                  "nnUNet_extTrainer", "nnUNet_compile"):
+            mp.setenv(k, env[k])
+        _run(["nnUNetv2_versemi_demo_data", "--num-labeled", "4", "--num-unlabeled", "2", "--num-test", "1"], env)
+        _run(["nnUNetv2_versemi_merge", "-d", "901", "902", "903", "-o", str(UNION_ID), "--labeled-cases", "3",
+              "-np", "1", "--no-pbar"], env)
+        _run(["nnUNetv2_versemi_plan_and_preprocess", "-d", str(UNION_ID), "-c", "2d", "-np", "1", "-npfp", "1",
+              "--no_pbar"], env)
+        train = _run(["nnUNetv2_train", str(UNION_ID), "2d", "0", "-tr", TRAINER, "-device", "cpu"], env)
+        yield {"root": root, "env": env, "train_log": train.stdout,
+               "model": root / "res" / UNION / f"{TRAINER}__nnUNetPlans__2d"}
+
+
+def test_stock_training_writes_versemi_results(pipeline):
+    fold = pipeline["model"] / "fold_0"
+    assert isfile(fold / "checkpoint_final.pth")
+    assert isfile(fold / "progress_versemi.png") and os.path.getsize(fold / "progress_versemi.png") > 0
+    ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["trainer_name"] == TRAINER
+    assert ckpt["versemi"]["global_step"] == 6  # 2 epochs x 3 iterations
+    assert ckpt["versemi"]["ema_weights"] is not None
+    logged = ckpt["logging"]
+    for term in ("sup", "syn", "spec", "unsup"):
+        assert len(logged[f"versemi_{term}"]) == 2 and np.isfinite(logged[f"versemi_{term}"]).all()
+    import json
+
+    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    assert set(summary["versemi_per_task"]) == {"DemoCT", "DemoMR", "DemoMC"}
+    assert all(v["n_cases"] >= 1 for v in summary["versemi_per_task"].values())
+
+
+def test_continue_restores_identical_state(pipeline):
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    fold = pipeline["model"] / "fold_0"
+    saved = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    trainer = get_trainer_from_args(str(UNION_ID), "2d", 0, TRAINER, "nnUNetPlans", device=torch.device("cpu"))
+    trainer.initialize()
+    trainer.load_checkpoint(str(fold / "checkpoint_final.pth"))
+    assert trainer.global_step == saved["versemi"]["global_step"]
+    assert trainer.current_epoch == saved["current_epoch"]
+    for k, v in trainer.network.state_dict().items():
+        assert torch.equal(v.cpu(), saved["network_weights"][k]), k
+    for k, v in trainer.ema_network.state_dict().items():
+        assert torch.equal(v.cpu(), saved["versemi"]["ema_weights"][k]), k
+    # EMA differs from the student: it is a real second state, not a copy
+    assert any(not torch.equal(v, saved["network_weights"][k]) for k, v in saved["versemi"]["ema_weights"].items())
+    assert trainer.optimizer.state_dict()["state"].keys() == saved["optimizer_state"]["state"].keys()
+    # the stock --c path runs to completion from that checkpoint
+    _run(["nnUNetv2_train", str(UNION_ID), "2d", "0", "-tr", TRAINER, "-device", "cpu", "--c"], pipeline["env"])
+    again = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert again["versemi"]["global_step"] == saved["versemi"]["global_step"]
+
+
+def test_task_prediction_source_labels_geometry_and_equals_network(pipeline):
+    raw = pipeline["root"] / "raw"
+    src = raw / "Dataset902_DemoMR" / "imagesTs"
+    out = pipeline["root"] / "pred_mr"
+    _run(["nnUNetv2_versemi_predict", "-i", str(src), "-o", str(out), "-d", str(UNION_ID), "-c", "2d", "-f", "0",
+          "-tr", TRAINER, "--task", "DemoMR", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
+         pipeline["env"])
+    cases = sorted(f for f in os.listdir(src) if f.endswith("_0000.nii.gz"))
+    assert cases
+    for f in cases:
+        img = sitk.ReadImage(str(src / f))
+        pred = sitk.ReadImage(str(out / f.replace("_0000", "")))
+        assert pred.GetSize() == img.GetSize()
+        np.testing.assert_allclose(pred.GetSpacing(), img.GetSpacing())
+        np.testing.assert_allclose(pred.GetOrigin(), img.GetOrigin())
+        np.testing.assert_allclose(pred.GetDirection(), img.GetDirection())
+        assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1}
+
+    # the same case through the network called directly: the union image of that case, the task head only.
+    # DemoMR's spacing equals the 2d plan's, and its slices fit in one patch, so no resampling or overlap.
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    from nnunetv2_versemi.training.trainer import VerSemiTrainer
+
+    case = cases[0].replace("_0000.nii.gz", "")
+    union_img = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / UNION / "imagesTs" / f"DemoMR_{case}_0000.nii.gz")))
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    model = pipeline["model"]
+    pm = PlansManager(load_json(str(model / "plans.json")))
+    cm = pm.get_configuration("2d")
+    assert cm.spacing == [1.25, 1.25]
+    net = VerSemiTrainer.build_network_architecture(pm, cm, 1, 5, enable_deep_supervision=False)
+    net.load_state_dict(torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu",
+                                   weights_only=False)["network_weights"])
+    net.eval()
+    task = pm.plans["versemi"]["tasks"][1]
+    assert task["name"] == "DemoMR"
+    padded, slicer = pad_nd_image(torch.from_numpy(union_img[:, None].astype(np.float32)), cm.patch_size, "constant",
+                                  {"value": 0}, True)
+    with torch.no_grad():
+        logits = net(padded, torch.ones((padded.shape[0], 1), dtype=torch.long))[0][:, 0, :2]
+    direct = logits[tuple([slice(None), slice(None), *slicer[2:]])].argmax(1).numpy()
+    via_cli = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz")))
+    assert direct.shape == via_cli.shape
+    assert (direct == via_cli).mean() > 0.999
+
+
+def test_predict_all_writes_merged_maps_and_evaluate_reads_them(pipeline):
+    root = pipeline["root"]
+    src = root / "raw" / UNION / "imagesTs"
+    out = root / "pred_all"
+    _run(["nnUNetv2_versemi_predict", "-i", str(src), "-o", str(out), "-d", str(UNION_ID), "-c", "2d", "-f", "0",
+          "-tr", TRAINER, "--task", "all", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
+         pipeline["env"])
+    preds = sorted(f for f in os.listdir(out) if f.endswith(".nii.gz"))
+    assert len(preds) == 3 and preds[0].startswith("DemoC")
+    for f in preds:
+        assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f))))) <= {0, 1, 2, 3, 4}
+    _run(["nnUNetv2_versemi_evaluate", "-ref", str(root / "raw" / UNION / "labelsTs"), "-pred", str(out), "-d",
+          str(UNION_ID), "-o", str(root / "eval_all"), "-np", "1"], pipeline["env"])
+    assert isfile(root / "eval_all" / "metrics.json") and isfile(root / "eval_all" / "summary.md")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--task", "Liver"], "Valid tasks: DemoCT, DemoMR, DemoMC"),
+    (["--task", "DemoMR", "-f", "3"], "Missing checkpoint_final.pth for fold(s) 3"),
+    (["--task", "DemoMR", "-tr", "nnUNetTrainer"], "does not exist"),
+])
+def test_ill_predict_input(pipeline, args, message):
+    src = pipeline["root"] / "raw" / "Dataset902_DemoMR" / "imagesTs"
+    base = ["nnUNetv2_versemi_predict", "-i", str(src), "-o", str(pipeline["root"] / "never"), "-d", str(UNION_ID),
+            "-c", "2d", "-device", "cpu"]
+    if "-tr" not in args:
+        base += ["-tr", TRAINER]
+    res = subprocess.run(base + args, env=pipeline["env"], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert message in res.stderr
+    assert not (pipeline["root"] / "never").exists()
+
+
+def test_ill_trainer_input_fails_before_training(pipeline, tmp_path):
+    """A dataset without a task table fails at construction, naming the problem, with nothing written."""
+    from nnunetv2_versemi.tasktable import TaskTableError
+    from nnunetv2_versemi.training.trainer import VerSemiTrainer
+
+    plans = __import__("json").loads((pipeline["model"] / "plans.json").read_text())
+    dataset_json = __import__("json").loads((pipeline["model"] / "dataset.json").read_text())
+    del plans["versemi"]
+    with pytest.raises(TaskTableError, match="task table"):
+        VerSemiTrainer(dict(plans, continue_training=False), "2d", 0, dataset_json, torch.device("cpu"))
+    plans = __import__("json").loads((pipeline["model"] / "plans.json").read_text())
+    dataset_json["labels"] = {"background": 0, "x": 1}
+    with pytest.raises(TaskTableError, match="do not match"):
+        VerSemiTrainer(dict(plans, continue_training=False), "2d", 0, dataset_json, torch.device("cpu"))
+
+
+def test_missing_unlabeled_images_fail_at_initialize(pipeline, tmp_path, monkeypatch):
+    import shutil
+
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    pre = pipeline["root"] / "pre"
+    copy = tmp_path / "pre"
+    shutil.copytree(pre, copy)
+    shutil.rmtree(copy / UNION / "nnUNetPlans_2d_unlabeled")
+    monkeypatch.setenv("nnUNet_preprocessed", str(copy))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "res"))
+    trainer = get_trainer_from_args(str(UNION_ID), "2d", 0, "VerSemiTrainer_tiny", "nnUNetPlans",
+                                    device=torch.device("cpu"))
+    with pytest.raises(FileNotFoundError, match="No preprocessed unlabeled images"):
+        trainer.initialize()
+    trainer = get_trainer_from_args(str(UNION_ID), "2d", 0, "VerSemiTrainer_noUnsup_tiny", "nnUNetPlans",
+                                    device=torch.device("cpu"))
+    trainer.initialize()  # labeled-only VerSemi needs no unlabeled images
+    assert trainer._uses_unlabeled is False
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-x", "-q"]))
