@@ -90,6 +90,8 @@ VerSemiTrainer_100epochs = _short(VerSemiTrainer, 100)
 VerSemiTrainer_noUnsup_5epochs = _short(VerSemiTrainer_noUnsup, 5)
 VerSemiTrainer_noUnsup_20epochs = _short(VerSemiTrainer_noUnsup, 20)
 VerSemiTrainer_noUnsup_50epochs = _short(VerSemiTrainer_noUnsup, 50)
+# the README demo: a few minutes on 2 CPU cores
+VerSemiTrainer_demo = _short(VerSemiTrainer, 8, 20, 5, name="VerSemiTrainer_demo")
 # tiny: 2 epochs of 3 iterations, for tests and the quick demo
 VerSemiTrainer_tiny = _short(VerSemiTrainer, 2, 3, 2, name="VerSemiTrainer_tiny")
 VerSemiTrainer_EMA_tiny = _short(VerSemiTrainer_EMA, 2, 3, 2, name="VerSemiTrainer_EMA_tiny")
