@@ -1,0 +1,367 @@
+"""Benchmark report: tables (JSON, CSV, markdown) and figures (Dice box plots, learning curves).
+
+Inputs are the per-method results of :func:`nnunetv2_versemi.evaluation.evaluate.evaluate_folders` (each test
+case scored on its own task's classes) and the run states of :mod:`.run`. Per case, a task's classes are
+averaged first (as ``evaluate`` does), then mean and population std are taken over the task's test cases.
+HD95 is in mm; a case where exactly one of reference and prediction is empty has no HD95 and is left out of
+the HD95 mean (its Dice, 0, counts). "Mean over tasks" is the unweighted mean of the per-task means.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+from os.path import join
+
+import numpy as np
+
+from nnunetv2_versemi.tasktable import TaskTable
+
+RESULTS_JSON = "results.json"
+RESULTS_CSV = "results.csv"
+SUMMARY_CSV = "summary.csv"
+REPORT_MD = "report.md"
+BOXPLOT_PNG = "dice_boxplot.png"
+CURVES_PNG = "learning_curves.png"
+CASE_COLUMNS = ["method", "method_label", "task", "case", "dice", "hd95", "iou", "asd"]
+SUMMARY_COLUMNS = [
+    "method",
+    "method_label",
+    "task",
+    "n",
+    "dice_mean",
+    "dice_std",
+    "hd95_mean",
+    "hd95_std",
+    "dice_minus_baseline",
+]
+MEAN_ROW = "mean over tasks"
+
+
+def machine_info() -> dict:
+    import torch
+
+    info = {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        from importlib.metadata import version
+
+        info["nnunetv2"] = version("nnunetv2")
+    except Exception:  # metadata is informative only
+        pass
+    return info
+
+
+def _nan_to_none(x):
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_nan_to_none(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return None if math.isnan(x) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _case_mean(metrics: dict, key: str) -> float:
+    vals = [m[key] for m in metrics.values() if m[key] is not None and not math.isnan(m[key])]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def _stats(values: list[float]) -> dict:
+    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], float)
+    if arr.size == 0:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(arr.mean()), "std": float(arr.std()), "n": int(arr.size)}
+
+
+def learning_curves(model_folder: str, folds: list) -> dict:
+    """Per fold: train loss, validation loss and pseudo Dice (nnU-Net's ``mean_fg_dice``) per epoch, read from
+    the checkpoint's logging (falls back to checkpoint_latest.pth)."""
+    import torch
+
+    out = {}
+    for fold in folds:
+        for name in ("checkpoint_final.pth", "checkpoint_latest.pth"):
+            path = join(model_folder, f"fold_{fold}", name)
+            if os.path.isfile(path):
+                log = torch.load(path, map_location="cpu", weights_only=False).get("logging", {})
+                out[str(fold)] = {
+                    "train_loss": [float(v) for v in log.get("train_losses", [])],
+                    "val_loss": [float(v) for v in log.get("val_losses", [])],
+                    "pseudo_dice": [float(v) for v in log.get("mean_fg_dice", [])],
+                }
+                break
+    return out
+
+
+def collect(
+    evals: dict[str, dict], states: list[dict], table: TaskTable, methods: list, baseline: str, meta: dict
+) -> dict:
+    """The report's content. ``evals``: method key -> evaluate_folders result; ``methods``: run.Method list."""
+    tasks = [t.name for t in table.tasks if any(t.name in e["tasks"] for e in evals.values())]
+    cases, summary = [], {}
+    for m in methods:
+        ev = evals[m.key]
+        per_task = {}
+        for case, r in sorted(ev["cases"].items()):
+            row = {"method": m.key, "method_label": m.label, "task": r["task"], "case": case}
+            for key in ("dice", "hd95", "iou", "asd"):
+                row[key] = _case_mean(r["metrics"], key)
+            cases.append(row)
+            per_task.setdefault(r["task"], []).append(row)
+        s = {}
+        for t in tasks:
+            rows = per_task.get(t, [])
+            s[t] = {
+                "dice": _stats([r["dice"] for r in rows]),
+                "hd95": _stats([r["hd95"] for r in rows]),
+                "n": len(rows),
+            }
+        task_means = [s[t]["dice"]["mean"] for t in tasks if s[t]["dice"]["mean"] is not None]
+        hd_means = [s[t]["hd95"]["mean"] for t in tasks if s[t]["hd95"]["mean"] is not None]
+        s[MEAN_ROW] = {
+            "dice": {
+                "mean": float(np.mean(task_means)) if task_means else None,
+                "std": None,
+                "n": len(task_means),
+            },
+            "hd95": {"mean": float(np.mean(hd_means)) if hd_means else None, "std": None, "n": len(hd_means)},
+            "n": sum(s[t]["n"] for t in tasks),
+        }
+        summary[m.key] = s
+    diff = {}
+    if baseline in summary:
+        for key, s in summary.items():
+            diff[key] = {}
+            for t in [*tasks, MEAN_ROW]:
+                a, b = summary[baseline][t]["dice"]["mean"], s[t]["dice"]["mean"]
+                diff[key][t] = None if a is None or b is None else b - a
+    curves = {}
+    for st in states:
+        try:
+            curves[st["run"]] = learning_curves(st["model_folder"], st["folds"])
+        except Exception as e:  # a broken checkpoint must not lose the report
+            curves[st["run"]] = {"error": repr(e)}
+    return _nan_to_none(
+        {
+            **meta,
+            "methods": [
+                {"key": m.key, "letter": m.letter, "label": m.label, "trainer": m.trainer} for m in methods
+            ],
+            "baseline": baseline,
+            "tasks": tasks,
+            "summary": summary,
+            "dice_minus_baseline": diff,
+            "cases": cases,
+            "runs": states,
+            "curves": curves,
+        }
+    )
+
+
+def _fmt(stats: dict, digits: int, scale: float = 1.0) -> str:
+    if stats["mean"] is None:
+        return "n/a"
+    if stats.get("std") is None:
+        return f"{stats['mean'] * scale:.{digits}f}"
+    return f"{stats['mean'] * scale:.{digits}f} ± {stats['std'] * scale:.{digits}f}"
+
+
+def _signed(v: float | None, scale: float = 100.0) -> str:
+    return "n/a" if v is None else f"{v * scale:+.1f}"
+
+
+def markdown(results: dict) -> str:
+    methods = results["methods"]
+    rows = [*results["tasks"], MEAN_ROW]
+    b = results["budget"]
+    lines = [
+        f"# VerSemi benchmark: {results['dataset']} ({results['configuration']})",
+        "",
+        f"- command: `{results['command']}`",
+        f"- budget per trained model: {b['epochs']} epochs x {b['iterations']} iterations "
+        f"(+ {b['val_iterations']} validation iterations per epoch); folds {results['folds']}; "
+        f"plans {results['benchmark_plans']}",
+        f"- device: {results['device']}; machine: {results['machine'].get('cpu_count')} CPU cores, "
+        f"{'GPU ' + results['machine']['gpu'] if results['machine'].get('gpu') else 'no GPU'}; "
+        f"test-time mirroring: {'on' if results['tta'] else 'off'}",
+        f"- test cases per task: {', '.join(f'{t} {len(c)}' for t, c in results['test_cases'].items())}",
+        "",
+        "## Dice (%), mean ± std over test cases; in brackets the difference to "
+        + next((m["label"] for m in methods if m["key"] == results["baseline"]), results["baseline"]),
+        "",
+        "| task | " + " | ".join(m["label"] for m in methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
+    diff = results["dice_minus_baseline"]
+    for t in rows:
+        cells = []
+        for m in methods:
+            s = results["summary"][m["key"]][t]["dice"]
+            cell = _fmt(s, 1, 100)
+            if diff and m["key"] != results["baseline"]:
+                cell += f" ({_signed(diff[m['key']][t])})"
+            cells.append(cell)
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## HD95 (mm), mean ± std over test cases with both masks non-empty",
+        "",
+        "| task | " + " | ".join(m["label"] for m in methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
+    for t in rows:
+        cells = []
+        for m in methods:
+            s = results["summary"][m["key"]][t]["hd95"]
+            cells.append(f"{_fmt(s, 2)} (n={s['n']})" if s["mean"] is not None else "n/a")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Runs",
+        "",
+        "| run | trainer | dataset | train (s) | predict (s) | skipped this time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for st in results["runs"]:
+        train = sum((st.get("train_seconds") or {}).values()) if st.get("train_seconds") else 0.0
+        lines.append(
+            f"| {st['run']} | {st['trainer']} | {st['dataset']} | {train:.0f} | "
+            f"{(st.get('predict_seconds') or 0):.0f} | {'yes' if st.get('skipped_on_last_invocation') else 'no'} |"
+        )
+    lines += [
+        "",
+        f"Figures: `{BOXPLOT_PNG}` (Dice per test case, per task and method), `{CURVES_PNG}` (train loss and "
+        "nnU-Net's pseudo Dice per epoch of every run). Per-case numbers: `results.csv`; aggregates: "
+        "`summary.csv`; everything: `results.json`; per-method evaluation (IoU, ASD, per class): `evaluation/`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _csv_value(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return repr(float(v)) if isinstance(v, float) else str(v)
+
+
+def boxplot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks, methods = results["tasks"], results["methods"]
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(3.2 * max(1, len(tasks)) + 1, 4), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        data = [
+            [
+                r["dice"]
+                for r in results["cases"]
+                if r["task"] == t and r["method"] == m["key"] and r["dice"] is not None
+            ]
+            for m in methods
+        ]
+        ax.boxplot(data, showmeans=True)
+        ax.set_xticks(range(1, len(methods) + 1), [m["letter"] for m in methods])
+        ax.set_title(t)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel("Dice")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(" | ".join(f"{m['letter']}: {m['label'][4:]}" for m in methods), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def curves_plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = results["methods"]
+    fig, axes = plt.subplots(len(methods), 2, figsize=(10, 2.6 * len(methods) + 0.5), squeeze=False)
+    for row, m in zip(axes, methods):
+        for st in results["runs"]:
+            if st["method"] != m["key"]:
+                continue
+            for fold, c in (results["curves"].get(st["run"]) or {}).items():
+                if not isinstance(c, dict) or "train_loss" not in c:
+                    continue
+                label = (st["task"] + " " if st.get("task") else "") + f"fold {fold}"
+                row[0].plot(range(len(c["train_loss"])), c["train_loss"], marker=".", label=label)
+                dice = [np.nan if v is None else v for v in c["pseudo_dice"]]
+                row[1].plot(range(len(dice)), dice, marker=".", label=label)
+        row[0].set_title(f"{m['label']}: train loss", fontsize=9)
+        row[1].set_title(f"{m['label']}: pseudo Dice (validation patches)", fontsize=9)
+        row[1].set_ylim(-0.02, 1.02)
+        for ax in row:
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(out_dir: str, results: dict) -> list[str]:
+    """Write results.json, results.csv, summary.csv, report.md and the two PNGs; returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {
+        k: join(out_dir, v)
+        for k, v in (
+            ("json", RESULTS_JSON),
+            ("csv", RESULTS_CSV),
+            ("sum", SUMMARY_CSV),
+            ("md", REPORT_MD),
+            ("box", BOXPLOT_PNG),
+            ("curves", CURVES_PNG),
+        )
+    }
+    with open(paths["json"], "w") as f:
+        json.dump(results, f, indent=2)
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CASE_COLUMNS)
+        for r in results["cases"]:
+            w.writerow([_csv_value(r[k]) for k in CASE_COLUMNS])
+    labels = {m["key"]: m["label"] for m in results["methods"]}
+    with open(paths["sum"], "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(SUMMARY_COLUMNS)
+        for key, s in results["summary"].items():
+            for t in [*results["tasks"], MEAN_ROW]:
+                d, h = s[t]["dice"], s[t]["hd95"]
+                diff = (results["dice_minus_baseline"].get(key) or {}).get(t)
+                w.writerow(
+                    [
+                        key,
+                        labels[key],
+                        t,
+                        s[t]["n"],
+                        _csv_value(d["mean"]),
+                        _csv_value(d["std"]),
+                        _csv_value(h["mean"]),
+                        _csv_value(h["std"]),
+                        _csv_value(diff),
+                    ]
+                )
+    with open(paths["md"], "w") as f:
+        f.write(markdown(results))
+    boxplot(results, paths["box"])
+    curves_plot(results, paths["curves"])
+    return list(paths.values())

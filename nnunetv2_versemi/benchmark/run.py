@@ -1,0 +1,923 @@
+"""``nnUNetv2_versemi_benchmark``: VerSemi against nnU-Net baselines on one union dataset.
+
+Every method gets the same labeled cases (the union's, split by the union's ``splits_final.json``), the same
+held-out test cases (the union's ``imagesTs``/``labelsTs``, listed per task in the task table) and the same
+training budget (epochs x iterations per epoch, validation iterations per epoch, for every trained model):
+
+  (a) ``alone``   nnUNetTrainer on each task alone, labeled cases only. The benchmark writes one raw dataset
+                  per task from the union's labeled cases (images as in the union, already normalized, channel
+                  ``noNorm``; labels remapped to the task's classes 1..K; the union's split restricted to the
+                  task), plans and preprocesses it with stock nnU-Net (only the requested configuration).
+  (b) ``union``   nnUNetTrainer on the union's labeled cases (merged labels).
+  (c) ``noUnsup`` VerSemiTrainer_noUnsup (prompts, synthetic task, no unlabeled images).
+  (d) ``versemi`` VerSemiTrainer.
+
+The budget is set without code: training runs in this process. Each trainer is instantiated the way
+``nnunetv2.run.run_training.get_trainer_from_args`` does it, then ``num_epochs``,
+``num_iterations_per_epoch`` and ``num_val_iterations_per_epoch`` are set before ``initialize`` builds the
+learning-rate schedule. The checkpoint stores the real class name (nnUNetTrainer, VerSemiTrainer, ...), so
+every nnU-Net predictor finds the class again. Runs of different budgets are kept apart by a benchmark plans
+identifier, a copy of the plans under ``<plans>_vsbench[-<preset>]-e<E>-i<I>-v<V>`` (same data identifier,
+so the preprocessed data are shared): models land in ordinary nnU-Net model folders
+``$nnUNet_results/<dataset>/<trainer>__<that identifier>__<configuration>`` and work with ``nnUNetv2_predict
+-p <that identifier>``.
+
+Test cases are predicted with nnU-Net's ``nnUNetPredictor`` (sliding window, Gaussian, mirroring unless
+``--disable_tta``); VerSemi models predict every case under its own task's prompt. All predictions are
+written in the union's merged label space and scored per task by
+:func:`nnunetv2_versemi.evaluation.evaluate.evaluate_folders` (Dice, HD95, IoU, ASD), each case on its own
+task's classes. The report folder gets results.json, results.csv (one row per method and test case),
+summary.csv, report.md, dice_boxplot.png and learning_curves.png (see :mod:`.report`).
+
+Resume: a run whose folds all hold ``checkpoint_final.pth`` and whose test predictions are all present is
+skipped; a fold with only ``checkpoint_latest.pth`` continues from it.
+
+Subcommands: ``nnUNetv2_versemi_benchmark speed ...`` (step time and memory, :mod:`.speed`) and
+``nnUNetv2_versemi_benchmark plans ...`` (apply a plans preset, :mod:`nnunetv2_versemi.plans_presets`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from os.path import isdir, isfile, join
+
+import numpy as np
+
+from nnunetv2_versemi.tasktable import TABLE_KEY, Task, TaskTable, TaskTableError
+
+PROG = "nnUNetv2_versemi_benchmark"
+BENCH_TAG = "vsbench"
+ALONE_MARK = "versemi_benchmark"
+STATE_DIR = "runs"
+PRED_DIR = "predictions"
+EVAL_DIR = "evaluation"
+LOG_FILE = "benchmark.log"
+CHECKPOINT = "checkpoint_final.pth"
+
+
+class BenchmarkError(ValueError):
+    """Bad input to the benchmark; raised before anything is trained."""
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str
+    letter: str
+    label: str
+    trainer: str
+    per_task: bool = False
+    prompted: bool = False
+
+
+METHODS = (
+    Method("alone", "a", "(a) nnU-Net, each task alone", "nnUNetTrainer", per_task=True),
+    Method("union", "b", "(b) nnU-Net on the union", "nnUNetTrainer"),
+    Method("noUnsup", "c", "(c) VerSemi, labeled only", "VerSemiTrainer_noUnsup", prompted=True),
+    Method("versemi", "d", "(d) VerSemi", "VerSemiTrainer", prompted=True),
+)
+BASELINE = "alone"
+
+
+def method_by_name(name: str) -> Method:
+    for m in METHODS:
+        if name in (m.key, m.letter):
+            return m
+    valid = ", ".join(f"{m.letter}/{m.key}" for m in METHODS)
+    raise BenchmarkError(f"Unknown method '{name}'; choose from {valid}")
+
+
+@dataclass(frozen=True)
+class Budget:
+    epochs: int = 1000
+    iterations: int = 250
+    val_iterations: int = 50
+
+    def __post_init__(self):
+        for k, v in asdict(self).items():
+            if v < 1:
+                raise BenchmarkError(f"--{k.replace('_', '-')} must be at least 1, got {v}")
+
+    def tag(self) -> str:
+        return f"e{self.epochs}-i{self.iterations}-v{self.val_iterations}"
+
+
+def bench_plans_identifier(plans: str, budget: Budget, preset: str | None = None) -> str:
+    """Plans identifier of the benchmark's copy of the plans: budget (and preset) in the name."""
+    middle = f"-{re.sub(r'[^A-Za-z0-9]+', '', preset)}" if preset else ""
+    return f"{plans}_{BENCH_TAG}{middle}-{budget.tag()}"
+
+
+@dataclass
+class Run:
+    """One method on one dataset (each task is its own run for method a), all requested folds."""
+
+    method: Method
+    dataset: str
+    plans: str
+    configuration: str
+    folds: list
+    test_cases: list[str]
+    task: str | None = None
+    task_index: int | None = None
+    local_to_merged: list[int] | None = None  # method a: task class index -> merged value
+
+    @property
+    def name(self) -> str:
+        return self.method.key if self.task is None else f"{self.method.key}-{self.task}"
+
+    @property
+    def trainer(self) -> str:
+        return self.method.trainer
+
+    def model_folder(self) -> str:
+        from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+        return get_output_folder(self.dataset, self.trainer, self.plans, self.configuration)
+
+    def checkpoint(self, fold) -> str:
+        return join(self.model_folder(), f"fold_{fold}", CHECKPOINT)
+
+
+@dataclass
+class Context:
+    union: str
+    union_id: int
+    table: TaskTable
+    raw: str
+    pp: str
+    configuration: str
+    plans: str
+    bench_plans: str
+    budget: Budget
+    folds: list
+    out: str
+    device: str
+    npp: int
+    tta: bool
+    skip_val: bool
+    test_cases: dict[str, list[str]]  # task name -> test case ids with a label
+    file_ending: str
+    num_channels: int
+    methods: list[Method] = field(default_factory=list)
+    preset: str | None = None
+    plans_content: dict = field(default_factory=dict)
+    claimed_ids: set[int] = field(default_factory=set)
+
+    def log(self, msg: str) -> None:
+        line = f"[{PROG} {datetime.now().strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        os.makedirs(self.out, exist_ok=True)
+        with open(join(self.out, LOG_FILE), "a") as f:
+            f.write(line + "\n")
+
+
+# ---- input checks -------------------------------------------------------------------------------------
+def _fold(f: str):
+    if f == "all":
+        return "all"
+    try:
+        return int(f)
+    except ValueError as e:
+        raise BenchmarkError(f"--folds takes integers or 'all', got '{f}'") from e
+
+
+def _require_env() -> None:
+    missing = [v for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results") if not os.environ.get(v)]
+    if missing:
+        raise BenchmarkError(f"Set {', '.join(missing)} (nnU-Net's folders) before running the benchmark")
+
+
+def _union(dataset: str) -> tuple[str, int]:
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        name = maybe_convert_to_dataset_name(str(dataset))
+    except (RuntimeError, ValueError) as e:
+        raise BenchmarkError(f"Unknown dataset '{dataset}': {str(e).splitlines()[0]}") from e
+    return name, int(name[len("Dataset") : len("Dataset") + 3])
+
+
+def _test_cases(raw: str, table: TaskTable, file_ending: str, num_channels: int) -> dict[str, list[str]]:
+    """Per task: the table's test cases that have a label in labelsTs and all images in imagesTs."""
+    out, problems = {}, []
+    for t in table.tasks:
+        cases = []
+        for c in t.test:
+            if not isfile(join(raw, "labelsTs", c + file_ending)):
+                continue  # a test image without label cannot be scored
+            missing = [join(raw, "imagesTs", f"{c}_{k:04d}{file_ending}") for k in range(num_channels)]
+            missing = [f for f in missing if not isfile(f)]
+            if missing:
+                problems.append(f"Test case {c} (task {t.name}) has a label but no image {missing[0]}")
+            cases.append(c)
+        out[t.name] = sorted(cases)
+    if problems:
+        raise BenchmarkError("\n".join(problems))
+    if not any(out.values()):
+        raise BenchmarkError(
+            f"The union dataset in {raw} has no labeled test cases (imagesTs/labelsTs). Merge with test cases "
+            "(sources with imagesTs/labelsTs, or nnUNetv2_versemi_merge --test-fraction F)"
+        )
+    return out
+
+
+def _apply_preset(plans: dict, preset: str | None) -> dict:
+    if preset is None:
+        return plans
+    from nnunetv2_versemi.plans_presets import PlansPresetError, apply_overlay, load_overlay
+
+    try:
+        return apply_overlay(plans, load_overlay(preset))
+    except PlansPresetError as e:
+        raise BenchmarkError(f"Plans preset {preset}: {e}") from e
+
+
+def _base_configuration(plans: dict, configuration: str) -> str:
+    """The configuration whose preprocessed data a (possibly inherited) configuration uses."""
+    configs = plans["configurations"]
+    seen = []
+    while "inherits_from" in configs[configuration] and configuration not in seen:
+        seen.append(configuration)
+        configuration = configs[configuration]["inherits_from"]
+    return configuration
+
+
+def _write_json_if_changed(path: str, content: dict) -> None:
+    if isfile(path):
+        with open(path) as f:
+            if json.load(f) == content:
+                return
+    with open(path + ".tmp", "w") as f:
+        json.dump(content, f, indent=4)
+    os.replace(path + ".tmp", path)
+
+
+def _bench_plans(plans: dict, identifier: str, preset: str | None) -> dict:
+    out = _apply_preset(plans, preset)
+    out = json.loads(json.dumps(out))
+    out["plans_name"] = identifier
+    return out
+
+
+def prepare(args: argparse.Namespace) -> Context:
+    """Every check that can fail, before anything is written or trained."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+
+    _require_env()
+    union, union_id = _union(args.d)
+    raw, pp = join(str(nnUNet_raw), union), join(str(nnUNet_preprocessed), union)
+    plans_file = join(pp, args.p + ".json")
+    if not isfile(plans_file):
+        raise BenchmarkError(
+            f"{plans_file} not found: plan the union with nnUNetv2_versemi_plan_and_preprocess -d {union_id} "
+            f"-c {args.c}"
+        )
+    plans = load_json(plans_file)
+    try:
+        table = TaskTable.from_plans(plans, where=plans_file)
+    except TaskTableError as e:
+        raise BenchmarkError(str(e)) from e
+    plans_eff = _apply_preset(plans, args.plans_preset)
+    if args.c not in plans_eff["configurations"]:
+        raise BenchmarkError(
+            f"Configuration '{args.c}' is not in {plans_file}"
+            + (f" (with preset {args.plans_preset})" if args.plans_preset else "")
+            + f"; it has {', '.join(plans_eff['configurations'])}"
+        )
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    data_id = PlansManager(plans_eff).get_configuration(args.c).data_identifier
+    if not isdir(join(pp, data_id)):
+        raise BenchmarkError(
+            f"{join(pp, data_id)} does not exist: preprocess configuration "
+            f"{_base_configuration(plans_eff, args.c)} with nnUNetv2_versemi_plan_and_preprocess -d {union_id} "
+            f"-c {_base_configuration(plans_eff, args.c)}"
+        )
+    if not isfile(join(raw, "dataset.json")):
+        raise BenchmarkError(f"{raw}/dataset.json not found: the benchmark reads the union's raw test cases")
+    dj = load_json(join(raw, "dataset.json"))
+    if TABLE_KEY not in dj or not TaskTable.from_dataset_json(dj).same_structure(table):
+        raise BenchmarkError(
+            f"The task tables of {raw}/dataset.json and {plans_file} differ: re-run the planning"
+        )
+    methods = [method_by_name(m) for m in args.methods]
+    if len({m.key for m in methods}) != len(methods):
+        raise BenchmarkError(f"--methods lists a method twice: {args.methods}")
+    if any(m.key == "versemi" for m in methods):
+        from nnunetv2_versemi.data.preprocess import missing_unlabeled
+
+        missing = missing_unlabeled(pp, data_id, table)
+        if missing:
+            raise BenchmarkError(
+                f"{len(missing)} unlabeled case(s) of {union} are not preprocessed for {args.c} (e.g. {missing[0]}): "
+                f"run nnUNetv2_versemi_plan_and_preprocess -d {union_id} -c {_base_configuration(plans_eff, args.c)}"
+            )
+    folds = [_fold(f) for f in args.folds]
+    budget = Budget(args.epochs, args.iterations, args.val_iterations)
+    bench = bench_plans_identifier(args.p, budget, args.plans_preset)
+    out = args.o or join(os.environ["nnUNet_results"], union, f"benchmark__{bench}__{args.c}")
+    n_ch = len(dj["channel_names"])
+    ctx = Context(
+        union=union,
+        union_id=union_id,
+        table=table,
+        raw=raw,
+        pp=pp,
+        configuration=args.c,
+        plans=args.p,
+        bench_plans=bench,
+        budget=budget,
+        folds=folds,
+        out=os.path.abspath(out),
+        device=args.device,
+        npp=args.npp,
+        tta=not args.disable_tta,
+        skip_val=args.skip_val,
+        test_cases=_test_cases(raw, table, dj["file_ending"], n_ch),
+        file_ending=dj["file_ending"],
+        num_channels=n_ch,
+        methods=methods,
+        preset=args.plans_preset,
+        plans_content=plans,
+    )
+    return ctx
+
+
+# ---- per-task datasets (method a) -----------------------------------------------------------------------
+def _used_ids() -> set[int]:
+    ids = set()
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        folder = os.environ.get(var)
+        if folder and isdir(folder):
+            for d in os.listdir(folder):
+                m = re.match(r"Dataset(\d{3})_", d)
+                if m:
+                    ids.add(int(m.group(1)))
+    return ids
+
+
+def alone_dataset_name(ctx: Context, task: Task) -> str:
+    """The per-task dataset of ``task``: reused when present, else under the first free id after the union."""
+    suffix = f"VSBench{ctx.union_id:03d}_{task.name}"
+    raw_root = os.environ["nnUNet_raw"]
+    for d in sorted(os.listdir(raw_root)) if isdir(raw_root) else []:
+        if re.fullmatch(r"Dataset\d{3}_" + re.escape(suffix), d):
+            return d
+    used = _used_ids() | ctx.claimed_ids
+    for i in [*range(ctx.union_id + 1, 1000), *range(1, ctx.union_id)]:
+        if i not in used:
+            ctx.claimed_ids.add(i)
+            return f"Dataset{i:03d}_{suffix}"
+    raise BenchmarkError("No free nnU-Net dataset id (001-999) left for the per-task baseline datasets")
+
+
+def _alone_signature(ctx: Context, task: Task) -> dict:
+    return {
+        "union": ctx.union,
+        "task": task.name,
+        "labeled": sorted(task.labeled),
+        "labels": [[lab.name, lab.merged] for lab in task.labels],
+    }
+
+
+def _alone_splits(ctx: Context, task: Task) -> list[dict]:
+    """The union's split restricted to the task; a fold without a validation case of the task validates on
+    its training cases (as nnU-Net's fold 'all' does)."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    path = join(ctx.pp, "splits_final.json")
+    if not isfile(path):
+        from nnunetv2_versemi.data.splits import make_stratified_splits
+
+        splits = make_stratified_splits(ctx.table)
+    else:
+        splits = load_json(path)
+    mine = set(task.labeled)
+    out = []
+    for s in splits:
+        tr = sorted(c for c in s["train"] if c in mine)
+        val = sorted(c for c in s["val"] if c in mine)
+        out.append({"train": tr, "val": val or tr})
+    return out
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _remove_dataset_everywhere(name: str) -> None:
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        folder = join(os.environ[var], name)
+        if isdir(folder):
+            shutil.rmtree(folder)
+
+
+def ensure_alone_dataset(ctx: Context, task: Task) -> str:
+    """Raw dataset, plans and preprocessed data of one task alone; returns its dataset name."""
+    import SimpleITK as sitk
+    from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+
+    name = alone_dataset_name(ctx, task)
+    raw_root = os.environ["nnUNet_raw"]
+    folder = join(raw_root, name)
+    sig = _alone_signature(ctx, task)
+    if isfile(join(folder, "dataset.json")):
+        dj = load_json(join(folder, "dataset.json"))
+        if dj.get(ALONE_MARK) != sig:
+            if ALONE_MARK not in dj:
+                raise BenchmarkError(
+                    f"{folder} exists and was not written by the benchmark; remove or rename it"
+                )
+            ctx.log(f"{name} was built from other labeled cases (union re-merged?): rebuilding it")
+            _remove_dataset_everywhere(name)
+    if not isfile(join(folder, "dataset.json")):
+        ctx.log(f"Writing per-task dataset {name} ({len(task.labeled)} labeled cases of task {task.name})")
+        tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=raw_root)
+        try:
+            os.makedirs(join(tmp, "imagesTr"))
+            os.makedirs(join(tmp, "labelsTr"))
+            lut = np.zeros(ctx.table.num_merged_labels, dtype=np.uint8)
+            for ci, lab in enumerate(task.labels, start=1):
+                lut[lab.merged] = ci
+            fe = ctx.file_ending
+            for c in task.labeled:
+                for k in range(ctx.num_channels):
+                    f = f"{c}_{k:04d}{fe}"
+                    _link_or_copy(join(ctx.raw, "imagesTr", f), join(tmp, "imagesTr", f))
+                seg = sitk.ReadImage(join(ctx.raw, "labelsTr", c + fe))
+                arr = sitk.GetArrayFromImage(seg)
+                if arr.min() < 0 or arr.max() >= len(lut):
+                    raise BenchmarkError(
+                        f"Label {join(ctx.raw, 'labelsTr', c + fe)} holds values outside the table"
+                    )
+                out = sitk.GetImageFromArray(lut[arr])
+                out.CopyInformation(seg)
+                sitk.WriteImage(out, join(tmp, "labelsTr", c + fe), True)
+            save_json(
+                {
+                    "channel_names": {str(k): "noNorm" for k in range(ctx.num_channels)},
+                    "labels": {
+                        "background": 0,
+                        **{lab.name: i for i, lab in enumerate(task.labels, start=1)},
+                    },
+                    "numTraining": len(task.labeled),
+                    "file_ending": fe,
+                    "overwrite_image_reader_writer": "SimpleITKIO",
+                    "name": name,
+                    "description": f"Task {task.name} of {ctx.union} alone (labeled cases, union-normalized images); "
+                    f"written by {PROG} for baseline (a)",
+                    ALONE_MARK: sig,
+                },
+                join(tmp, "dataset.json"),
+                sort_keys=False,
+            )
+            save_json(_alone_splits(ctx, task), join(tmp, "splits_final.json"), sort_keys=False)
+            os.rename(tmp, folder)
+        finally:
+            if isdir(tmp):
+                shutil.rmtree(tmp)
+    _plan_and_preprocess_alone(ctx, name, task)
+    return name
+
+
+def _plan_and_preprocess_alone(ctx: Context, name: str, task: Task) -> None:
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pp = join(os.environ["nnUNet_preprocessed"], name)
+    plans_file = join(pp, ctx.plans + ".json")
+    dataset_id = int(name[7:10])
+    if not isfile(plans_file):
+        from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import (
+            DatasetFingerprintExtractor,
+        )
+        from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset
+
+        ctx.log(f"Planning {name} (stock nnU-Net fingerprint + ExperimentPlanner)")
+        fpe = DatasetFingerprintExtractor(dataset_id, max(1, ctx.npp), verbose=False)
+        # the channel is noNorm, so the foreground intensity statistics feed no normalization: sample 10^5
+        # voxels instead of nnU-Net's 10^8 (everything else in the fingerprint is unchanged)
+        fpe.num_foreground_voxels_for_intensitystats = 1e5
+        if hasattr(fpe, "show_progress_bar"):
+            fpe.show_progress_bar = False
+        fpe.run(overwrite_existing=True)
+        _, identifier = plan_experiment_dataset(dataset_id)
+        if identifier != ctx.plans:
+            raise BenchmarkError(
+                f"The stock planner wrote {identifier}.json for {name}, expected {ctx.plans}.json"
+            )
+    plans = load_json(plans_file)
+    base = _base_configuration(_apply_preset(plans, ctx.preset), ctx.configuration)
+    if base not in plans["configurations"]:
+        raise BenchmarkError(f"nnU-Net planned no '{base}' configuration for {name}")
+    data_dir = join(pp, PlansManager(plans).get_configuration(base).data_identifier)
+    have = set(os.listdir(data_dir)) if isdir(data_dir) else set()
+    if not all(f"{c}.b2nd" in have or f"{c}.npz" in have for c in task.labeled):
+        from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
+
+        ctx.log(f"Preprocessing {name} ({base})")
+        preprocess_dataset(
+            dataset_id, ctx.plans, [base], [max(1, ctx.npp)], verbose=False, show_progress_bar=False
+        )
+    _write_json_if_changed(
+        join(pp, ctx.bench_plans + ".json"), _bench_plans(plans, ctx.bench_plans, ctx.preset)
+    )
+
+
+# ---- runs ---------------------------------------------------------------------------------------------
+def build_runs(ctx: Context) -> list[Run]:
+    runs = []
+    all_cases = sorted(c for cases in ctx.test_cases.values() for c in cases)
+    for m in ctx.methods:
+        if not m.per_task:
+            runs.append(Run(m, ctx.union, ctx.bench_plans, ctx.configuration, ctx.folds, all_cases))
+            continue
+        for ti, t in enumerate(ctx.table.tasks):
+            if not ctx.test_cases[t.name]:
+                ctx.log(f"Task {t.name} has no labeled test case: no per-task baseline run for it")
+                continue
+            name = ensure_alone_dataset(ctx, t)
+            runs.append(
+                Run(
+                    m,
+                    name,
+                    ctx.bench_plans,
+                    ctx.configuration,
+                    ctx.folds,
+                    ctx.test_cases[t.name],
+                    task=t.name,
+                    task_index=ti,
+                    local_to_merged=[0, *t.merged_values],
+                )
+            )
+    return runs
+
+
+def prediction_folder(ctx: Context, method: Method) -> str:
+    return join(ctx.out, PRED_DIR, method.key)
+
+
+def run_finished(ctx: Context, run: Run) -> bool:
+    folder = prediction_folder(ctx, run.method)
+    return all(isfile(run.checkpoint(f)) for f in run.folds) and all(
+        isfile(join(folder, c + ctx.file_ending)) for c in run.test_cases
+    )
+
+
+def _device(name: str):
+    import torch
+
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise BenchmarkError("-device cuda: no CUDA device available (use -device cpu)")
+        torch.backends.cudnn.benchmark = True
+        return torch.device("cuda", 0)
+    return torch.device(name)
+
+
+def train_fold(ctx: Context, run: Run, fold) -> float:
+    """Train one fold in this process with the benchmark budget; returns seconds (0 when already done)."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    if isfile(run.checkpoint(fold)):
+        return 0.0
+    cls = recursive_find_trainer_class_by_name(run.trainer)
+    if cls is None:
+        raise BenchmarkError(f"nnU-Net cannot find trainer {run.trainer} (nnUNet_extTrainer not set?)")
+    pp = join(os.environ["nnUNet_preprocessed"], run.dataset)
+    plans = load_json(join(pp, run.plans + ".json"))
+    latest = join(run.model_folder(), f"fold_{fold}", "checkpoint_latest.pth")
+    plans["continue_training"] = isfile(latest)
+    t0 = time.time()
+    trainer = cls(
+        plans=plans,
+        configuration=run.configuration,
+        fold=fold,
+        dataset_json=load_json(join(pp, "dataset.json")),
+        device=_device(ctx.device),
+    )
+    # the budget: set before initialize(), which builds the learning-rate schedule from num_epochs
+    trainer.num_epochs = ctx.budget.epochs
+    trainer.num_iterations_per_epoch = ctx.budget.iterations
+    trainer.num_val_iterations_per_epoch = ctx.budget.val_iterations
+    if isfile(latest):
+        ctx.log(f"{run.name} fold {fold}: continuing from {latest}")
+        trainer.load_checkpoint(latest)
+    trainer.run_training()
+    if not ctx.skip_val:
+        trainer.perform_actual_validation(False)
+    return time.time() - t0
+
+
+def predict_run(ctx: Context, run: Run) -> float:
+    """Predict the run's test cases into the method's prediction folder (merged labels); returns seconds."""
+    import SimpleITK as sitk
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    out = prediction_folder(ctx, run.method)
+    todo = [c for c in run.test_cases if not isfile(join(out, c + ctx.file_ending))]
+    if not todo:
+        return 0.0
+    t0 = time.time()
+    device = _device(ctx.device)
+    predictor = nnUNetPredictor(
+        tile_step_size=0.5,
+        use_gaussian=True,
+        use_mirroring=ctx.tta,
+        perform_everything_on_device=device.type == "cuda",
+        device=device,
+        verbose=False,
+        verbose_preprocessing=False,
+        allow_tqdm=False,
+    )
+    predictor.initialize_from_trained_model_folder(run.model_folder(), run.folds, CHECKPOINT)
+    net = getattr(predictor.network, "_orig_mod", predictor.network)
+    if run.method.prompted:
+        groups = [
+            (ti, [c for c in todo if ctx.table.task_of_case(c) == ti]) for ti in range(ctx.table.num_tasks)
+        ]
+    else:
+        groups = [(None, todo)]
+    os.makedirs(out, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".predict_", dir=out)
+    fe = ctx.file_ending
+    try:
+        for prompt, cases in groups:
+            if not cases:
+                continue
+            if run.method.prompted:
+                net.prompt = prompt  # each case under its own task's prompt (VerSemiNetwork)
+            files = [
+                [join(ctx.raw, "imagesTs", f"{c}_{k:04d}{fe}") for k in range(ctx.num_channels)]
+                for c in cases
+            ]
+            targets = [join(tmp, c) for c in cases]
+            if ctx.npp <= 1:
+                predictor.predict_from_files_sequential(files, targets, False, True)
+            else:
+                predictor.predict_from_files(
+                    files,
+                    targets,
+                    save_probabilities=False,
+                    overwrite=True,
+                    num_processes_preprocessing=ctx.npp,
+                    num_processes_segmentation_export=ctx.npp,
+                )
+        for c in todo:
+            src = join(tmp, c + fe)
+            if run.local_to_merged is not None:  # per-task model: its classes 1..K -> the union's values
+                img = sitk.ReadImage(src)
+                lut = np.asarray(run.local_to_merged, dtype=np.uint8)
+                arr = lut[sitk.GetArrayFromImage(img)]
+                res = sitk.GetImageFromArray(arr)
+                res.CopyInformation(img)
+                sitk.WriteImage(res, src, True)
+            os.replace(src, join(out, c + fe))
+    finally:
+        if run.method.prompted:
+            net.prompt = None
+        shutil.rmtree(tmp, ignore_errors=True)
+    return time.time() - t0
+
+
+def _state_path(ctx: Context, run: Run) -> str:
+    return join(ctx.out, STATE_DIR, run.name + ".json")
+
+
+def _load_state(ctx: Context, run: Run) -> dict:
+    p = _state_path(ctx, run)
+    if isfile(p):
+        with open(p) as f:
+            return json.load(f)
+    return {}
+
+
+def _save_state(ctx: Context, run: Run, state: dict) -> None:
+    os.makedirs(join(ctx.out, STATE_DIR), exist_ok=True)
+    with open(_state_path(ctx, run), "w") as f:
+        json.dump(state, f, indent=2)
+
+
+def execute(ctx: Context, runs: list[Run]) -> list[dict]:
+    from tqdm import tqdm
+
+    states = []
+    with tqdm(runs, desc="benchmark runs", unit="run", file=sys.stdout) as bar:
+        for run in bar:
+            bar.set_postfix_str(run.name)
+            state = _load_state(ctx, run)
+            state.update(
+                {
+                    "run": run.name,
+                    "method": run.method.key,
+                    "letter": run.method.letter,
+                    "task": run.task,
+                    "dataset": run.dataset,
+                    "trainer": run.trainer,
+                    "plans": run.plans,
+                    "configuration": run.configuration,
+                    "folds": run.folds,
+                    "budget": asdict(ctx.budget),
+                    "model_folder": run.model_folder(),
+                    "test_cases": len(run.test_cases),
+                }
+            )
+            if run_finished(ctx, run):
+                ctx.log(f"Skipping {run.name}: finished ({CHECKPOINT} and predictions present)")
+                state["skipped_on_last_invocation"] = True
+                states.append(state)
+                _save_state(ctx, run, state)
+                continue
+            state["skipped_on_last_invocation"] = False
+            train_s = dict(state.get("train_seconds", {}))
+            for fold in run.folds:
+                if isfile(run.checkpoint(fold)):
+                    ctx.log(f"{run.name} fold {fold}: {CHECKPOINT} present, not retraining")
+                    continue
+                ctx.log(
+                    f"Training {run.name} fold {fold}: {run.trainer} on {run.dataset} ({run.configuration}, "
+                    f"{ctx.budget.epochs} epochs x {ctx.budget.iterations} iterations)"
+                )
+                train_s[str(fold)] = train_fold(ctx, run, fold)
+                state["train_seconds"] = train_s
+                _save_state(ctx, run, state)
+            ctx.log(f"Predicting {len(run.test_cases)} test case(s) with {run.name}")
+            state["predict_seconds"] = predict_run(ctx, run) or state.get("predict_seconds", 0.0)
+            state["finished"] = datetime.now().isoformat(timespec="seconds")
+            _save_state(ctx, run, state)
+            states.append(state)
+    return states
+
+
+def evaluate_methods(ctx: Context) -> dict[str, dict]:
+    from nnunetv2_versemi.evaluation.evaluate import evaluate_folders
+
+    ref = join(ctx.raw, "labelsTs")
+    results = {}
+    all_cases = {c for cases in ctx.test_cases.values() for c in cases}
+    ref_dir = ref
+    if set(c[: -len(ctx.file_ending)] for c in os.listdir(ref) if c.endswith(ctx.file_ending)) != all_cases:
+        # labelsTs holds cases outside the table's test lists: score exactly the benchmark's test cases
+        ref_dir = join(ctx.out, EVAL_DIR, "reference")
+        os.makedirs(ref_dir, exist_ok=True)
+        for c in all_cases:
+            if not isfile(join(ref_dir, c + ctx.file_ending)):
+                _link_or_copy(join(ref, c + ctx.file_ending), join(ref_dir, c + ctx.file_ending))
+    for m in ctx.methods:
+        ctx.log(f"Evaluating {m.label}")
+        results[m.key] = evaluate_folders(
+            ref_dir,
+            prediction_folder(ctx, m),
+            ctx.table,
+            task=None,
+            num_processes=1,
+            output_dir=join(ctx.out, EVAL_DIR, m.key),
+        )
+    return results
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    """The whole benchmark; returns the results dict written to results.json."""
+    from nnunetv2_versemi.benchmark import report
+    from nnunetv2_versemi.discovery import ensure_ext_trainer_env
+
+    ensure_ext_trainer_env()
+    ctx = prepare(args)
+    os.makedirs(ctx.out, exist_ok=True)
+    ctx.log(
+        f"Benchmark of {ctx.union} ({args.c}), methods {', '.join(m.key for m in ctx.methods)}, "
+        f"budget {ctx.budget.tag()}, folds {ctx.folds}, report in {ctx.out}"
+    )
+    _write_json_if_changed(
+        join(ctx.pp, ctx.bench_plans + ".json"), _bench_plans(ctx.plans_content, ctx.bench_plans, ctx.preset)
+    )
+    runs = build_runs(ctx)
+    t0 = time.time()
+    states = execute(ctx, runs)
+    evals = evaluate_methods(ctx)
+    results = report.collect(
+        evals,
+        states,
+        ctx.table,
+        methods=ctx.methods,
+        baseline=BASELINE,
+        meta={
+            "dataset": ctx.union,
+            "configuration": ctx.configuration,
+            "plans": ctx.plans,
+            "benchmark_plans": ctx.bench_plans,
+            "plans_preset": ctx.preset,
+            "budget": asdict(ctx.budget),
+            "folds": ctx.folds,
+            "device": ctx.device,
+            "tta": ctx.tta,
+            "validation": not ctx.skip_val,
+            "command": " ".join([PROG, *(getattr(args, "argv", None) or sys.argv[1:])]),
+            "machine": report.machine_info(),
+            "wall_seconds_this_invocation": time.time() - t0,
+            "test_cases": ctx.test_cases,
+        },
+    )
+    written = report.write_report(ctx.out, results)
+    ctx.log(f"Wrote {', '.join(os.path.basename(w) for w in written)} to {ctx.out}")
+    return results
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="VerSemi vs nnU-Net baselines on one union dataset: same labeled cases, test cases and "
+        "budget for every method. Subcommands: 'speed' (step time/memory), 'plans' (apply a plans preset).",
+    )
+    p.add_argument(
+        "-d", required=True, help="union dataset id or name (nnUNetv2_versemi_merge + plan_and_preprocess)"
+    )
+    p.add_argument("-c", required=True, help="configuration, e.g. 2d (or one a --plans-preset adds)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier of the union (default: nnUNetPlans)")
+    p.add_argument(
+        "--epochs", type=int, default=1000, help="epochs per trained model (default: 1000, nnU-Net's)"
+    )
+    p.add_argument("--iterations", type=int, default=250, help="training iterations per epoch (default: 250)")
+    p.add_argument(
+        "--val-iterations", type=int, default=50, help="validation iterations per epoch (default: 50)"
+    )
+    p.add_argument(
+        "--folds",
+        nargs="+",
+        default=["0"],
+        help="folds of the union's split to train (ensembled at test time), or 'all' (default: 0)",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=[m.letter for m in METHODS],
+        help="a/alone b/union c/noUnsup d/versemi (default: all four)",
+    )
+    p.add_argument(
+        "-o",
+        default=None,
+        help="report folder (default: $nnUNet_results/<union>/benchmark__<benchmark plans>__<c>)",
+    )
+    p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="device (default: cuda)")
+    p.add_argument(
+        "--npp",
+        type=int,
+        default=2,
+        help="processes for preprocessing, prediction and nnU-Net's validation export (default: 2; "
+        "1 = no worker processes)",
+    )
+    p.add_argument(
+        "--plans-preset",
+        default=None,
+        help="apply a plans preset (e.g. cpu_demo, paper_96, or a JSON path) to every plans file",
+    )
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring at test time")
+    p.add_argument(
+        "--skip-val",
+        action="store_true",
+        help="skip nnU-Net's final validation of each model (the report uses the test cases only)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "speed":
+        from nnunetv2_versemi.benchmark import speed
+
+        return speed.main(argv[1:])
+    if argv and argv[0] == "plans":
+        from nnunetv2_versemi import plans_presets
+
+        p = argparse.ArgumentParser(prog=f"{PROG} plans", description="Apply a plans preset to a plans file.")
+        plans_presets.add_arguments(p)
+        plans_presets.run_cli(p.parse_args(argv[1:]), p.prog)
+        return None
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    # nnU-Net reads its worker count once, at import; the final validation spawns that many exporters
+    os.environ.setdefault("nnUNet_def_n_proc", str(max(1, args.npp)))
+    try:
+        return run_benchmark(args)
+    except (BenchmarkError, TaskTableError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from nnunetv2_versemi.plans_presets import main
+
+main()
