@@ -257,12 +257,23 @@ def _csv_value(v) -> str:
     return repr(float(v)) if isinstance(v, float) else str(v)
 
 
-def boxplot(results: dict, path: str) -> None:
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def boxplot(results: dict, path: str) -> None:
+    plt = _plt()
+    # nnU-Net's progress plots switch seaborn's poster style on for the whole process: plot in matplotlib's own
+    with plt.style.context("default"):
+        _boxplot(plt, results, path)
+
+
+def _boxplot(plt, results: dict, path: str) -> None:
     tasks, methods = results["tasks"], results["methods"]
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(3.2 * max(1, len(tasks)) + 1, 4), squeeze=False)
     for ax, t in zip(axes[0], tasks):
@@ -287,11 +298,12 @@ def boxplot(results: dict, path: str) -> None:
 
 
 def curves_plot(results: dict, path: str) -> None:
-    import matplotlib
+    plt = _plt()
+    with plt.style.context("default"):
+        _curves_plot(plt, results, path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _curves_plot(plt, results: dict, path: str) -> None:
     methods = results["methods"]
     fig, axes = plt.subplots(len(methods), 2, figsize=(10, 2.6 * len(methods) + 0.5), squeeze=False)
     for row, m in zip(axes, methods):

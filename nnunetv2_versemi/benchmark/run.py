@@ -514,7 +514,15 @@ def _plan_and_preprocess_alone(ctx: Context, name: str, task: Task) -> None:
         if hasattr(fpe, "show_progress_bar"):
             fpe.show_progress_bar = False
         fpe.run(overwrite_existing=True)
-        _, identifier = plan_experiment_dataset(dataset_id)
+        # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0 (no DA workers)
+        da = os.environ.get("nnUNet_n_proc_DA")
+        if da == "0":
+            os.environ["nnUNet_n_proc_DA"] = "1"
+        try:
+            _, identifier = plan_experiment_dataset(dataset_id)
+        finally:
+            if da == "0":
+                os.environ["nnUNet_n_proc_DA"] = da
         if identifier != ctx.plans:
             raise BenchmarkError(
                 f"The stock planner wrote {identifier}.json for {name}, expected {ctx.plans}.json"

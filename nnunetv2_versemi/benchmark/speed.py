@@ -1,0 +1,714 @@
+"""``nnUNetv2_versemi_benchmark speed``: training step time, peak memory and prediction time, VerSemi vs nnU-Net.
+
+Training steps are real ``trainer.train_step(batch)`` calls of instantiated trainers (network from each
+trainer's ``build_network_architecture``, nnU-Net's loss and optimizer, the VerSemi losses), on the same
+plans, batch size and patch, with the data already on the device and no data loading: the labeled batch is a
+fixed random tensor with random task-valid labels at every deep-supervision scale, VerSemi's unlabeled loader
+is replaced by an iterator that returns a fixed random batch. Contenders:
+
+- ``nnunet``: nnUNetTrainer on the union's merged labels (one forward/backward over the labeled batch B);
+- ``versemi@T``: VerSemiTrainer with T tasks; one backbone pass over [labeled B; labeled mix B/2; unlabeled
+  mix B_u] with the head evaluated per prompt (1, 3 and T+1 prompts per group);
+- ``per_prompt@T``: the same trainer and losses, but the network is wrapped so that every prompt costs a full
+  network pass, as in the official code (labeled images under their own prompt, one pass per task present;
+  the labeled mix under the synthetic prompt and under the prompts of its two parts; the unlabeled mix under
+  each of the T task prompts and the synthetic prompt).
+
+Task counts other than the dataset's own use fake task tables (one class per task) on the same plans: only
+step time is measured. After warm-up, contenders run interleaved, one step each per round, in one process.
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the steps minus the allocation before; on
+CPU the growth of the process's peak resident set size (``resource.getrusage(...).ru_maxrss``) during the
+steps, each contender in a fresh spawned process (the peak of one process cannot be reset).
+
+Prediction: nnU-Net's ``nnUNetPredictor.predict_sliding_window_return_logits`` on the same random images for
+a plain nnU-Net network and the VerSemi network under one task's prompt (``--task``) and without prompt
+(``all``), networks of the same plans with random weights.
+
+Without ``-d`` the plans are synthetic (built in code: nnU-Net's PlainConvUNet layout for ``--patch``).
+Nothing is written to ``$nnUNet_preprocessed`` or ``$nnUNet_results``: trainers run in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from os.path import join
+
+import numpy as np
+import torch
+from torch import nn
+
+PROG = "nnUNetv2_versemi_benchmark speed"
+SYNTH_DATASET = "Dataset999_VerSemiSpeed"
+
+
+# ---- plans and task tables ------------------------------------------------------------------------------
+def synthetic_plans(
+    patch_size: tuple[int, ...] = (64, 64),
+    batch_size: int = 4,
+    base_features: int = 32,
+    num_channels: int = 1,
+) -> tuple[dict, str]:
+    """An nnU-Net plans dict with one configuration ("2d" or "3d_fullres") of nnU-Net's default PlainConvUNet
+    layout for ``patch_size``: stride-2 stages down to a 4-8 voxel bottleneck, features doubling up to
+    512 (2d) / 320 (3d). Returns (plans, configuration name)."""
+    dim = len(patch_size)
+    if dim not in (2, 3):
+        raise ValueError(f"patch_size must have 2 or 3 entries, got {patch_size}")
+    n_stages = 1
+    while min(patch_size) / 2**n_stages >= 4 and n_stages < 7:
+        n_stages += 1
+    if any(p % 2 ** (n_stages - 1) for p in patch_size):
+        raise ValueError(f"patch_size {patch_size} must be divisible by {2 ** (n_stages - 1)}")
+    conv = "torch.nn.modules.conv.Conv2d" if dim == 2 else "torch.nn.modules.conv.Conv3d"
+    norm = f"torch.nn.modules.instancenorm.InstanceNorm{dim}d"
+    cap = 512 if dim == 2 else 320
+    name = "2d" if dim == 2 else "3d_fullres"
+    config = {
+        "data_identifier": f"nnUNetPlans_{name}",
+        "preprocessor_name": "DefaultPreprocessor",
+        "batch_size": int(batch_size),
+        "patch_size": [int(p) for p in patch_size],
+        "median_image_size_in_voxels": [float(2 * p) for p in patch_size],
+        "spacing": [1.0] * dim,
+        "normalization_schemes": ["NoNormalization"] * num_channels,
+        "use_mask_for_norm": [False] * num_channels,
+        "resampling_fn_data": "resample_data_or_seg_to_shape",
+        "resampling_fn_seg": "resample_data_or_seg_to_shape",
+        "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+        "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+        "resampling_fn_probabilities_kwargs": {
+            "is_seg": False,
+            "order": 1,
+            "order_z": 0,
+            "force_separate_z": None,
+        },
+        "architecture": {
+            "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {
+                "n_stages": n_stages,
+                "features_per_stage": [min(base_features * 2**i, cap) for i in range(n_stages)],
+                "conv_op": conv,
+                "kernel_sizes": [[3] * dim] * n_stages,
+                "strides": [[1] * dim] + [[2] * dim] * (n_stages - 1),
+                "n_conv_per_stage": [2] * n_stages,
+                "n_conv_per_stage_decoder": [2] * (n_stages - 1),
+                "conv_bias": True,
+                "norm_op": norm,
+                "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+                "dropout_op": None,
+                "dropout_op_kwargs": None,
+                "nonlin": "torch.nn.LeakyReLU",
+                "nonlin_kwargs": {"inplace": True},
+            },
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+        },
+        "batch_dice": True,
+    }
+    plans = {
+        "dataset_name": SYNTH_DATASET,
+        "plans_name": "nnUNetPlans",
+        "original_median_spacing_after_transp": [1.0, 1.0, 1.0],
+        "original_median_shape_after_transp": [2 * p for p in ([1, *patch_size] if dim == 2 else patch_size)],
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": {name: config},
+        "experiment_planner_used": "synthetic (nnunetv2_versemi.benchmark.speed)",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {
+            str(c): {
+                "max": 1.0,
+                "mean": 0.0,
+                "median": 0.0,
+                "min": -1.0,
+                "percentile_00_5": -1.0,
+                "percentile_99_5": 1.0,
+                "std": 1.0,
+            }
+            for c in range(num_channels)
+        },
+    }
+    return plans, name
+
+
+def fake_table(num_tasks: int):
+    """A task table of ``num_tasks`` binary tasks named Task0, Task1, ... (only step time is measured)."""
+    from nnunetv2_versemi.tasktable import Task, TaskLabel, TaskTable
+
+    if num_tasks < 1:
+        raise ValueError(f"need at least one task, got {num_tasks}")
+    return TaskTable(
+        [
+            Task(f"Task{i}", f"Dataset{i:03d}_Task{i}", {"0": "noNorm"}, [TaskLabel("fg", 1, i + 1)])
+            for i in range(num_tasks)
+        ]
+    )
+
+
+def _dataset_json(table, num_channels: int) -> dict:
+    from nnunetv2_versemi.tasktable import TABLE_KEY
+
+    return {
+        "channel_names": {str(c): "noNorm" for c in range(num_channels)},
+        "labels": table.merged_label_dict(),
+        "numTraining": 0,
+        "file_ending": ".nii.gz",
+        TABLE_KEY: table.to_dict(),
+    }
+
+
+# ---- trainers in a throw-away folder ---------------------------------------------------------------------
+@contextlib.contextmanager
+def scratch_nnunet_env():
+    """nnUNet_preprocessed / nnUNet_results pointing into a temporary folder for the trainers' output."""
+    old = {k: os.environ.get(k) for k in ("nnUNet_preprocessed", "nnUNet_results", "nnUNet_raw")}
+    with tempfile.TemporaryDirectory(prefix="versemi_speed_") as tmp:
+        for k in old:
+            os.environ[k] = join(tmp, k)
+            os.makedirs(os.environ[k])
+        try:
+            yield tmp
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def _scratch_data_folder(plans: dict, configuration: str) -> None:
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    # nnU-Net's initialize() infers the dataset class from the file endings of the preprocessed folder
+    data_id = PlansManager(plans).get_configuration(configuration).data_identifier
+    folder = join(os.environ["nnUNet_preprocessed"], plans["dataset_name"], data_id)
+    os.makedirs(folder, exist_ok=True)
+    open(join(folder, "speed_dummy.b2nd"), "w").close()
+
+
+def make_trainer(kind: str, plans: dict, configuration: str, table, num_channels: int, device):
+    """An initialized nnUNetTrainer (``kind="nnunet"``) or VerSemiTrainer (``"versemi"``, ``"per_prompt"``)
+    on ``plans`` with ``table`` (inside :func:`scratch_nnunet_env`)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunetv2_versemi.tasktable import TABLE_KEY
+    from nnunetv2_versemi.training.trainer import VerSemiTrainer
+
+    plans = copy.deepcopy(plans)
+    plans[TABLE_KEY] = table.to_dict()
+    plans["continue_training"] = False
+    _scratch_data_folder(plans, configuration)
+    cls = nnUNetTrainer if kind == "nnunet" else VerSemiTrainer
+    with contextlib.redirect_stdout(open(os.devnull, "w")):
+        trainer = cls(
+            plans=plans,
+            configuration=configuration,
+            fold=0,
+            dataset_json=_dataset_json(table, num_channels),
+            device=device,
+        )
+        if kind != "nnunet":
+            trainer._unlabeled_cases = lambda: ["speed_unlabeled"]  # the step reads a fake iterator instead
+        trainer.initialize()
+    if kind == "per_prompt":
+        trainer.network = PerPromptNetwork(trainer.network)
+    return trainer
+
+
+class PerPromptNetwork(nn.Module):
+    """Reference for the official code's cost: one full network pass per prompt.
+
+    Takes the prompt groups :class:`VerSemiNetwork` takes and returns the same outputs, but runs the whole
+    network (backbone included) once for every prompt column and every distinct prompt value in it, on the
+    samples that carry that value. Gradients flow through every pass, as in the official code.
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def task_prompts(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        return self.net.task_prompts(batch_size, device)
+
+    def forward(self, x: torch.Tensor, prompts=None):
+        if prompts is None:
+            return self.net(x)
+        single = isinstance(prompts, torch.Tensor)
+        groups = [prompts] if single else list(prompts)
+        outputs, start = [], 0
+        for p in groups:
+            xs = x[start : start + p.shape[0]]
+            start += p.shape[0]
+            columns = []
+            for j in range(p.shape[1]):
+                col = None
+                for v in torch.unique(p[:, j]).tolist():
+                    idx = (p[:, j] == v).nonzero().flatten()
+                    outs = self.net(xs[idx], torch.full((len(idx), 1), v, dtype=torch.long, device=x.device))
+                    if col is None:
+                        col = [o.new_zeros((p.shape[0], *o.shape[2:])) for o in outs]
+                    col = [c.index_copy(0, idx, o[:, 0]) for c, o in zip(col, outs)]
+                columns.append(col)
+            outputs.append([torch.stack([c[s] for c in columns], dim=1) for s in range(len(columns[0]))])
+        return outputs[0] if single else outputs
+
+
+def fake_batch(
+    trainer, table, batch_size: int, patch: list[int], num_channels: int, device, seed: int = 0
+) -> dict:
+    """A labeled batch as nnU-Net's loader delivers it (data, target per deep-supervision scale, keys), on
+    ``device``; cases alternate between tasks so that CutMix pairs cross tasks as the task-balanced sampler
+    makes them."""
+    g = torch.Generator().manual_seed(seed)
+    tasks = [i % table.num_tasks for i in range(batch_size)]
+    keys = [f"{table.tasks[t].name}_{i:04d}" for i, t in enumerate(tasks)]
+    data = torch.randn((batch_size, num_channels, *patch), generator=g)
+    seg = torch.zeros((batch_size, 1, *patch), dtype=torch.float32)
+    for i, t in enumerate(tasks):
+        values = torch.tensor([0, *table.tasks[t].merged_values], dtype=torch.float32)
+        seg[i] = values[torch.randint(0, len(values), (1, *patch), generator=g)]
+    scales = (
+        trainer._get_deep_supervision_scales() if trainer.enable_deep_supervision else [[1.0] * len(patch)]
+    )
+    targets = []
+    for s in scales:
+        shape = [max(1, round(p * f)) for p, f in zip(patch, s)]
+        targets.append(torch.nn.functional.interpolate(seg, size=shape, mode="nearest").to(device))
+    return {"data": data.to(device), "target": targets, "keys": keys}
+
+
+@dataclass
+class Contender:
+    name: str
+    kind: str  # nnunet | versemi | per_prompt
+    num_tasks: int
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _prepare(c: Contender, plans: dict, configuration: str, table_for, num_channels: int, device):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    cm = PlansManager(plans).get_configuration(configuration)
+    table = table_for(c.num_tasks)
+    trainer = make_trainer(c.kind, plans, configuration, table, num_channels, device)
+    batch = fake_batch(trainer, table, cm.batch_size, list(cm.patch_size), num_channels, device)
+    if c.kind != "nnunet":
+        import torch
+
+        bu = trainer.unlabeled_batch_size or cm.batch_size
+        u = {"data": torch.randn((bu, num_channels, *cm.patch_size)).to(device)}
+        trainer.dataloader_unlabeled = itertools.repeat(u)
+        # lambda > 0, so the step computes every VerSemi term (its value does not change the work)
+        assert trainer.unlabeled_weight() > 0
+    return trainer, batch
+
+
+def _memory_probe(args: tuple) -> dict:
+    """Spawned worker: peak RSS growth (KiB -> MiB) of ``steps`` training steps of one contender on CPU."""
+    import resource
+
+    import torch
+
+    c, plans, configuration, table_spec, num_channels, steps, threads = args
+    torch.set_num_threads(threads)
+    with scratch_nnunet_env():
+        trainer, batch = _prepare(
+            c, plans, configuration, _table_factory(table_spec), num_channels, torch.device("cpu")
+        )
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for _ in range(steps):
+            trainer.train_step(batch)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_mib": (after - before) / 1024.0}
+
+
+def _table_factory(spec):
+    """``spec``: a task table dict (the dataset's own, used for its task count) or None (fake tables only)."""
+    from nnunetv2_versemi.tasktable import TaskTable
+
+    real = TaskTable.from_dict(spec) if spec is not None else None
+
+    def table_for(n: int):
+        if real is not None and n == real.num_tasks:
+            return real
+        return fake_table(n)
+
+    return table_for
+
+
+def measure_training(
+    plans: dict,
+    configuration: str,
+    contenders: list[Contender],
+    table_spec: dict | None,
+    num_channels: int,
+    device,
+    warmup: int = 2,
+    steps: int = 5,
+    memory: bool = True,
+    log=print,
+) -> dict:
+    """Step time (interleaved rounds) and peak memory of each contender; returns {name: {...}}."""
+    import torch
+
+    table_for = _table_factory(table_spec)
+    out = {c.name: {"kind": c.kind, "tasks": c.num_tasks, "times": []} for c in contenders}
+    with scratch_nnunet_env():
+        prepared = {}
+        for c in contenders:
+            log(f"building {c.name}")
+            prepared[c.name] = _prepare(c, plans, configuration, table_for, num_channels, device)
+        for c in contenders:
+            tr, batch = prepared[c.name]
+            for _ in range(warmup):
+                tr.train_step(batch)
+        for r in range(steps):
+            for c in contenders:
+                tr, batch = prepared[c.name]
+                _sync(device)
+                t0 = time.perf_counter()
+                tr.train_step(batch)
+                _sync(device)
+                out[c.name]["times"].append(time.perf_counter() - t0)
+            log(f"round {r + 1}/{steps}: " + ", ".join(f"{k} {v['times'][-1]:.3f}s" for k, v in out.items()))
+        if memory and device.type == "cuda":
+            for c in contenders:
+                tr, batch = prepared[c.name]
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                tr.train_step(batch)
+                torch.cuda.synchronize()
+                out[c.name]["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        del prepared
+    if memory and device.type == "cpu":
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        for c in contenders:
+            log(f"memory probe {c.name} (fresh process)")
+            with ctx.Pool(1) as pool:
+                res = pool.apply(
+                    _memory_probe,
+                    (
+                        (
+                            c,
+                            plans,
+                            configuration,
+                            table_spec,
+                            num_channels,
+                            max(2, warmup),
+                            torch.get_num_threads(),
+                        ),
+                    ),
+                )
+            out[c.name]["peak_mib"] = res["peak_mib"]
+    for v in out.values():
+        v["median_s"] = statistics.median(v["times"])
+        v["mean_s"] = statistics.fmean(v["times"])
+        v["min_s"] = min(v["times"])
+    return out
+
+
+def measure_prediction(
+    plans: dict,
+    configuration: str,
+    table,
+    num_channels: int,
+    device,
+    image_shape,
+    repeats: int = 3,
+    tta: bool = False,
+    log=print,
+) -> dict:
+    """Sliding-window time of a plain nnU-Net network vs the VerSemi network (one prompt / all tasks)."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunetv2_versemi.tasktable import TABLE_KEY
+    from nnunetv2_versemi.training.trainer import VerSemiTrainer
+
+    plans = copy.deepcopy(plans)
+    plans[TABLE_KEY] = table.to_dict()
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(configuration)
+    dj = _dataset_json(table, num_channels)
+    n_out = table.num_merged_labels
+    nets = {
+        "nnunet": nnUNetTrainer.build_network_architecture(pm, cm, num_channels, n_out, False),
+        "versemi": VerSemiTrainer.build_network_architecture(pm, cm, num_channels, n_out, False),
+    }
+    predictors = {}
+    for k, net in nets.items():
+        net = net.to(device).eval()
+        p = nnUNetPredictor(
+            tile_step_size=0.5,
+            use_gaussian=True,
+            use_mirroring=tta,
+            perform_everything_on_device=device.type == "cuda",
+            device=device,
+            verbose=False,
+            allow_tqdm=False,
+        )
+        p.manual_initialization(
+            net, pm, cm, None, dj, "speed", tuple(range(len(cm.patch_size))) if tta else None
+        )
+        predictors[k] = p
+    x = torch.randn((num_channels, *image_shape), generator=torch.Generator().manual_seed(1))
+    modes = [("nnunet", "nnunet", None), ("task", "versemi", 0), ("all", "versemi", None)]
+    times = {m: [] for m, _, _ in modes}
+    with torch.no_grad():
+        for r in range(repeats + 1):
+            for mode, k, prompt in modes:
+                predictors[k].network.prompt = prompt if k == "versemi" else None
+                _sync(device)
+                t0 = time.perf_counter()
+                predictors[k].predict_sliding_window_return_logits(x)
+                _sync(device)
+                if r > 0:  # the first round warms up
+                    times[mode].append(time.perf_counter() - t0)
+            if r > 0:
+                log(
+                    f"prediction round {r}/{repeats}: "
+                    + ", ".join(f"{m} {t[-1]:.3f}s" for m, t in times.items())
+                )
+    nets["versemi"].prompt = None
+    return {m: {"times": t, "median_s": statistics.median(t)} for m, t in times.items()}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b <= 0 or (isinstance(a, float) and math.isnan(a)):
+        return None
+    return a / b
+
+
+def run_speed(args: argparse.Namespace, log=print) -> dict:
+    import torch
+
+    from nnunetv2_versemi.discovery import ensure_ext_trainer_env
+
+    ensure_ext_trainer_env()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("-device cuda: no CUDA device (use -device cpu)")
+    if args.d is not None:
+        from batchgenerators.utilities.file_and_folder_operations import load_json
+        from nnunetv2.paths import nnUNet_preprocessed
+        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+        from nnunetv2_versemi.tasktable import TaskTable
+
+        name = maybe_convert_to_dataset_name(str(args.d))
+        pp = join(str(nnUNet_preprocessed), name)
+        plans = load_json(join(pp, args.p + ".json"))
+        if args.plans_preset:
+            from nnunetv2_versemi.plans_presets import apply_overlay, load_overlay
+
+            plans = apply_overlay(plans, load_overlay(args.plans_preset))
+        configuration = args.c
+        if configuration not in plans["configurations"]:
+            raise ValueError(f"Configuration {configuration} not in {args.p}.json of {name}")
+        table = TaskTable.from_plans(plans)
+        table_spec = table.to_dict()
+        main_tasks = table.num_tasks
+        num_channels = len(load_json(join(pp, "dataset.json"))["channel_names"])
+        source = f"{name} {args.p}.json"
+    else:
+        plans, configuration = synthetic_plans(tuple(args.patch), args.batch_size, args.features)
+        table_spec, main_tasks, num_channels = None, args.main_tasks, 1
+        source = f"synthetic plans, patch {args.patch}, batch {args.batch_size}"
+    if args.batch_size is not None and args.d is not None:
+        plans["configurations"][configuration]["batch_size"] = args.batch_size
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    cm = PlansManager(plans).get_configuration(configuration)
+    scale_tasks = sorted(set(args.scale_tasks))
+    contenders = [
+        Contender("nnunet", "nnunet", main_tasks),
+        Contender(f"versemi@{main_tasks}", "versemi", main_tasks),
+    ]
+    for t in sorted({*scale_tasks, args.ref_tasks} - {main_tasks}):
+        contenders.append(Contender(f"versemi@{t}", "versemi", t))
+    if not args.no_reference:
+        contenders.append(Contender(f"per_prompt@{args.ref_tasks}", "per_prompt", args.ref_tasks))
+    log(
+        f"{source}: configuration {configuration}, batch {cm.batch_size}, patch {list(cm.patch_size)}, "
+        f"device {device}, {torch.get_num_threads()} threads; contenders: {', '.join(c.name for c in contenders)}"
+    )
+    train = measure_training(
+        plans,
+        configuration,
+        contenders,
+        table_spec,
+        num_channels,
+        device,
+        args.warmup,
+        args.steps,
+        not args.no_memory,
+        log,
+    )
+    result = {
+        "source": source,
+        "configuration": configuration,
+        "batch_size": cm.batch_size,
+        "patch_size": list(cm.patch_size),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "training": train,
+    }
+    med = {k: v["median_s"] for k, v in train.items()}
+    ratios = {
+        f"versemi@{main_tasks} / nnunet (step time)": _ratio(med[f"versemi@{main_tasks}"], med["nnunet"]),
+    }
+    if len(scale_tasks) >= 2:
+        lo, hi = scale_tasks[0], scale_tasks[-1]
+        ratios[f"versemi@{hi} / versemi@{lo} (step time)"] = _ratio(
+            med[f"versemi@{hi}"], med[f"versemi@{lo}"]
+        )
+    if not args.no_reference:
+        ratios[f"per_prompt@{args.ref_tasks} / versemi@{args.ref_tasks} (step time)"] = _ratio(
+            med[f"per_prompt@{args.ref_tasks}"], med[f"versemi@{args.ref_tasks}"]
+        )
+    if not args.no_memory:
+        ratios[f"versemi@{main_tasks} / nnunet (peak memory)"] = _ratio(
+            train[f"versemi@{main_tasks}"].get("peak_mib"), train["nnunet"].get("peak_mib")
+        )
+    if not args.no_prediction:
+        table = _table_factory(table_spec)(main_tasks)
+        patch = list(cm.patch_size)
+        shape = [args.slices, *[2 * p for p in patch]] if len(patch) == 2 else [2 * p for p in patch]
+        with scratch_nnunet_env():
+            pred = measure_prediction(
+                plans, configuration, table, num_channels, device, shape, args.pred_repeats, args.tta, log
+            )
+        result["prediction"] = {"image_shape": shape, "tta": args.tta, **pred}
+        ratios["predict --task / nnunet"] = _ratio(pred["task"]["median_s"], pred["nnunet"]["median_s"])
+        ratios["predict all / nnunet"] = _ratio(pred["all"]["median_s"], pred["nnunet"]["median_s"])
+    result["ratios"] = ratios
+    return result
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"Speed: {result['source']}, configuration {result['configuration']}, batch {result['batch_size']}, "
+        f"patch {result['patch_size']}, device {result['device']} ({result['threads']} threads, "
+        f"{result['cpu_count']} CPUs), {result['steps']} interleaved steps after {result['warmup']} warm-up",
+        "",
+        "| contender | tasks | median step (s) | min (s) | peak memory (MiB) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, v in result["training"].items():
+        mem = v.get("peak_mib")
+        lines.append(
+            f"| {name} | {v['tasks']} | {v['median_s']:.3f} | {v['min_s']:.3f} | "
+            f"{'n/a' if mem is None else f'{mem:.0f}'} |"
+        )
+    if "prediction" in result:
+        p = result["prediction"]
+        lines += [
+            "",
+            f"Sliding window on a {p['image_shape']} image (TTA {'on' if p['tta'] else 'off'}):",
+            "",
+            "| predictor | median (s) |",
+            "|---|---|",
+        ]
+        for m in ("nnunet", "task", "all"):
+            lines.append(f"| {m} | {p[m]['median_s']:.3f} |")
+    lines += ["", "| ratio | value |", "|---|---|"]
+    for k, v in result["ratios"].items():
+        lines.append(f"| {k} | {'n/a' if v is None else f'{v:.2f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "-d", default=None, help="union dataset (its plans and task table); default: synthetic plans"
+    )
+    p.add_argument("-c", default="2d", help="configuration with -d (default: 2d)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier with -d")
+    p.add_argument("--plans-preset", default=None, help="apply a plans preset to the plans of -d first")
+    p.add_argument(
+        "--patch", type=int, nargs="+", default=[64, 64], help="synthetic plans: patch (default 64 64)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="batch size (synthetic default 4; with -d overrides the plans' batch size)",
+    )
+    p.add_argument("--features", type=int, default=32, help="synthetic plans: features of the first stage")
+    p.add_argument("--main-tasks", type=int, default=4, help="synthetic plans: tasks of the main comparison")
+    p.add_argument(
+        "--scale-tasks", type=int, nargs="+", default=[2, 8], help="task counts for the scaling test"
+    )
+    p.add_argument(
+        "--ref-tasks", type=int, default=4, help="task count of the per-prompt reference (default 4)"
+    )
+    p.add_argument("--warmup", type=int, default=2, help="warm-up steps per contender (default 2)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per contender, interleaved (default 5)")
+    p.add_argument(
+        "--slices", type=int, default=8, help="2d: slices of the prediction test image (default 8)"
+    )
+    p.add_argument("--pred-repeats", type=int, default=3, help="timed sliding-window repeats (default 3)")
+    p.add_argument("--tta", action="store_true", help="mirroring in the prediction timing")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    p.add_argument("--no-prediction", action="store_true", help="skip the prediction timing")
+    p.add_argument("--no-reference", action="store_true", help="skip the per-prompt reference")
+    p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="device (default: cuda)")
+    p.add_argument("-o", default=None, help="folder for speed.json and speed.md (default: print only)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.d is None and args.batch_size is None:
+        args.batch_size = 4
+    try:
+        result = run_speed(args, log=lambda m: print(f"[speed] {m}", flush=True))
+    except ValueError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    text = markdown(result)
+    print(text)
+    if args.o:
+        os.makedirs(args.o, exist_ok=True)
+        with open(join(args.o, "speed.json"), "w") as f:
+            json.dump(
+                result, f, indent=2, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o)
+            )
+        with open(join(args.o, "speed.md"), "w") as f:
+            f.write(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()
