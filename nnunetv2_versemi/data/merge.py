@@ -1,0 +1,896 @@
+"""``nnUNetv2_versemi_merge``: several nnU-Net raw datasets -> one union raw dataset with a task table.
+
+Each source dataset becomes one task. The union is a standard nnU-Net raw dataset:
+
+- case ids ``<task>_<source case>``; labels remapped to one label space (0 = background, then each task's
+  foreground classes in task order, named ``<task>_<label>``);
+- images normalized per task (see :mod:`nnunetv2_versemi.data.normalization`), written as float32
+  ``.nii.gz`` with the channel(s) declared ``noNorm``, geometry kept;
+- ``imagesTr``/``labelsTr`` (labeled cases only), ``imagesUnlabeled``, ``imagesTs``/``labelsTs``;
+- ``dataset.json`` with the ``versemi`` task table and ``splits_final.json`` (task-stratified), which stock
+  nnU-Net planning copies into the preprocessed folder.
+
+Everything is validated (all files read) before anything is written; the union is written into a hidden
+temporary folder next to the target and renamed at the end, so a failed merge leaves nothing behind.
+Sources are only read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nnunetv2_versemi.data import normalization as norm
+from nnunetv2_versemi.tasktable import TABLE_KEY, Task, TaskLabel, TaskTable
+
+DEFAULT_NAME = "VerSemiUnion"
+UNLABELED_DIR = "imagesUnlabeled"
+OUT_FILE_ENDING = ".nii.gz"
+MAX_LISTED_PROBLEMS = 20
+# origin/direction may differ by float noise between tools that wrote image and label
+GEOMETRY_ATOL = 1e-3
+
+
+class MergeError(ValueError):
+    """Bad input to the merge. Raised before anything is written."""
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        shown = self.problems[:MAX_LISTED_PROBLEMS]
+        more = len(self.problems) - len(shown)
+        msg = shown[0] if len(shown) == 1 else "\n".join(["Cannot merge:", *[f"  - {p}" for p in shown]])
+        if more > 0:
+            msg += f"\n  ... and {more} more problem(s)"
+        super().__init__(msg)
+
+
+# ---- sources ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Source:
+    dataset: str  # DatasetXXX_Name
+    folder: str
+    task: str
+    dataset_json: dict
+    file_ending: str
+    channel_names: dict[str, str]
+    labels: list[tuple[str, int]]  # foreground (name, value), sorted by value
+    channel: int | None = None
+    reader: type | None = None
+    train: dict[str, list[str]] = field(default_factory=dict)  # source case -> image files
+    train_labels: dict[str, str] = field(default_factory=dict)
+    test: dict[str, list[str]] = field(default_factory=dict)
+    test_labels: dict[str, str] = field(default_factory=dict)
+    unlabeled: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def num_source_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def used_channels(self) -> list[int]:
+        return list(range(self.num_source_channels)) if self.channel is None else [self.channel]
+
+
+def _resolve_dataset(d: str | int, raw: str) -> tuple[str, str]:
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        name = maybe_convert_to_dataset_name(str(d))
+    except (RuntimeError, ValueError) as e:
+        raise MergeError(
+            f"Unknown dataset '{d}': not found in nnUNet_raw={raw} ({str(e).splitlines()[0]})"
+        ) from e
+    folder = os.path.join(raw, name)
+    if not os.path.isdir(folder):
+        raise MergeError(f"Unknown dataset '{d}': folder {folder} does not exist")
+    return name, folder
+
+
+def _read_dataset_json(name: str, folder: str) -> dict:
+    path = os.path.join(folder, "dataset.json")
+    try:
+        with open(path) as f:
+            dj = json.load(f)
+    except FileNotFoundError as e:
+        raise MergeError(f"Dataset {name}: {path} is missing") from e
+    except (OSError, ValueError) as e:
+        raise MergeError(f"Dataset {name}: cannot read {path}: {e}") from e
+    problems = []
+    chans = dj.get("channel_names", dj.get("modality"))
+    if not isinstance(chans, dict) or not chans:
+        problems.append(f"Dataset {name}: {path} has no 'channel_names'")
+    elif sorted(chans) != [str(i) for i in range(len(chans))]:
+        problems.append(
+            f"Dataset {name}: {path} channel_names keys must be '0'..'{len(chans) - 1}', got {sorted(chans)}"
+        )
+    if not isinstance(dj.get("file_ending"), str):
+        problems.append(f"Dataset {name}: {path} has no 'file_ending'")
+    labels = dj.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        problems.append(f"Dataset {name}: {path} has no 'labels'")
+    else:
+        for k, v in labels.items():
+            if isinstance(v, (list, tuple)):
+                problems.append(
+                    f"Dataset {name}: label '{k}' is a region {v}; region-based datasets are not supported"
+                )
+            elif not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                problems.append(
+                    f"Dataset {name}: label '{k}' has value {v!r}; expected a non-negative integer"
+                )
+        if "ignore" in labels:
+            problems.append(f"Dataset {name}: an 'ignore' label is not supported by the merge")
+        if labels.get("background") != 0 and 0 not in [v for v in labels.values() if isinstance(v, int)]:
+            problems.append(f"Dataset {name}: no background label with value 0")
+    if problems:
+        raise MergeError(problems)
+    return dj
+
+
+def _default_task_name(dataset: str) -> str:
+    m = re.fullmatch(r"Dataset\d{3}_(.+)", dataset)
+    return m.group(1) if m else dataset
+
+
+def _list_channel_files(
+    folder: str, file_ending: str, num_channels: int, where: str
+) -> tuple[dict, list[str]]:
+    """Group ``CASE_XXXX<ending>`` files by case; report files that break the naming or miss channels."""
+    cases: dict[str, dict[int, str]] = {}
+    problems = []
+    pat = re.compile(r"(.+)_(\d{4})" + re.escape(file_ending))
+    for fn in sorted(os.listdir(folder)):
+        if fn.startswith(".") or not os.path.isfile(os.path.join(folder, fn)):
+            continue
+        m = pat.fullmatch(fn)
+        if m is None:
+            if fn.endswith(file_ending):
+                problems.append(
+                    f"{where}: file {os.path.join(folder, fn)} is not named CASE_XXXX{file_ending}"
+                )
+            continue
+        cases.setdefault(m.group(1), {})[int(m.group(2))] = os.path.join(folder, fn)
+    out = {}
+    for case, chans in cases.items():
+        if sorted(chans) != list(range(num_channels)):
+            problems.append(
+                f"{where}: case {case} in {folder} has channel files {sorted(chans)}, "
+                f"expected {list(range(num_channels))} (channel count mismatch)"
+            )
+            continue
+        out[case] = [chans[i] for i in range(num_channels)]
+    return out, problems
+
+
+def _list_labels(folder: str, file_ending: str) -> dict[str, str]:
+    if not os.path.isdir(folder):
+        return {}
+    return {
+        fn[: -len(file_ending)]: os.path.join(folder, fn)
+        for fn in sorted(os.listdir(folder))
+        if fn.endswith(file_ending) and not fn.startswith(".")
+    }
+
+
+def _scan_source(src: _Source, unlabeled_dir: str | None) -> list[str]:
+    """Fill the case lists of a source; return structural problems."""
+    problems = []
+    fe, nc, where = src.file_ending, src.num_source_channels, f"Dataset {src.dataset}"
+    dj = src.dataset_json
+    if "dataset" in dj:  # explicit file list in dataset.json (nnU-Net supports this instead of imagesTr)
+        from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+        for case, entry in get_filenames_of_train_images_and_targets(
+            src.folder, json.loads(json.dumps(dj))
+        ).items():
+            src.train[case] = entry["images"]
+            src.train_labels[case] = entry["label"]
+            for f in [*entry["images"], entry["label"]]:
+                if not os.path.isfile(f):
+                    problems.append(f"{where}: case {case}: file {f} listed in dataset.json does not exist")
+    else:
+        img_dir = os.path.join(src.folder, "imagesTr")
+        if not os.path.isdir(img_dir):
+            return [f"{where}: {img_dir} does not exist"]
+        src.train, p = _list_channel_files(img_dir, fe, nc, where)
+        problems += p
+        labels = _list_labels(os.path.join(src.folder, "labelsTr"), fe)
+        for case in src.train:
+            if case not in labels:
+                problems.append(
+                    f"{where}: case {case} has no label {os.path.join(src.folder, 'labelsTr', case + fe)}"
+                )
+        for case, f in labels.items():
+            if case not in src.train:
+                problems.append(f"{where}: label {f} has no image in {img_dir}")
+        src.train_labels = {c: labels[c] for c in src.train if c in labels}
+    if not src.train:
+        problems.append(f"{where}: no training cases found")
+
+    ts_dir = os.path.join(src.folder, "imagesTs")
+    if os.path.isdir(ts_dir):
+        src.test, p = _list_channel_files(ts_dir, fe, nc, where)
+        problems += p
+        lts_dir = os.path.join(src.folder, "labelsTs")
+        if os.path.isdir(lts_dir):
+            labels = _list_labels(lts_dir, fe)
+            for case in src.test:
+                if case not in labels:
+                    problems.append(
+                        f"{where}: test case {case} has no label {os.path.join(lts_dir, case + fe)}"
+                    )
+                else:
+                    src.test_labels[case] = labels[case]
+
+    udir = unlabeled_dir if unlabeled_dir is not None else os.path.join(src.folder, UNLABELED_DIR)
+    if unlabeled_dir is not None and not os.path.isdir(unlabeled_dir):
+        problems.append(f"{where} (task {src.task}): unlabeled folder {unlabeled_dir} does not exist")
+    elif os.path.isdir(udir):
+        src.unlabeled, p = _list_channel_files(udir, fe, nc, where)
+        problems += p
+        if not src.unlabeled and not p:
+            problems.append(
+                f"{where} (task {src.task}): unlabeled folder {udir} holds no CASE_0000{fe} images"
+            )
+    return problems
+
+
+# ---- case selection ----------------------------------------------------------------------------------
+
+
+def _task_rng(seed: int, task: str, purpose: int) -> np.random.Generator:
+    # seeded per task name, so adding or reordering tasks does not change another task's selection
+    return np.random.default_rng([seed, zlib.crc32(task.encode()), purpose])
+
+
+def _round(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def _select(
+    src: _Source,
+    labeled_fraction: float | None,
+    labeled_cases: int | None,
+    test_fraction: float | None,
+    seed: int,
+) -> tuple[list[str], list[str], list[str]]:
+    """Split a source's training cases into (labeled, unlabeled, held-out test) source case ids."""
+    cases = sorted(src.train)
+    test = []
+    if test_fraction:
+        n_test = min(_round(test_fraction * len(cases)), len(cases) - 1)
+        perm = _task_rng(seed, src.task, 0).permutation(len(cases))
+        test = sorted(cases[i] for i in perm[:n_test])
+        cases = [c for c in cases if c not in set(test)]
+    n = len(cases)
+    if labeled_fraction is not None:
+        n_lab = max(1, min(n, _round(labeled_fraction * n)))
+    elif labeled_cases is not None:
+        n_lab = max(1, min(n, labeled_cases))
+    else:
+        n_lab = n
+    perm = _task_rng(seed, src.task, 1).permutation(n)
+    labeled = sorted(cases[i] for i in perm[:n_lab])
+    unlabeled = sorted(c for c in cases if c not in set(labeled))
+    return labeled, unlabeled, test
+
+
+# ---- workers -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    kind: str  # "labeled" | "unlabeled" | "test"
+    task: int
+    dataset: str
+    source_case: str
+    case_id: str
+    images: list[str]
+    label: str | None
+    reader: type
+    channel: int | None
+    declared_labels: list[int]
+    num_samples: int = 0  # > 0: draw CT foreground samples (labeled case of a task with a CT channel)
+    normalization: dict | None = None
+    lut: list[int] | None = None
+    out_images: list[str] | None = None
+    out_label: str | None = None
+
+
+def _where(job: _Job) -> str:
+    return f"Dataset {job.dataset}, case {job.source_case}"
+
+
+def _geometry(props: dict) -> dict:
+    g = {"spacing": np.asarray(props["spacing"], float)}
+    if "sitk_stuff" in props:
+        g["origin"] = np.asarray(props["sitk_stuff"]["origin"], float)
+        g["direction"] = np.asarray(props["sitk_stuff"]["direction"], float)
+    if "nibabel_stuff" in props:
+        g["affine"] = np.asarray(props["nibabel_stuff"].get("original_affine"), float)
+    return g
+
+
+def _geometry_problem(a: dict, b: dict) -> str | None:
+    for k in a:
+        if k not in b or a[k].shape != b[k].shape:
+            return f"{k} differs"
+        if k == "spacing" and not np.allclose(a[k], b[k]):
+            return f"spacing {a[k].tolist()} vs {b[k].tolist()}"
+        if k != "spacing" and not np.allclose(a[k], b[k], atol=GEOMETRY_ATOL):
+            return f"{k} {np.round(a[k], 4).tolist()} vs {np.round(b[k], 4).tolist()}"
+    return None
+
+
+def _read(rw, files: list[str], what: str, where: str) -> tuple[np.ndarray, dict]:
+    try:
+        return rw.read_images(files) if what == "image" else rw.read_seg(files[0])
+    except Exception as e:  # any reader failure: name the file
+        raise MergeError(f"{where}: cannot read {what} file {files[0]}: {type(e).__name__}: {e}") from e
+
+
+def _validate_case(job: _Job) -> dict:
+    """Read every file of a case and check it. Returns ``{"problems": [...], "samples": CT samples or None}``."""
+    where = _where(job)
+    problems: list[str] = []
+    out = {"problems": problems, "samples": None}
+    rw = job.reader()
+    try:
+        chans, geoms = [], []
+        for f in job.images:
+            arr, props = _read(rw, [f], "image", where)
+            if not np.all(np.isfinite(arr)):
+                bad = "NaN" if np.isnan(arr).any() else "infinite"
+                problems.append(f"{where}: image {f} contains {bad} voxels")
+            chans.append(arr)
+            geoms.append((f, arr.shape, _geometry(props)))
+        for f, shape, g in geoms[1:]:
+            if shape != geoms[0][1]:
+                problems.append(
+                    f"{where}: image {f} has shape {shape[1:]}, channel 0 ({geoms[0][0]}) {geoms[0][1][1:]}"
+                )
+            elif (p := _geometry_problem(geoms[0][2], g)) is not None:
+                problems.append(f"{where}: image {f} geometry differs from channel 0 ({geoms[0][0]}): {p}")
+        if any(c.shape[0] != 1 for c in chans):
+            problems.append(
+                f"{where}: image files must hold one channel each, got {[c.shape[0] for c in chans]}"
+            )
+        if job.label is not None:
+            seg, sprops = _read(rw, [job.label], "label", where)
+            if seg.shape[1:] != geoms[0][1][1:]:
+                problems.append(
+                    f"{where}: label {job.label} has shape {seg.shape[1:]}, image {geoms[0][0]} {geoms[0][1][1:]}"
+                )
+            elif (p := _geometry_problem(geoms[0][2], _geometry(sprops))) is not None:
+                problems.append(f"{where}: label {job.label} geometry differs from image {geoms[0][0]}: {p}")
+            if not np.all(np.isfinite(seg)):
+                problems.append(f"{where}: label {job.label} contains NaN or infinite values")
+            else:
+                found = np.unique(seg)
+                non_int = found[found != np.round(found)]
+                if len(non_int):
+                    problems.append(
+                        f"{where}: label {job.label} has non-integer values {non_int[:5].tolist()}"
+                    )
+                undeclared = sorted(set(found.astype(int).tolist()) - set(job.declared_labels))
+                if undeclared:
+                    problems.append(
+                        f"{where}: label {job.label} has values {undeclared} not declared in dataset.json "
+                        f"(declared: {sorted(job.declared_labels)})"
+                    )
+            if not problems and job.num_samples > 0:
+                images = np.vstack(chans)
+                out["samples"] = norm.case_foreground_samples(images, seg, job.num_samples, _ct_channels(job))
+    except MergeError as e:
+        problems += e.problems
+    return out
+
+
+def _ct_channels(job: _Job) -> list[int]:
+    """Source channel indices of the task's CT channels (those that need foreground statistics)."""
+    used = list(range(len(job.images))) if job.channel is None else [job.channel]
+    per_channel = norm.channel_normalizations(job.normalization, len(used))
+    return [c for c, d in zip(used, per_channel) if d["scheme"] == "CT"]
+
+
+def _write_image(arr: np.ndarray, props: dict, path: str) -> None:
+    import SimpleITK as sitk
+
+    if "sitk_stuff" in props:
+        spacing = tuple(props["sitk_stuff"]["spacing"])
+        origin = tuple(props["sitk_stuff"]["origin"])
+        direction = tuple(props["sitk_stuff"]["direction"])
+    else:  # readers without ITK geometry (png, tif, nibabel): keep the spacing
+        spacing = tuple(float(s) for s in props["spacing"][::-1])
+        origin = direction = None
+    if len(spacing) == 2:
+        arr = arr[0]
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(spacing)
+    if origin is not None:
+        img.SetOrigin(origin)
+        img.SetDirection(direction)
+    sitk.WriteImage(img, path, True)
+
+
+def _write_case(job: _Job) -> None:
+    rw = job.reader()
+    where = _where(job)
+    images, props = _read(rw, job.images, "image", where)
+    images = norm.normalize_task_image(norm.select_task_channels(images, job.channel), job.normalization)
+    for c, path in enumerate(job.out_images):
+        _write_image(images[c], props, path)
+    if job.out_label is not None:
+        seg, _ = _read(rw, [job.label], "label", where)
+        lut = np.asarray(job.lut, dtype=np.int64)
+        merged = lut[seg[0].astype(np.int64)]
+        _write_image(merged.astype(np.uint8 if lut.max() < 256 else np.uint16), props, job.out_label)
+
+
+def _worker_pool(num_processes: int, num_jobs: int):
+    """A pool of spawned workers for both passes (starting one costs seconds), or none for 1 process."""
+    if num_processes <= 1 or num_jobs <= 1:
+        return contextlib.nullcontext(None)
+    # 'spawn' like nnU-Net: forking a process that has imported torch/blosc2 threads is fragile
+    return multiprocessing.get_context("spawn").Pool(min(num_processes, num_jobs))
+
+
+def _run_jobs(fn, jobs: list, pool, desc: str, progress: bool) -> list:
+    from tqdm import tqdm
+
+    if pool is None:
+        return [fn(j) for j in tqdm(jobs, desc=desc, disable=not progress)]
+    return list(tqdm(pool.imap(fn, jobs), total=len(jobs), desc=desc, disable=not progress))
+
+
+# ---- merge -------------------------------------------------------------------------------------------
+
+
+def _parse_assignments(items: list[str] | None, what: str) -> dict[str, str]:
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise MergeError(f"{what} expects TASK=VALUE, got '{it}'")
+        k, v = it.split("=", 1)
+        out[k] = v
+    return out
+
+
+def _check_output(raw: str, output_id: int, output_name: str, sources: list[str], overwrite: bool) -> str:
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
+
+    if not 0 <= output_id <= 999:
+        raise MergeError(f"Output dataset id must be 0..999, got {output_id}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", output_name):
+        raise MergeError(f"Output dataset name '{output_name}' may only contain letters, digits, '_' and '-'")
+    target = f"Dataset{output_id:03d}_{output_name}"
+    if any(s.startswith(f"Dataset{output_id:03d}_") for s in sources):
+        raise MergeError(f"Output id {output_id} is one of the source datasets ({', '.join(sources)})")
+    for base in (raw, nnUNet_preprocessed.get(), nnUNet_results.get()):
+        if base and os.path.isdir(base):
+            for d in os.listdir(base):
+                if d.startswith(f"Dataset{output_id:03d}_") and d != target:
+                    raise MergeError(
+                        f"Dataset id {output_id} is already used by {os.path.join(base, d)}; "
+                        "pick another -o or remove that dataset"
+                    )
+    if os.path.exists(os.path.join(raw, target)) and not overwrite:
+        raise MergeError(
+            f"Output dataset {os.path.join(raw, target)} already exists (use --overwrite to replace it)"
+        )
+    return target
+
+
+def _check_arguments(labeled_fraction, labeled_cases, test_fraction) -> None:
+    if labeled_fraction is not None and labeled_cases is not None:
+        raise MergeError("Give --labeled-fraction or --labeled-cases, not both")
+    if labeled_fraction is not None and not 0 < labeled_fraction <= 1:
+        raise MergeError(f"--labeled-fraction must be in (0, 1], got {labeled_fraction}")
+    if labeled_cases is not None and labeled_cases < 1:
+        raise MergeError(f"--labeled-cases must be at least 1, got {labeled_cases}")
+    if test_fraction is not None and not 0 <= test_fraction < 1:
+        raise MergeError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+
+
+def _task_names(names: list[str], task_names: list[str] | None) -> list[str]:
+    if task_names is not None and len(task_names) != len(names):
+        raise MergeError(f"--task-names got {len(task_names)} names for {len(names)} datasets")
+    tasks = list(task_names) if task_names is not None else [_default_task_name(n) for n in names]
+    problems = []
+    for n, t in zip(names, tasks):
+        if not re.fullmatch(r"[A-Za-z0-9\-]+", t):
+            hint = ""
+            if task_names is None:
+                suggestion = [
+                    re.sub(r"[^A-Za-z0-9\-]", "", _default_task_name(x)) or f"T{i}"
+                    for i, x in enumerate(names)
+                ]
+                hint = " Name the tasks with --task-names, e.g. --task-names " + " ".join(suggestion)
+            problems.append(
+                f"Task name '{t}' (dataset {n}) must be letters, digits or '-' only "
+                f"(no '_': it prefixes case ids).{hint}"
+            )
+    if len(set(tasks)) != len(tasks):
+        problems.append(f"Task names must be unique, got {tasks}")
+    if problems:
+        raise MergeError(problems)
+    return tasks
+
+
+def _load_sources(
+    resolved: list[tuple[str, str]], tasks: list[str], channels: dict[str, int]
+) -> list[_Source]:
+    srcs = []
+    for (name, folder), task in zip(resolved, tasks):
+        dj = _read_dataset_json(name, folder)
+        chans = dj.get("channel_names", dj.get("modality"))
+        labels = sorted(((k, int(v)) for k, v in dj["labels"].items() if v != 0), key=lambda kv: kv[1])
+        if not labels:
+            raise MergeError(f"Dataset {name}: dataset.json declares no foreground label")
+        src = _Source(
+            name, folder, task, dj, dj["file_ending"], {str(k): v for k, v in chans.items()}, labels
+        )
+        if task in channels:
+            if not 0 <= channels[task] < src.num_source_channels:
+                raise MergeError(
+                    f"--channel {task}={channels[task]}: dataset {name} has {src.num_source_channels} channel(s)"
+                )
+            src.channel = channels[task]
+        srcs.append(src)
+    counts = {s.task: len(s.used_channels) for s in srcs}
+    if len(set(counts.values())) > 1:
+        detail = ", ".join(
+            f"{s.task} ({s.dataset}): {counts[s.task]} {list(s.channel_names.values())}" for s in srcs
+        )
+        raise MergeError(
+            f"Tasks have different numbers of channels: {detail}. Pick one channel per multi-channel task "
+            "with --channel TASK=IDX"
+        )
+    return srcs
+
+
+def _schemes(src: _Source) -> list[str]:
+    """nnU-Net's normalization scheme of each channel the task uses."""
+    return [norm.scheme_for_channel_name(src.channel_names[str(c)]) for c in src.used_channels]
+
+
+def _collapse(per_channel: list[dict]) -> dict:
+    """One dict when every channel is normalized the same way (always for single-channel tasks)."""
+    if all(d == per_channel[0] for d in per_channel):
+        return per_channel[0]
+    return {"scheme": "per_channel", "channels": per_channel}
+
+
+def _build_jobs(
+    srcs: list[_Source], labeled_fraction, labeled_cases, test_fraction, seed
+) -> tuple[list, list]:
+    """Pick labeled/unlabeled/test cases, name them, and make one job per case. Returns (jobs, tasks)."""
+    jobs: list[_Job] = []
+    tasks: list[Task] = []
+    next_merged = 1
+    seen: dict[str, str] = {}
+    problems = []
+    for ti, s in enumerate(srcs):
+        labeled, to_unlabeled, held_out = _select(s, labeled_fraction, labeled_cases, test_fraction, seed)
+        schemes = _schemes(s)
+        scheme_only = _collapse([{"scheme": x} for x in schemes])
+        declared = [0] + [v for _, v in s.labels]
+        # a dropped label (case turned unlabeled) is still checked: the source should be sound as a whole
+        entries = (
+            [("labeled", c, s.train[c], s.train_labels[c]) for c in labeled]
+            + [("unlabeled", c, s.train[c], s.train_labels[c]) for c in to_unlabeled]
+            + [("test", c, s.train[c], s.train_labels[c]) for c in held_out]
+            + [("test", c, s.test[c], s.test_labels.get(c)) for c in sorted(s.test)]
+            + [("unlabeled", c, s.unlabeled[c], None) for c in sorted(s.unlabeled)]
+        )
+        lists: dict[str, list[str]] = {"labeled": [], "unlabeled": [], "test": []}
+        for kind, case, images, label in entries:
+            cid = f"{s.task}_{case}"
+            if cid in seen:
+                problems.append(f"Dataset {s.dataset}: duplicate case id {cid}: {images[0]} and {seen[cid]}")
+                continue
+            seen[cid] = images[0]
+            lists[kind].append(cid)
+            samples = norm.num_samples_per_case(len(labeled)) if "CT" in schemes and kind == "labeled" else 0
+            job = _Job(kind, ti, s.dataset, case, cid, images, label, s.reader, s.channel, declared, samples)
+            job.normalization = scheme_only
+            jobs.append(job)
+        task_labels = [TaskLabel(n, v, next_merged + i) for i, (n, v) in enumerate(s.labels)]
+        next_merged += len(task_labels)
+        tasks.append(
+            Task(
+                name=s.task,
+                source_dataset=s.dataset,
+                channel_names=dict(s.channel_names),
+                labels=task_labels,
+                file_ending=s.file_ending,
+                channel=s.channel,
+                labeled=lists["labeled"],
+                unlabeled=lists["unlabeled"],
+                test=lists["test"],
+            )
+        )
+    if problems:
+        raise MergeError(problems)
+    return jobs, tasks
+
+
+def _task_normalization(src: _Source, task_results: list[dict]) -> dict:
+    """The task's normalization dict; CT statistics from the samples of its labeled cases."""
+    per_channel, k = [], 0
+    for scheme in _schemes(src):
+        if scheme != "CT":
+            per_channel.append({"scheme": scheme})
+            continue
+        values, counts = norm.merge_samples(
+            [r["samples"][k] for r in task_results if r["samples"] is not None]
+        )
+        k += 1
+        if len(values) == 0:
+            raise MergeError(
+                f"Dataset {src.dataset} (task {src.task}): no foreground voxel in its labeled cases; "
+                "CT statistics need some"
+            )
+        per_channel.append(norm.ct_normalization(norm.intensity_properties(values, counts)))
+    return _collapse(per_channel)
+
+
+def _assign_outputs(jobs: list[_Job], table: TaskTable, tmp: str, num_channels: int) -> None:
+    dirs = {
+        "labeled": ("imagesTr", "labelsTr"),
+        "unlabeled": (UNLABELED_DIR, None),
+        "test": ("imagesTs", "labelsTs"),
+    }
+    for j in jobs:
+        task = table.tasks[j.task]
+        j.normalization = task.normalization
+        img_dir, lab_dir = dirs[j.kind]
+        j.out_images = [
+            os.path.join(tmp, img_dir, f"{j.case_id}_{c:04d}{OUT_FILE_ENDING}") for c in range(num_channels)
+        ]
+        if lab_dir is not None and j.label is not None:
+            j.out_label = os.path.join(tmp, lab_dir, j.case_id + OUT_FILE_ENDING)
+            j.lut = [0] * (max(j.declared_labels) + 1)
+            for lab in task.labels:
+                j.lut[lab.source] = lab.merged
+        else:
+            j.label = None
+
+
+def _union_dataset_json(table: TaskTable, num_channels: int, output_name: str, provenance: dict) -> dict:
+    return {
+        "channel_names": {str(c): "noNorm" for c in range(num_channels)},
+        "labels": table.merged_label_dict(),
+        "numTraining": sum(len(t.labeled) for t in table.tasks),
+        "file_ending": OUT_FILE_ENDING,
+        "overwrite_image_reader_writer": "SimpleITKIO",
+        "name": output_name,
+        "description": "VerSemi union of "
+        + ", ".join(f"{t.name}={t.source_dataset}" for t in table.tasks)
+        + ". Images are normalized per task (see versemi.tasks[].normalization).",
+        TABLE_KEY: table.to_dict(),
+        "versemi_merge": provenance,
+    }
+
+
+def merge_datasets(
+    sources: list[str | int],
+    output_id: int,
+    output_name: str = DEFAULT_NAME,
+    task_names: list[str] | None = None,
+    labeled_fraction: float | None = None,
+    labeled_cases: int | None = None,
+    seed: int = 12345,
+    test_fraction: float | None = None,
+    unlabeled_dirs: dict[str, str] | None = None,
+    channels: dict[str, int] | None = None,
+    overwrite: bool = False,
+    num_processes: int = 1,
+    progress: bool = True,
+) -> str:
+    """Merge nnU-Net raw datasets into one union dataset in ``$nnUNet_raw``; returns its folder.
+
+    See the module docstring and docs/DATA.md for the layout. Raises :class:`MergeError` on bad input, before
+    anything is written. ``num_processes`` > 1 reads and writes cases in that many spawned workers.
+    """
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    from nnunetv2.paths import nnUNet_raw
+
+    from nnunetv2_versemi.data.splits import write_splits
+
+    t0 = time.time()
+    if not nnUNet_raw.is_set():
+        raise MergeError("nnUNet_raw is not set")
+    raw = str(nnUNet_raw)
+    if not sources:
+        raise MergeError("No source datasets given")
+    _check_arguments(labeled_fraction, labeled_cases, test_fraction)
+
+    resolved = [_resolve_dataset(s, raw) for s in sources]
+    names = [n for n, _ in resolved]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise MergeError(f"Dataset(s) given twice: {', '.join(dup)}")
+    tasks = _task_names(names, task_names)
+    target = _check_output(raw, output_id, output_name, names, overwrite)
+    unlabeled_dirs = dict(unlabeled_dirs or {})
+    channels = {k: int(v) for k, v in (channels or {}).items()}
+    for what, d in (("--unlabeled-dir", unlabeled_dirs), ("--channel", channels)):
+        unknown = sorted(set(d) - set(tasks))
+        if unknown:
+            raise MergeError(f"{what} names unknown task(s) {unknown}; tasks are {tasks}")
+
+    srcs = _load_sources(resolved, tasks, channels)
+    num_channels = len(srcs[0].used_channels)
+    problems = [p for s in srcs for p in _scan_source(s, unlabeled_dirs.get(s.task))]
+    if problems:
+        raise MergeError(problems)
+    for s in srcs:
+        # the reader nnU-Net picks for this dataset.json and file ending (chosen without probing a file, so a
+        # corrupt first file is reported by the checks below instead of silently switching readers)
+        try:
+            s.reader = determine_reader_writer_from_dataset_json(s.dataset_json, None, verbose=False)
+        except RuntimeError as e:
+            raise MergeError(
+                f"Dataset {s.dataset}: no nnU-Net reader for file ending {s.file_ending}: {e}"
+            ) from e
+    jobs, table_tasks = _build_jobs(srcs, labeled_fraction, labeled_cases, test_fraction, seed)
+
+    final = os.path.join(raw, target)
+    tmp = os.path.join(raw, f".{target}.tmp-{os.getpid()}")
+    with _worker_pool(num_processes, len(jobs)) as pool:
+        # pass 1: read and check every file; collect the CT foreground samples of labeled cases
+        results = _run_jobs(_validate_case, jobs, pool, "Checking cases", progress)
+        problems = [p for r in results for p in r["problems"]]
+        if problems:
+            raise MergeError(problems)
+        for ti, (src, task) in enumerate(zip(srcs, table_tasks)):
+            task.normalization = _task_normalization(src, [r for j, r in zip(jobs, results) if j.task == ti])
+        table = TaskTable(table_tasks)
+
+        # pass 2: write into a hidden temporary folder next to the target, then rename it into place
+        _assign_outputs(jobs, table, tmp, num_channels)
+        try:
+            for d in {tmp} | {os.path.dirname(p) for j in jobs for p in [*j.out_images, j.out_label] if p}:
+                os.makedirs(d, exist_ok=True)
+            _run_jobs(_write_case, jobs, pool, "Writing union", progress)
+            provenance = {
+                "sources": names,
+                "seed": seed,
+                "labeled_fraction": labeled_fraction,
+                "labeled_cases": labeled_cases,
+                "test_fraction": test_fraction,
+            }
+            with open(os.path.join(tmp, "dataset.json"), "w") as f:
+                json.dump(_union_dataset_json(table, num_channels, output_name, provenance), f, indent=2)
+            # stock nnU-Net planning copies a raw splits_final.json into the preprocessed folder
+            write_splits(tmp, table)
+            if os.path.exists(final):
+                old = os.path.join(raw, f".{target}.old-{os.getpid()}")
+                os.rename(final, old)
+                os.rename(tmp, final)
+                shutil.rmtree(old)
+            else:
+                os.rename(tmp, final)
+        finally:
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp)
+    if progress:
+        n = {k: sum(len(getattr(t, k)) for t in table.tasks) for k in ("labeled", "unlabeled", "test")}
+        print(
+            f"Wrote {final}: {len(table.tasks)} tasks, {n['labeled']} labeled, {n['unlabeled']} unlabeled and "
+            f"{n['test']} test cases, {table.num_merged_labels - 1} foreground labels ({time.time() - t0:.1f} s)"
+        )
+    return final
+
+
+def main(argv: list[str] | None = None) -> None:
+    from nnunetv2.configuration import default_num_processes
+
+    p = argparse.ArgumentParser(
+        prog="nnUNetv2_versemi_merge",
+        description="Merge nnU-Net raw datasets (one task each) into one VerSemi union dataset in $nnUNet_raw.",
+    )
+    p.add_argument("-d", nargs="+", required=True, help="source dataset ids or full names (DatasetXXX_Name)")
+    p.add_argument("-o", type=int, required=True, help="id of the union dataset to create")
+    p.add_argument("-n", default=DEFAULT_NAME, help=f"name of the union dataset (default: {DEFAULT_NAME})")
+    p.add_argument(
+        "--task-names",
+        nargs="+",
+        default=None,
+        help="one task name per source, in -d order (default: dataset name without DatasetXXX_; "
+        "letters, digits, '-')",
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--labeled-fraction",
+        type=float,
+        default=None,
+        help="keep labels for this fraction of each task's training cases (at least one); "
+        "the rest become unlabeled images",
+    )
+    g.add_argument(
+        "--labeled-cases",
+        type=int,
+        default=None,
+        help="keep labels for this many training cases per task; the rest become unlabeled",
+    )
+    p.add_argument(
+        "--seed", type=int, default=12345, help="seed of the labeled/test selection (default: 12345)"
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=None,
+        help="hold out this fraction of each task's training cases as test cases (in addition to "
+        "the source's imagesTs)",
+    )
+    p.add_argument(
+        "--unlabeled-dir",
+        nargs="+",
+        default=None,
+        metavar="TASK=DIR",
+        help="folder of unlabeled images (CASE_0000<ending>) of a task; default: the source's "
+        f"{UNLABELED_DIR}/ if present",
+    )
+    p.add_argument(
+        "--channel",
+        nargs="+",
+        default=None,
+        metavar="TASK=IDX",
+        help="use only this channel of a multi-channel task (when tasks differ in channel count)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing union dataset of the same name"
+    )
+    p.add_argument(
+        "-np",
+        type=int,
+        default=min(default_num_processes, os.cpu_count() or 1),
+        help="worker processes for reading/writing (default: nnU-Net's default, at most the CPU count; "
+        "1 = no workers)",
+    )
+    p.add_argument("--no-pbar", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    try:
+        chans = _parse_assignments(a.channel, "--channel")
+        try:
+            chans_int = {k: int(v) for k, v in chans.items()}
+        except ValueError as e:
+            raise MergeError(f"--channel expects TASK=INTEGER, got {a.channel}") from e
+        merge_datasets(
+            a.d,
+            a.o,
+            a.n,
+            task_names=a.task_names,
+            labeled_fraction=a.labeled_fraction,
+            labeled_cases=a.labeled_cases,
+            seed=a.seed,
+            test_fraction=a.test_fraction,
+            unlabeled_dirs=_parse_assignments(a.unlabeled_dir, "--unlabeled-dir"),
+            channels=chans_int,
+            overwrite=a.overwrite,
+            num_processes=a.np,
+            progress=not a.no_pbar,
+        )
+    except MergeError as e:
+        print(f"nnUNetv2_versemi_merge: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
