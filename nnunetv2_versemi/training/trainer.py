@@ -24,17 +24,13 @@ from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nnunetv2_versemi.data.preprocess import unlabeled_folder
 from nnunetv2_versemi.network.head import VerSemiNetwork
 from nnunetv2_versemi.tasktable import TaskTable, TaskTableError
 from nnunetv2_versemi.training import cutmix, losses
 from nnunetv2_versemi.training.sampling import TaskBalancedDataLoader
 
 LOSS_TERMS = ("sup", "syn", "spec", "unsup", "cons")
-
-
-def unlabeled_folder(preprocessed_dataset_folder_base: str, data_identifier: str) -> str:
-    """Where ``nnUNetv2_versemi_plan_and_preprocess`` puts the preprocessed unlabeled images."""
-    return join(preprocessed_dataset_folder_base, data_identifier + "_unlabeled")
 
 
 def split_global_batch(global_batch: int, world_size: int, rank: int) -> int:
