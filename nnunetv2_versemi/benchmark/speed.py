@@ -17,8 +17,9 @@ is replaced by an iterator that returns a fixed random batch. Contenders:
 Task counts other than the dataset's own use fake task tables (one class per task) on the same plans: only
 step time is measured. After warm-up, contenders run interleaved, one step each per round, in one process.
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the steps minus the allocation before; on
-CPU the growth of the process's peak resident set size (``resource.getrusage(...).ru_maxrss``) during the
-steps, each contender in a fresh spawned process (the peak of one process cannot be reset).
+CPU the peak resident set size during the steps (sampled from /proc) minus the resident set before them,
+each contender in a fresh spawned process (freed memory stays in a process and would hide the next one's).
+tracemalloc does not see torch's allocations, so it is not used.
 
 Prediction: nnU-Net's ``nnUNetPredictor.predict_sliding_window_return_logits`` on the same random images for
 a plain nnU-Net network and the VerSemi network under one task's prompt (``--task``) and without prompt
@@ -211,7 +212,7 @@ def make_trainer(kind: str, plans: dict, configuration: str, table, num_channels
     plans["continue_training"] = False
     _scratch_data_folder(plans, configuration)
     cls = nnUNetTrainer if kind == "nnunet" else VerSemiTrainer
-    with contextlib.redirect_stdout(open(os.devnull, "w")):
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         trainer = cls(
             plans=plans,
             configuration=configuration,
@@ -321,23 +322,74 @@ def _prepare(c: Contender, plans: dict, configuration: str, table_for, num_chann
     return trainer, batch
 
 
-def _memory_probe(args: tuple) -> dict:
-    """Spawned worker: peak RSS growth (KiB -> MiB) of ``steps`` training steps of one contender on CPU."""
-    import resource
+class RssSampler:
+    """Peak resident set size of this process while the ``with`` block runs, sampled from /proc every
+    ``interval`` seconds in a thread (torch releases the GIL inside its ops). Where /proc is missing, the
+    growth of ``ru_maxrss`` is used instead (which only sees a new all-time peak)."""
 
-    import torch
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.baseline = self.peak = 0
+        self._stop = None
 
+    @staticmethod
+    def current() -> int | None:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            v = self.current()
+            if v is not None and v > self.peak:
+                self.peak = v
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        import resource
+        import threading
+
+        self._proc = self.current() is not None
+        if self._proc:
+            self.baseline = self.peak = self.current()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        else:
+            self.baseline = self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import resource
+
+        if self._proc:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.current() or 0)
+        else:
+            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    @property
+    def growth_mib(self) -> float:
+        return (self.peak - self.baseline) / 2**20
+
+
+def memory_probe(args: tuple) -> dict:
+    """Peak memory growth (MiB) over the resident set before the first step, of ``steps`` training steps of
+    one contender on CPU. Run it in a fresh process (what :func:`measure_training` does): memory that an
+    earlier contender freed stays in the process and would hide this one's growth."""
     c, plans, configuration, table_spec, num_channels, steps, threads = args
     torch.set_num_threads(threads)
     with scratch_nnunet_env():
         trainer, batch = _prepare(
             c, plans, configuration, _table_factory(table_spec), num_channels, torch.device("cpu")
         )
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        for _ in range(steps):
-            trainer.train_step(batch)
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_mib": (after - before) / 1024.0}
+        with RssSampler() as rss:
+            for _ in range(steps):
+                trainer.train_step(batch)
+    return {"peak_mib": rss.growth_mib}
 
 
 def _table_factory(spec):
@@ -407,7 +459,7 @@ def measure_training(
             log(f"memory probe {c.name} (fresh process)")
             with ctx.Pool(1) as pool:
                 res = pool.apply(
-                    _memory_probe,
+                    memory_probe,
                     (
                         (
                             c,

@@ -1,0 +1,333 @@
+"""Benchmark command (tiny budget, every report file, resume), speed module, plans presets."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from nnunetv2_versemi.benchmark import report, speed
+from nnunetv2_versemi.benchmark import run as B
+from nnunetv2_versemi.data import merge as M
+from nnunetv2_versemi.data import normalization as N
+from nnunetv2_versemi.data import preprocess as P
+from nnunetv2_versemi.data.demo import generate_demo_datasets
+from nnunetv2_versemi.plans_presets import (
+    PRESET_DIR,
+    PlansPresetError,
+    apply_overlay,
+    apply_to_plans_file,
+    list_presets,
+    load_overlay,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+UNION = 950
+TINY = [
+    "--epochs",
+    "1",
+    "--iterations",
+    "2",
+    "--val-iterations",
+    "1",
+    "-device",
+    "cpu",
+    "--npp",
+    "1",
+    "--skip-val",
+]
+METHOD_KEYS = ["alone", "union", "noUnsup", "versemi"]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """Demo tasks (3 labeled, 2 unlabeled, 1 test case each, half resolution) merged, planned (2d), and the
+    benchmark run once with a 1-epoch x 2-iteration budget."""
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import (
+        DatasetFingerprintExtractor,
+    )
+
+    base = tmp_path_factory.mktemp("bench")
+    mp = pytest.MonkeyPatch()
+    for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (base / v).mkdir()
+        mp.setenv(v, str(base / v))
+    # CT statistics and the union fingerprint from 10^5 voxels instead of 10^8 (the union channel is noNorm)
+    mp.setattr(N, "NNUNET_FOREGROUND_SAMPLES", 2e5)
+    init = DatasetFingerprintExtractor.__init__
+
+    def small_init(self, *a, **k):
+        init(self, *a, **k)
+        self.num_foreground_voxels_for_intensitystats = 1e5
+
+    mp.setattr(DatasetFingerprintExtractor, "__init__", small_init)
+    raw = base / "nnUNet_raw"
+    generate_demo_datasets(raw, num_labeled=3, num_unlabeled=2, num_test=1, scale=0.5)
+    M.merge_datasets([901, 902, 903], UNION, num_processes=1, progress=False)
+    P.main(["-d", str(UNION), "-c", "2d", "-np", "1", "-npfp", "1", "--no_pbar"])
+    # no data-augmentation workers (set after the union's planning: nnU-Net's planner cannot take 0; the
+    # benchmark's own planning of the per-task datasets works around that)
+    mp.setenv("nnUNet_n_proc_DA", "0")
+    out = base / "report"
+    B.main(["-d", str(UNION), "-c", "2d", *TINY, "-o", str(out)])
+    yield {"base": base, "out": out, "raw": raw}
+    mp.undo()
+
+
+def _csv(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], [dict(zip(rows[0], r)) for r in rows[1:]]
+
+
+def test_report_files_rows_and_columns(bench):
+    out = bench["out"]
+    for name in (
+        "results.json",
+        "results.csv",
+        "summary.csv",
+        "report.md",
+        "dice_boxplot.png",
+        "learning_curves.png",
+        "benchmark.log",
+    ):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    tasks = ["DemoCT", "DemoMR", "DemoMC"]
+    assert results["tasks"] == tasks
+    assert [m["key"] for m in results["methods"]] == METHOD_KEYS
+    assert results["budget"] == {"epochs": 1, "iterations": 2, "val_iterations": 1}
+
+    header, rows = _csv(out / "results.csv")
+    assert header == report.CASE_COLUMNS
+    # every method scored every test case (one per task), in the same merged label space
+    assert sorted((r["method"], r["task"]) for r in rows) == sorted(
+        (m, t) for m in METHOD_KEYS for t in tasks
+    )
+    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+
+    header, rows = _csv(out / "summary.csv")
+    assert header == report.SUMMARY_COLUMNS
+    assert sorted((r["method"], r["task"]) for r in rows) == sorted(
+        (m, t) for m in METHOD_KEYS for t in [*tasks, report.MEAN_ROW]
+    )
+    assert all(float(r["dice_minus_baseline"]) == 0.0 for r in rows if r["method"] == "alone")
+    for r in rows:
+        if r["task"] != report.MEAN_ROW:
+            assert r["n"] == "1" and r["dice_mean"] != ""
+
+    md = (out / "report.md").read_text()
+    for label in [m.label for m in B.METHODS] + tasks + [report.MEAN_ROW]:
+        assert label in md
+    # learning curves: one point per epoch for every run (3 per-task runs + 3 union runs)
+    assert len(results["curves"]) == 6
+    for curves in results["curves"].values():
+        assert len(curves["0"]["train_loss"]) == 1 and len(curves["0"]["pseudo_dice"]) == 1
+
+
+def test_runs_are_real_nnunet_model_folders(bench):
+    results = json.loads((bench["out"] / "results.json").read_text())
+    by_run = {r["run"]: r for r in results["runs"]}
+    assert sorted(by_run) == ["alone-DemoCT", "alone-DemoMC", "alone-DemoMR", "noUnsup", "union", "versemi"]
+    expected = {
+        "alone": "nnUNetTrainer",
+        "union": "nnUNetTrainer",
+        "noUnsup": "VerSemiTrainer_noUnsup",
+        "versemi": "VerSemiTrainer",
+    }
+    plans = B.bench_plans_identifier("nnUNetPlans", B.Budget(1, 2, 1))
+    for r in by_run.values():
+        folder = Path(r["model_folder"])
+        assert folder.name == f"{expected[r['method']]}__{plans}__2d"
+        ckpt = torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+        # the class name nnU-Net's predictors look up: a discoverable trainer, not a budget variant
+        assert ckpt["trainer_name"] == expected[r["method"]]
+        assert ckpt["current_epoch"] == 1
+    # the per-task baseline datasets hold the task's labeled cases with labels 1..K
+    mc = json.loads(
+        (Path(os.environ["nnUNet_raw"]) / by_run["alone-DemoMC"]["dataset"] / "dataset.json").read_text()
+    )
+    assert mc["labels"] == {"background": 0, "organ": 1, "lesion": 2}
+    assert mc["channel_names"] == {"0": "noNorm"}
+
+
+def test_resume_skips_finished_runs(bench, capsys):
+    out = bench["out"]
+    watched = sorted(Path(os.environ["nnUNet_results"]).rglob("checkpoint_final.pth"))
+    watched += sorted((out / B.PRED_DIR).rglob("*.nii.gz"))
+    assert len(watched) == 6 + 4 * 3
+    before = {p: p.stat().st_mtime_ns for p in watched}
+    capsys.readouterr()
+    B.main(["-d", str(UNION), "-c", "2d", *TINY, "-o", str(out)])
+    log = capsys.readouterr().out
+    assert log.count("Skipping ") == 6 and "Training " not in log
+    assert {p: p.stat().st_mtime_ns for p in watched} == before
+    results = json.loads((out / "results.json").read_text())
+    assert all(r["skipped_on_last_invocation"] for r in results["runs"])
+
+
+def test_bad_input_fails_before_training(bench, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        B.main(["-d", str(UNION), "-c", "2d", *TINY, "--methods", "a", "x", "-o", str(tmp_path / "r")])
+    with pytest.raises(SystemExit):
+        B.main(["-d", str(UNION), "-c", "3d_lowres", *TINY, "-o", str(tmp_path / "r")])
+    assert "error" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+# ---- plans presets ------------------------------------------------------------------------------------
+def test_shipped_presets_match_repository_copies():
+    assert {"paper_96", "cpu_demo"} <= set(list_presets())
+    for name in list_presets():
+        assert json.loads((REPO / "plans" / f"{name}.json").read_text()) == json.loads(
+            (PRESET_DIR / f"{name}.json").read_text()
+        ), f"plans/{name}.json and nnunetv2_versemi/plans_presets/{name}.json differ"
+
+
+def _plans() -> dict:
+    plans, _ = speed.synthetic_plans((32, 64, 64), 2)
+    return plans
+
+
+def test_overlay_inherits_and_merges_nested_keys():
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans = _plans()
+    overlay = {
+        "configurations": {
+            "3d_small": {
+                "inherits_from": "3d_fullres",
+                "batch_size": 1,
+                "architecture": {"arch_kwargs": {"features_per_stage": [8, 16, 32, 64]}},
+            }
+        }
+    }
+    new = apply_overlay(plans, overlay)
+    assert "3d_small" not in plans["configurations"]  # the input is not modified
+    cm = PlansManager(new).get_configuration("3d_small")
+    assert cm.batch_size == 1 and list(cm.patch_size) == [32, 64, 64]
+    assert list(cm.network_arch_init_kwargs["features_per_stage"]) == [8, 16, 32, 64]
+    # everything else of the parent's architecture is kept, and its data are reused
+    assert cm.network_arch_init_kwargs["n_stages"] == 4
+    assert cm.data_identifier == "nnUNetPlans_3d_fullres"
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"inherits_from": "3d_fullres", "patch_size": [30, 64, 64]}, "not divisible"),
+        ({"inherits_from": "3d_fullres", "batch_size": 0}, "batch_size"),
+        ({"inherits_from": "2d", "batch_size": 2}, "inherits from '2d'"),
+        (
+            {"inherits_from": "3d_fullres", "architecture": {"arch_kwargs": {"features_per_stage": [8, 16]}}},
+            "4 stages",
+        ),
+    ],
+)
+def test_ill_overlays(entry, message):
+    with pytest.raises(PlansPresetError, match=message):
+        apply_overlay(_plans(), {"configurations": {"x": entry}})
+
+
+def test_ill_overlay_structure(tmp_path):
+    with pytest.raises(PlansPresetError, match="top-level"):
+        apply_overlay(_plans(), {"configurations": {}, "patch_size": [1]})
+    with pytest.raises(PlansPresetError, match="No plans preset"):
+        load_overlay("no_such_preset")
+
+
+def test_paper_preset_on_plans_file(tmp_path):
+    plans = _plans()
+    plans["configurations"]["3d_fullres"]["patch_size"] = [64, 64, 64]
+    f = tmp_path / "nnUNetPlans.json"
+    f.write_text(json.dumps(plans))
+    written, names = apply_to_plans_file(f, "paper_96", "nnUNetPlans_paper96")
+    new = json.loads(Path(written).read_text())
+    assert Path(written).name == "nnUNetPlans_paper96.json" and new["plans_name"] == "nnUNetPlans_paper96"
+    assert names == ["3d_fullres_paper96"]
+    assert new["configurations"]["3d_fullres_paper96"] == {
+        "inherits_from": "3d_fullres",
+        "patch_size": [96, 96, 96],
+        "batch_size": 2,
+    }
+    assert json.loads(f.read_text()) == plans  # the source plans are left alone
+
+
+def test_cpu_preset_on_benchmark_union(bench):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pp = Path(os.environ["nnUNet_preprocessed"]) / "Dataset950_VerSemiUnion" / "nnUNetPlans.json"
+    new = apply_overlay(json.loads(pp.read_text()), load_overlay("cpu_demo"))
+    cm = PlansManager(new).get_configuration("2d_cpu")
+    assert cm.batch_size == 4 and cm.data_identifier == "nnUNetPlans_2d"
+
+
+# ---- speed ----------------------------------------------------------------------------------------------
+def test_per_prompt_reference_matches_one_pass_network():
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunetv2_versemi.training.trainer import VerSemiTrainer
+
+    plans, c = speed.synthetic_plans((32, 32), 2)
+    table = speed.fake_table(3)
+    plans["versemi"] = table.to_dict()
+    pm = PlansManager(plans)
+    net = VerSemiTrainer.build_network_architecture(pm, pm.get_configuration(c), 1, 4, True).eval()
+    ref = speed.PerPromptNetwork(net)
+    x = torch.randn(5, 1, 32, 32)
+    groups = [torch.tensor([[0], [2]]), torch.tensor([[3, 0, 1]]), torch.tensor([[0, 1, 2, 3]] * 2)]
+    with torch.no_grad():
+        one = net(x, groups)
+        per = ref(x, groups)
+    for g1, g2 in zip(one, per):
+        for a, b in zip(g1, g2):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_speed_ratios_are_computed_and_positive():
+    args = speed.build_parser().parse_args(
+        [
+            "-device",
+            "cpu",
+            "--patch",
+            "16",
+            "16",
+            "--batch-size",
+            "2",
+            "--main-tasks",
+            "2",
+            "--scale-tasks",
+            "2",
+            "3",
+            "--ref-tasks",
+            "2",
+            "--warmup",
+            "1",
+            "--steps",
+            "1",
+            "--slices",
+            "1",
+            "--pred-repeats",
+            "1",
+            "--no-memory",
+        ]
+    )
+    result = speed.run_speed(args, log=lambda m: None)
+    assert set(result["training"]) == {"nnunet", "versemi@2", "versemi@3", "per_prompt@2"}
+    assert len(result["ratios"]) == 5
+    assert all(v is not None and v > 0 for v in result["ratios"].values()), result["ratios"]
+    assert "| ratio | value |" in speed.markdown(result)
+
+
+def test_memory_probe_sees_the_step():
+    from nnunetv2_versemi.discovery import ensure_ext_trainer_env
+
+    ensure_ext_trainer_env()
+    plans, c = speed.synthetic_plans((32, 32), 2)
+    res = speed.memory_probe((speed.Contender("versemi@2", "versemi", 2), plans, c, None, 1, 1, 1))
+    assert res["peak_mib"] > 0
