@@ -110,7 +110,8 @@ def predict_task(predictor, net, task_index: int, task: Task, cases: dict[str, l
     from nnunetv2_versemi.data.normalization import prepare_raw_task_image
 
     first = next(iter(cases.values()))[0]
-    rw = determine_reader_writer_from_file_ending(task.file_ending, first, allow_nonmatching_filename=True)()
+    rw = determine_reader_writer_from_file_ending(task.file_ending, first, allow_nonmatching_filename=True,
+                                                  verbose=False)()
     lut = np.zeros(max(task.merged_values) + 1, dtype=np.uint16)
     for lab in task.labels:
         lut[lab.merged] = lab.source
