@@ -163,3 +163,47 @@ def test_batch_tasks_only_available():
     assert set(slots) == {1, 3}
     with pytest.raises(ValueError):
         draw_batch_tasks(3, 4, np.random.RandomState(0), available=[])
+
+
+def _loader(balance, case_tasks, batch_size=6):
+    from types import SimpleNamespace
+
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    from nnunetv2_versemi.training.sampling import TaskBalancedDataLoader
+
+    data = SimpleNamespace(identifiers=sorted(case_tasks))
+    lm = LabelManager({"background": 0, "a": 1}, regions_class_order=None)
+    return TaskBalancedDataLoader(data, batch_size, (8, 8), (8, 8), lm, case_tasks=case_tasks, num_tasks=3,
+                                  balance=balance)
+
+
+def test_loader_balances_tasks_not_cases():
+    # task 0 has 10 cases, tasks 1 and 2 one each: balanced batches still hold 2 of each task
+    case_tasks = {f"A_{i}": 0 for i in range(10)} | {"B_0": 1, "C_0": 2}
+    dl = _loader("tasks", case_tasks)
+    np.random.seed(0)
+    for _ in range(20):
+        keys = dl.get_indices()
+        assert sorted(np.bincount([case_tasks[k] for k in keys], minlength=3)) == [2, 2, 2]
+        assert all(case_tasks[keys[i]] != case_tasks[keys[i + 3]] for i in range(3))
+    dl = _loader("cases", case_tasks)
+    counts = np.zeros(3)
+    for _ in range(200):
+        counts += np.bincount([case_tasks[k] for k in dl.get_indices()], minlength=3)
+    assert counts[0] / counts.sum() > 0.7  # proportional to case counts (10 of 12)
+
+
+def test_ill_loader_arguments():
+    with pytest.raises(ValueError, match="balance"):
+        _loader("uniform", {"A_0": 0})
+    from types import SimpleNamespace
+
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    from nnunetv2_versemi.training.sampling import TaskBalancedDataLoader
+
+    with pytest.raises(ValueError, match="without a task"):
+        TaskBalancedDataLoader(SimpleNamespace(identifiers=["A_0", "X_1"]), 2, (8, 8), (8, 8),
+                               LabelManager({"background": 0, "a": 1}, regions_class_order=None),
+                               case_tasks={"A_0": 0}, num_tasks=1)
