@@ -14,6 +14,12 @@ _TERMS = {"sup": "L_sup", "syn": "L_syn", "spec": "L_spec", "unsup": "L_unsup", 
 
 
 def plot_versemi_progress(log: dict, table: TaskTable, filename: str) -> None:
+    # nnU-Net's own progress plot changes the global style (seaborn, font scale 2.5); draw in the default one
+    with plt.style.context("default"):
+        _plot(log, table, filename)
+
+
+def _plot(log: dict, table: TaskTable, filename: str) -> None:
     n = min(len(log.get(f"versemi_{k}", [])) for k in _TERMS)
     fig, (ax_loss, ax_dice) = plt.subplots(2, 1, figsize=(10, 9))
     x = np.arange(n)
@@ -27,10 +33,10 @@ def plot_versemi_progress(log: dict, table: TaskTable, filename: str) -> None:
         ax_l.plot(x, lam, "k:", label="lambda (unlabeled weight)")
         ax_l.set_ylabel("lambda")
         ax_l.set_ylim(-0.05, 1.05)
-        ax_l.legend(loc="upper center")
+        ax_l.legend(loc="lower left", fontsize="small")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss term")
-    ax_loss.legend(loc="upper right")
+    ax_loss.legend(loc="center right", fontsize="small")
     ax_loss.set_title("VerSemi loss terms")
     dice = log.get("dice_per_class_or_region", [])
     m = min(len(dice), n) if n else len(dice)
@@ -40,7 +46,7 @@ def plot_versemi_progress(log: dict, table: TaskTable, filename: str) -> None:
     ax_dice.set_xlabel("epoch")
     ax_dice.set_ylabel("pseudo Dice (own prompt)")
     ax_dice.set_ylim(0, 1)
-    ax_dice.legend(loc="lower right")
+    ax_dice.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
     fig.savefig(filename)
     plt.close(fig)
