@@ -179,6 +179,15 @@ def test_bad_input_fails_before_training(bench, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_budget_per_task_scales_only_the_union_runs(bench):
+    args = B.build_parser().parse_args(["-d", str(UNION), "-c", "2d", *TINY, "--budget-per", "task"])
+    ctx = B.prepare(args)
+    budget, plans = B.union_budget(ctx)
+    assert budget == B.Budget(1, 2 * 3, 1) and ctx.budget == B.Budget(1, 2, 1)
+    # another budget, another plans identifier: finished runs of the per-model budget are not reused
+    assert plans != ctx.bench_plans == B.bench_plans_identifier("nnUNetPlans", B.Budget(1, 2, 1))
+
+
 # ---- plans presets ------------------------------------------------------------------------------------
 def test_shipped_presets_match_repository_copies():
     assert {"paper_96", "cpu_demo"} <= set(list_presets())

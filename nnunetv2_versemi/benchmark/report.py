@@ -192,8 +192,13 @@ def markdown(results: dict) -> str:
         "",
         f"- command: `{results['command']}`",
         f"- budget per trained model: {b['epochs']} epochs x {b['iterations']} iterations "
-        f"(+ {b['val_iterations']} validation iterations per epoch); folds {results['folds']}; "
-        f"plans {results['benchmark_plans']}",
+        f"(+ {b['val_iterations']} validation iterations per epoch)"
+        + (
+            f"; runs on the union: {len(results['tasks'])} x the iterations (--budget-per task)"
+            if results.get("budget_per") == "task"
+            else ""
+        )
+        + f"; folds {results['folds']}; plans {', '.join(np.atleast_1d(results['benchmark_plans']))}",
         f"- device: {results['device']}; machine: {results['machine'].get('cpu_count')} CPU cores, "
         f"{'GPU ' + results['machine']['gpu'] if results['machine'].get('gpu') else 'no GPU'}; "
         f"test-time mirroring: {'on' if results['tta'] else 'off'}",
@@ -232,13 +237,14 @@ def markdown(results: dict) -> str:
         "",
         "## Runs",
         "",
-        "| run | trainer | dataset | train (s) | predict (s) | skipped this time |",
-        "|---|---|---|---|---|---|",
+        "| run | trainer | dataset | epochs x iterations | train (s) | predict (s) | skipped this time |",
+        "|---|---|---|---|---|---|---|",
     ]
     for st in results["runs"]:
         train = sum((st.get("train_seconds") or {}).values()) if st.get("train_seconds") else 0.0
         lines.append(
-            f"| {st['run']} | {st['trainer']} | {st['dataset']} | {train:.0f} | "
+            f"| {st['run']} | {st['trainer']} | {st['dataset']} | "
+            f"{st['budget']['epochs']} x {st['budget']['iterations']} | {train:.0f} | "
             f"{(st.get('predict_seconds') or 0):.0f} | {'yes' if st.get('skipped_on_last_invocation') else 'no'} |"
         )
     lines += [

@@ -129,6 +129,7 @@ class Run:
     task: str | None = None
     task_index: int | None = None
     local_to_merged: list[int] | None = None  # method a: task class index -> merged value
+    budget: Budget = field(default_factory=Budget)
 
     @property
     def name(self) -> str:
@@ -160,6 +161,7 @@ class Context:
     budget: Budget
     folds: list
     out: str
+    budget_per: str
     device: str
     npp: int
     tta: bool
@@ -337,6 +339,7 @@ def prepare(args: argparse.Namespace) -> Context:
         plans=args.p,
         bench_plans=bench,
         budget=budget,
+        budget_per=args.budget_per,
         folds=folds,
         out=os.path.abspath(out),
         device=args.device,
@@ -551,7 +554,8 @@ def build_runs(ctx: Context) -> list[Run]:
     all_cases = sorted(c for cases in ctx.test_cases.values() for c in cases)
     for m in ctx.methods:
         if not m.per_task:
-            runs.append(Run(m, ctx.union, ctx.bench_plans, ctx.configuration, ctx.folds, all_cases))
+            budget, plans = union_budget(ctx)
+            runs.append(Run(m, ctx.union, plans, ctx.configuration, ctx.folds, all_cases, budget=budget))
             continue
         for ti, t in enumerate(ctx.table.tasks):
             if not ctx.test_cases[t.name]:
@@ -569,9 +573,20 @@ def build_runs(ctx: Context) -> list[Run]:
                     task=t.name,
                     task_index=ti,
                     local_to_merged=[0, *t.merged_values],
+                    budget=ctx.budget,
                 )
             )
     return runs
+
+
+def union_budget(ctx: Context) -> tuple[Budget, str]:
+    """Budget and benchmark plans identifier of the runs on the union. ``--budget-per task`` gives them T
+    times the iterations per epoch, so that every task gets as many labeled batches as its per-task model."""
+    if ctx.budget_per == "task":
+        b = ctx.budget
+        budget = Budget(b.epochs, b.iterations * ctx.table.num_tasks, b.val_iterations)
+        return budget, bench_plans_identifier(ctx.plans, budget, ctx.preset)
+    return ctx.budget, ctx.bench_plans
 
 
 def prediction_folder(ctx: Context, method: Method) -> str:
@@ -619,9 +634,9 @@ def train_fold(ctx: Context, run: Run, fold) -> float:
         device=_device(ctx.device),
     )
     # the budget: set before initialize(), which builds the learning-rate schedule from num_epochs
-    trainer.num_epochs = ctx.budget.epochs
-    trainer.num_iterations_per_epoch = ctx.budget.iterations
-    trainer.num_val_iterations_per_epoch = ctx.budget.val_iterations
+    trainer.num_epochs = run.budget.epochs
+    trainer.num_iterations_per_epoch = run.budget.iterations
+    trainer.num_val_iterations_per_epoch = run.budget.val_iterations
     if isfile(latest):
         ctx.log(f"{run.name} fold {fold}: continuing from {latest}")
         trainer.load_checkpoint(latest)
@@ -739,7 +754,7 @@ def execute(ctx: Context, runs: list[Run]) -> list[dict]:
                     "plans": run.plans,
                     "configuration": run.configuration,
                     "folds": run.folds,
-                    "budget": asdict(ctx.budget),
+                    "budget": asdict(run.budget),
                     "model_folder": run.model_folder(),
                     "test_cases": len(run.test_cases),
                 }
@@ -758,7 +773,7 @@ def execute(ctx: Context, runs: list[Run]) -> list[dict]:
                     continue
                 ctx.log(
                     f"Training {run.name} fold {fold}: {run.trainer} on {run.dataset} ({run.configuration}, "
-                    f"{ctx.budget.epochs} epochs x {ctx.budget.iterations} iterations)"
+                    f"{run.budget.epochs} epochs x {run.budget.iterations} iterations)"
                 )
                 train_s[str(fold)] = train_fold(ctx, run, fold)
                 state["train_seconds"] = train_s
@@ -808,10 +823,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     os.makedirs(ctx.out, exist_ok=True)
     ctx.log(
         f"Benchmark of {ctx.union} ({args.c}), methods {', '.join(m.key for m in ctx.methods)}, "
-        f"budget {ctx.budget.tag()}, folds {ctx.folds}, report in {ctx.out}"
+        f"budget {ctx.budget.tag()} per {ctx.budget_per}, folds {ctx.folds}, report in {ctx.out}"
     )
+    union_plans = union_budget(ctx)[1]
     _write_json_if_changed(
-        join(ctx.pp, ctx.bench_plans + ".json"), _bench_plans(ctx.plans_content, ctx.bench_plans, ctx.preset)
+        join(ctx.pp, union_plans + ".json"), _bench_plans(ctx.plans_content, union_plans, ctx.preset)
     )
     runs = build_runs(ctx)
     t0 = time.time()
@@ -827,9 +843,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "dataset": ctx.union,
             "configuration": ctx.configuration,
             "plans": ctx.plans,
-            "benchmark_plans": ctx.bench_plans,
+            "benchmark_plans": sorted({ctx.bench_plans, union_plans}),
             "plans_preset": ctx.preset,
             "budget": asdict(ctx.budget),
+            "budget_per": ctx.budget_per,
             "folds": ctx.folds,
             "device": ctx.device,
             "tta": ctx.tta,
@@ -863,6 +880,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=250, help="training iterations per epoch (default: 250)")
     p.add_argument(
         "--val-iterations", type=int, default=50, help="validation iterations per epoch (default: 50)"
+    )
+    p.add_argument(
+        "--budget-per",
+        choices=["model", "task"],
+        default="model",
+        help="model (default): every trained model gets the budget; task: the runs on the union get T times "
+        "the iterations per epoch (T tasks), as many labeled batches per task as each per-task model",
     )
     p.add_argument(
         "--folds",
