@@ -2,7 +2,8 @@
 
 Every method gets the same labeled cases (the union's, split by the union's ``splits_final.json``), the same
 held-out test cases (the union's ``imagesTs``/``labelsTs``, listed per task in the task table) and the same
-training budget (epochs x iterations per epoch, validation iterations per epoch, for every trained model):
+training budget (epochs x iterations per epoch and validation iterations per epoch, for every trained model;
+with ``--budget-per task`` the runs on the union get T times the iterations, T = number of tasks):
 
   (a) ``alone``   nnUNetTrainer on each task alone, labeled cases only. The benchmark writes one raw dataset
                   per task from the union's labeled cases (images as in the union, already normalized, channel
@@ -778,6 +779,11 @@ def execute(ctx: Context, runs: list[Run]) -> list[dict]:
                 train_s[str(fold)] = train_fold(ctx, run, fold)
                 state["train_seconds"] = train_s
                 _save_state(ctx, run, state)
+                # predictions of an earlier model of this run are stale now
+                for c in run.test_cases:
+                    stale = join(prediction_folder(ctx, run.method), c + ctx.file_ending)
+                    if isfile(stale):
+                        os.remove(stale)
             ctx.log(f"Predicting {len(run.test_cases)} test case(s) with {run.name}")
             state["predict_seconds"] = predict_run(ctx, run) or state.get("predict_seconds", 0.0)
             state["finished"] = datetime.now().isoformat(timespec="seconds")
