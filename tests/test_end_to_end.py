@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from os.path import isfile, join
+from os.path import isfile
 
 import numpy as np
 import pytest
@@ -57,8 +57,12 @@ def test_stock_training_writes_versemi_results(pipeline):
     assert ckpt["versemi"]["global_step"] == 6  # 2 epochs x 3 iterations
     assert ckpt["versemi"]["ema_weights"] is not None
     logged = ckpt["logging"]
-    for term in ("sup", "syn", "spec", "unsup"):
+    for term in ("sup", "syn"):
         assert len(logged[f"versemi_{term}"]) == 2 and np.isfinite(logged[f"versemi_{term}"]).all()
+    # two stages: epoch 0 labeled terms only (with L_spec), epoch 1 adds the unlabeled term, drops L_spec
+    assert logged["versemi_unsup_lambda"] == [0.0, 1.0]
+    assert np.isfinite(logged["versemi_spec"][0]) and np.isnan(logged["versemi_spec"][1])
+    assert np.isnan(logged["versemi_unsup"][0]) and np.isfinite(logged["versemi_unsup"][1])
     import json
 
     summary = json.loads((fold / "validation" / "summary.json").read_text())

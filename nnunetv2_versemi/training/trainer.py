@@ -68,8 +68,9 @@ class VerSemiTrainer(nnUNetTrainer):
         "gradient": the official behaviour);
       - ``unlabeled_mix = "unlabeled"``: two unlabeled images are mixed as in the paper's formula
         ("labeled" mixes unlabeled with labeled as the official code and enables L_cons);
-      - ``unsup_schedule = "ramp"``: sigmoid ramp-up of lambda over ``rampup_fraction`` of the epochs with
-        L_spec kept throughout ("stage": the official two stages, stage 1 for ``stage1_fraction``);
+      - ``unsup_schedule = "stage"``: the official two stages, stage 1 (labeled terms only) for
+        ``stage1_fraction`` of the epochs, chosen over the ramp by a side-by-side run (docs/METHOD.md);
+        ("ramp": sigmoid ramp-up of lambda over ``rampup_fraction`` of the epochs, L_spec kept);
       - hard-label terms use nnU-Net's Dice+CE instead of the official Dice only;
       - one CutMix box per pair instead of one per batch; labeled pairs cross tasks whenever possible.
     """
@@ -95,7 +96,7 @@ class VerSemiTrainer(nnUNetTrainer):
         self.unlabeled_mix = "unlabeled"  # or "labeled"
         self.target_source = "detach"  # or "ema" or "gradient"
         self.ema_alpha = 0.99
-        self.unsup_schedule = "ramp"  # or "stage"
+        self.unsup_schedule = "stage"  # or "ramp"
         self.rampup_fraction = 0.2
         self.stage1_fraction = 0.5
         self.allow_labeled_only = False  # True: train without unlabeled images (logged), instead of failing

@@ -53,13 +53,14 @@ class VerSemiTrainer_officialMix(VerSemiTrainer):
         self.unlabeled_mix = "labeled"
 
 
-class VerSemiTrainer_stages(VerSemiTrainer):
-    """The official two-stage schedule: labeled losses only for the first half, then unlabeled losses."""
+class VerSemiTrainer_ramp(VerSemiTrainer):
+    """Sigmoid ramp-up of the unlabeled weight over the first 20% of epochs, L_spec kept throughout,
+    instead of the two stages."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.unsup_schedule = "stage"
+        self.unsup_schedule = "ramp"
 
 
 def _short(base: type, epochs: int, iterations: int | None = None, val_iterations: int | None = None,
