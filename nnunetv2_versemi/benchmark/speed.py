@@ -7,8 +7,9 @@ fixed random tensor with random task-valid labels at every deep-supervision scal
 is replaced by an iterator that returns a fixed random batch. Contenders:
 
 - ``nnunet``: nnUNetTrainer on the union's merged labels (one forward/backward over the labeled batch B);
-- ``versemi@T``: VerSemiTrainer with T tasks; one backbone pass over [labeled B; labeled mix B/2; unlabeled
-  mix B_u] with the head evaluated per prompt (1, 3 and T+1 prompts per group);
+- ``versemi@T``: VerSemiTrainer with T tasks, at its last epoch (the unlabeled branch on: stage 2 of the
+  two-stage schedule); one backbone pass over [labeled B; labeled mix B/2; unlabeled mix B_u] with the head
+  evaluated per prompt (1, 3 and T+1 prompts per group);
 - ``per_prompt@T``: the same trainer and losses, but the network is wrapped so that every prompt costs a full
   network pass, as in the official code (labeled images under their own prompt, one pass per task present;
   the labeled mix under the synthetic prompt and under the prompts of its two parts; the unlabeled mix under
@@ -317,8 +318,11 @@ def _prepare(c: Contender, plans: dict, configuration: str, table_for, num_chann
         bu = trainer.unlabeled_batch_size or cm.batch_size
         u = {"data": torch.randn((bu, num_channels, *cm.patch_size)).to(device)}
         trainer.dataloader_unlabeled = itertools.repeat(u)
-        # lambda > 0, so the step computes every VerSemi term (its value does not change the work)
-        assert trainer.unlabeled_weight() > 0
+        # the last epoch: lambda > 0 under either schedule, so the step runs the unlabeled branch (stage 2 of
+        # the two-stage schedule; the stage-1 step has no unlabeled batch and is cheaper)
+        trainer.current_epoch = trainer.num_epochs - 1
+        if not trainer.unlabeled_weight() > 0:
+            raise ValueError(f"{c.name}: the VerSemi step would skip the unlabeled branch (lambda = 0)")
     return trainer, batch
 
 
@@ -586,7 +590,7 @@ def run_speed(args: argparse.Namespace, log=print) -> dict:
         table_spec = table.to_dict()
         main_tasks = table.num_tasks
         num_channels = len(load_json(join(pp, "dataset.json"))["channel_names"])
-        source = f"{name} {args.p}.json"
+        source = f"{name} {args.p}.json" + (f" + preset {args.plans_preset}" if args.plans_preset else "")
     else:
         plans, configuration = synthetic_plans(tuple(args.patch), args.batch_size, args.features)
         table_spec, main_tasks, num_channels = None, args.main_tasks, 1
