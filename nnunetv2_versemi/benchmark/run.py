@@ -647,6 +647,11 @@ def train_fold(ctx: Context, run: Run, fold) -> float:
     return time.time() - t0
 
 
+def _image_lists(ctx: Context, cases: list[str]) -> list[list[str]]:
+    fe = ctx.file_ending
+    return [[join(ctx.raw, "imagesTs", f"{c}_{k:04d}{fe}") for k in range(ctx.num_channels)] for c in cases]
+
+
 def predict_run(ctx: Context, run: Run) -> float:
     """Predict the run's test cases into the method's prediction folder (merged labels); returns seconds."""
     import SimpleITK as sitk
@@ -680,27 +685,31 @@ def predict_run(ctx: Context, run: Run) -> float:
     tmp = tempfile.mkdtemp(prefix=".predict_", dir=out)
     fe = ctx.file_ending
     try:
-        for prompt, cases in groups:
-            if not cases:
-                continue
-            if run.method.prompted:
-                net.prompt = prompt  # each case under its own task's prompt (VerSemiNetwork)
-            files = [
-                [join(ctx.raw, "imagesTs", f"{c}_{k:04d}{fe}") for k in range(ctx.num_channels)]
-                for c in cases
-            ]
-            targets = [join(tmp, c) for c in cases]
-            if ctx.npp <= 1:
-                predictor.predict_from_files_sequential(files, targets, False, True)
-            else:
-                predictor.predict_from_files(
-                    files,
-                    targets,
-                    save_probabilities=False,
-                    overwrite=True,
-                    num_processes_preprocessing=ctx.npp,
-                    num_processes_segmentation_export=ctx.npp,
+        if ctx.npp <= 1:
+            for prompt, cases in groups:
+                if not cases:
+                    continue
+                if run.method.prompted:
+                    net.prompt = prompt  # each case under its own task's prompt (VerSemiNetwork)
+                predictor.predict_from_files_sequential(
+                    _image_lists(ctx, cases), [join(tmp, c) for c in cases], False, True
                 )
+        else:
+            # one preprocessing/export pool for all cases (spawning one per task costs minutes on a busy CPU);
+            # nnU-Net's iterator keeps the input order and predicts each item as it is yielded, so the prompt
+            # can be switched right there
+            cases = [c for _, group in groups for c in group]
+            items = predictor._internal_get_data_iterator_from_lists_of_filenames(
+                _image_lists(ctx, cases), None, [join(tmp, c) for c in cases], ctx.npp
+            )
+
+            def prompted(items):
+                for item in items:
+                    if run.method.prompted:
+                        net.prompt = ctx.table.task_of_case(os.path.basename(item["ofile"]))
+                    yield item
+
+            predictor.predict_from_data_iterator(prompted(items), False, ctx.npp)
         for c in todo:
             src = join(tmp, c + fe)
             if run.local_to_merged is not None:  # per-task model: its classes 1..K -> the union's values
