@@ -118,3 +118,26 @@ def tree_hash(folder: str) -> dict[str, str]:
             with open(p, "rb") as f:
                 out[os.path.relpath(p, folder)] = hashlib.sha256(f.read()).hexdigest()
     return out
+
+
+def isolated_nnunet(base, mp) -> None:
+    """nnUNet_raw / _preprocessed / _results under ``base`` (a pathlib.Path), and nnU-Net's fingerprint drawing
+    10^5 instead of 10^8 foreground voxels (the union's channel is noNorm, so its intensity statistics are
+    unused; the CT statistics of the merge likewise sample 2 x 10^5)."""
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import (
+        DatasetFingerprintExtractor,
+    )
+
+    from nnunetv2_versemi.data import normalization
+
+    for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (base / v).mkdir()
+        mp.setenv(v, str(base / v))
+    mp.setattr(normalization, "NNUNET_FOREGROUND_SAMPLES", 2e5)
+    init = DatasetFingerprintExtractor.__init__
+
+    def small_init(self, *a, **k):
+        init(self, *a, **k)
+        self.num_foreground_voxels_for_intensitystats = 1e5
+
+    mp.setattr(DatasetFingerprintExtractor, "__init__", small_init)

@@ -13,9 +13,13 @@ import torch
 from nnunetv2_versemi.benchmark import report, speed
 from nnunetv2_versemi.benchmark import run as B
 from nnunetv2_versemi.data import merge as M
-from nnunetv2_versemi.data import normalization as N
 from nnunetv2_versemi.data import preprocess as P
 from nnunetv2_versemi.data.demo import generate_demo_datasets
+
+try:
+    from tests import _synth as S
+except ImportError:  # pytest's default rootdir-less import mode puts tests/ itself on sys.path
+    import _synth as S
 from nnunetv2_versemi.plans_presets import (
     PRESET_DIR,
     PlansPresetError,
@@ -47,24 +51,9 @@ METHOD_KEYS = ["alone", "union", "noUnsup", "versemi"]
 def bench(tmp_path_factory):
     """Demo tasks (3 labeled, 2 unlabeled, 1 test case each, half resolution) merged, planned (2d), and the
     benchmark run once with a 1-epoch x 2-iteration budget."""
-    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import (
-        DatasetFingerprintExtractor,
-    )
-
     base = tmp_path_factory.mktemp("bench")
     mp = pytest.MonkeyPatch()
-    for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (base / v).mkdir()
-        mp.setenv(v, str(base / v))
-    # CT statistics and the union fingerprint from 10^5 voxels instead of 10^8 (the union channel is noNorm)
-    mp.setattr(N, "NNUNET_FOREGROUND_SAMPLES", 2e5)
-    init = DatasetFingerprintExtractor.__init__
-
-    def small_init(self, *a, **k):
-        init(self, *a, **k)
-        self.num_foreground_voxels_for_intensitystats = 1e5
-
-    mp.setattr(DatasetFingerprintExtractor, "__init__", small_init)
+    S.isolated_nnunet(base, mp)
     raw = base / "nnUNet_raw"
     generate_demo_datasets(raw, num_labeled=3, num_unlabeled=2, num_test=1, scale=0.5)
     M.merge_datasets([901, 902, 903], UNION, num_processes=1, progress=False)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from nnunetv2_versemi.data import merge as M
-from nnunetv2_versemi.data import normalization as N
 from nnunetv2_versemi.data import preprocess as P
 from nnunetv2_versemi.data.splits import make_stratified_splits, splits_match_table
 from nnunetv2_versemi.tasktable import Task, TaskLabel, TaskTable
@@ -67,25 +66,9 @@ def test_splits_stratified_by_task():
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
     """Three tiny tasks merged (half the labels dropped) and run through the whole command, 2d only."""
-    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import (
-        DatasetFingerprintExtractor,
-    )
-
     base = tmp_path_factory.mktemp("pp")
     mp = pytest.MonkeyPatch()
-    for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (base / v).mkdir()
-        mp.setenv(v, str(base / v))
-    mp.setattr(N, "NNUNET_FOREGROUND_SAMPLES", 2e5)
-    # the union's channel is noNorm, so its fingerprint intensities are unused: sample 10^5 instead of 10^8
-    # voxels (the count is computed here and handed to nnU-Net's workers)
-    init = DatasetFingerprintExtractor.__init__
-
-    def small_init(self, *a, **k):
-        init(self, *a, **k)
-        self.num_foreground_voxels_for_intensitystats = 1e5
-
-    mp.setattr(DatasetFingerprintExtractor, "__init__", small_init)
+    S.isolated_nnunet(base, mp)
     raw = str(base / "nnUNet_raw")
     S.make_three(raw)
     M.merge_datasets([501, 502, 503], 600, labeled_fraction=0.5, num_processes=1, progress=False)
