@@ -65,7 +65,37 @@ def test_soft_dice_perfect_zero_otherwise_positive():
     assert losses.soft_dice_loss(t.clone(), t).item() == pytest.approx(0, abs=1e-6)
     assert losses.soft_dice_loss(1 - t, t).item() == pytest.approx(1, abs=1e-5)
     half = t * 0.5
-    assert losses.soft_dice_loss(half, t).item() == pytest.approx(1 - 2 * 0.5 * 18 / (9 + 18), abs=1e-5)
+    # squared (official) form: 1 - 2 sum(pq) / (sum(p^2) + sum(q^2))
+    assert losses.soft_dice_loss(half, t).item() == pytest.approx(1 - 2 * 0.5 * 18 / (0.25 * 18 + 18), abs=1e-5)
+
+
+def test_soft_dice_zero_at_agreement_for_soft_near_empty_maps():
+    # the linear form gave 0.93 here: it rewarded sharpening, not agreement
+    torch.manual_seed(0)
+    p = torch.rand(4, 16, 16) * 0.1
+    assert losses.soft_dice_loss(p, p.clone()).item() == pytest.approx(0, abs=1e-4)
+    assert losses.soft_dice_loss(p, torch.rand(4, 16, 16) * 0.1).item() > 0.05
+
+
+def test_guard_skips_empty_targets_and_keeps_graph():
+    target = torch.zeros(3, 10, 10)
+    target[1, :2, :5] = 0.9  # 10 % confident foreground
+    target[2, 0, 0] = 0.9  # 1 % confident foreground
+    target[0] = 0.4  # soft, nowhere confident
+    assert losses.foreground_guard(target, 0.05).tolist() == [False, True, False]
+    assert losses.foreground_guard(target, 0.01).tolist() == [False, True, True]
+    assert losses.foreground_guard(target, 0.0).tolist() == [True, True, True]
+    logits = torch.zeros(3, 10, 10, requires_grad=True)
+    prob = torch.sigmoid(logits)
+    keep = losses.foreground_guard(target, 0.05)
+    loss = losses.guarded_consistency_loss(prob, target, keep)
+    assert loss.item() == pytest.approx(losses.soft_dice_loss(prob[1:2], target[1:2]).item())
+    loss.backward()
+    assert logits.grad[1].abs().sum() > 0 and logits.grad[0].abs().sum() == 0 and logits.grad[2].abs().sum() == 0
+    # every target empty: a zero loss that still backpropagates (DDP needs every parameter in the graph)
+    none = losses.guarded_consistency_loss(prob, torch.zeros(3, 10, 10), losses.foreground_guard(
+        torch.zeros(3, 10, 10), 0.05))
+    assert none.item() == 0 and none.requires_grad
 
 
 def test_soft_dice_mask_restricts_region():
@@ -192,6 +222,48 @@ def test_loader_balances_tasks_not_cases():
     for _ in range(200):
         counts += np.bincount([case_tasks[k] for k in dl.get_indices()], minlength=3)
     assert counts[0] / counts.sum() > 0.7  # proportional to case counts (10 of 12)
+
+
+class _CornerDataset:
+    """2d cases of 32x32 with a 3x3 foreground blob in a corner: random 8x8 crops rarely hold foreground."""
+
+    def __init__(self, case_tasks):
+        self.identifiers = sorted(case_tasks)
+
+    def load_case(self, identifier):
+        data = np.random.rand(1, 1, 32, 32).astype(np.float32)
+        seg = np.zeros((1, 1, 32, 32), dtype=np.int16)
+        seg[0, 0, 1:4, 1:4] = 1
+        locs = np.argwhere(seg > 0)
+        return data, seg, None, {"class_locations": {1: locs}}
+
+
+@pytest.mark.parametrize("batch_size", [4, 6])
+def test_forced_foreground_serves_both_cutmix_sides(batch_size):
+    """nnU-Net forces foreground into the last slots; the trainer pairs slot i with i + B/2, so the first
+    half got foreground only by chance (measured 8 % of a-sides with a non-empty L_spec target)."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    from nnunetv2_versemi.training.sampling import TaskBalancedDataLoader
+
+    case_tasks = {f"A_{i}": 0 for i in range(3)} | {f"B_{i}": 1 for i in range(3)}
+    dl = TaskBalancedDataLoader(_CornerDataset(case_tasks), batch_size, (8, 8), (8, 8),
+                                LabelManager({"background": 0, "a": 1}, regions_class_order=None),
+                                case_tasks=case_tasks, num_tasks=2, oversample_foreground_percent=0.33)
+    np.random.seed(0)
+    n = 300
+    has_fg = np.zeros(batch_size)
+    for _ in range(n):
+        seg = dl.generate_train_batch()["target"]
+        has_fg += (seg.flatten(1) > 0).any(1).numpy()
+    rate = has_fg / n
+    half = batch_size // 2
+    forced = batch_size - round(batch_size * (1 - 0.33))
+    # nnU-Net's overall rate of forced slots is kept: at least forced/B of the patches hold foreground
+    assert rate.mean() >= forced / batch_size
+    # both halves of the CutMix pairs are served alike (the old placement: first half ~0.1, last slot 1.0)
+    assert abs(rate[:half].mean() - rate[half:].mean()) < 0.1
+    assert rate.min() > 0.2
 
 
 def test_ill_loader_arguments():

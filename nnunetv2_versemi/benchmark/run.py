@@ -89,11 +89,20 @@ BASELINE = "alone"
 
 
 def method_by_name(name: str) -> Method:
+    """One of the four methods by letter or key, or any trainer nnU-Net finds by class name (an ablation such
+    as ``VerSemiTrainer_dynamicHead``), trained on the union like (b)-(d)."""
     for m in METHODS:
         if name in (m.key, m.letter):
             return m
-    valid = ", ".join(f"{m.letter}/{m.key}" for m in METHODS)
-    raise BenchmarkError(f"Unknown method '{name}'; choose from {valid}")
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnunetv2_versemi.training.trainer import VerSemiTrainer
+
+    cls = recursive_find_trainer_class_by_name(name) if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) else None
+    if cls is None:
+        valid = ", ".join(f"{m.letter}/{m.key}" for m in METHODS)
+        raise BenchmarkError(f"Unknown method '{name}'; choose from {valid} or a trainer class name")
+    return Method(name, name, name, name, prompted=issubclass(cls, VerSemiTrainer))
 
 
 @dataclass(frozen=True)
@@ -913,7 +922,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         default=[m.letter for m in METHODS],
-        help="a/alone b/union c/noUnsup d/versemi (default: all four)",
+        help="a/alone b/union c/noUnsup d/versemi (default: all four), or trainer class names (ablations, "
+        "trained on the union)",
     )
     p.add_argument(
         "-o",

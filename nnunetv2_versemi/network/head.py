@@ -24,12 +24,20 @@ class DynamicHead(nn.Module):
 
     decoder features -> 1x1 conv to ``hidden`` channels -> three dynamic 1x1 convs (hidden->hidden, ReLU,
     hidden->hidden, ReLU, hidden->out) whose weights come from a controller fed with the pooled bottleneck
-    features and the one-hot prompt. Every prompt gets ``max(out_channels)`` outputs; a prompt with fewer
-    classes uses the first ones.
+    features and the one-hot prompt (DoDNet, as in VerSemi). Every prompt gets ``max(out_channels)``
+    outputs; a prompt with fewer classes uses the first ones.
+
+    ``static=True`` (default) adds a static path: one 1x1 conv per prompt on the decoder features, initialised
+    like nnU-Net's own output layer, and the controller rows that generate the last dynamic layer start at
+    zero. The head then starts as nnU-Net's per-task output layer and learns at its pace under nnU-Net's
+    SGD, while the dynamic convs add what the context can tell. With ``static=False`` it is the official
+    dynamic-only head, which learns much more slowly under SGD: with nnU-Net's instance-normalised backbone
+    the pooled context is almost the same for every image, so the generated kernels barely differ between
+    prompts at first (measurements in docs/METHOD.md).
     """
 
     def __init__(self, in_channels: int, context_channels: int, num_prompts: int, out_channels: int,
-                 conv_op: type[nn.Module], hidden: int = 8):
+                 conv_op: type[nn.Module], hidden: int = 8, static: bool = True):
         super().__init__()
         if in_channels < 1 or context_channels < 1 or num_prompts < 2 or out_channels < 2 or hidden < 1:
             raise ValueError(
@@ -43,6 +51,16 @@ class DynamicHead(nn.Module):
         self._shapes = [(hidden, hidden), (hidden, hidden), (out_channels, hidden)]
         n_params = sum(o * i + o for o, i in self._shapes)
         self.controller = nn.Linear(context_channels + num_prompts, n_params)
+        self.static = None
+        if static:
+            self.static = conv_op(in_channels, num_prompts * out_channels, 1, 1, 0, bias=True)
+            # nnU-Net's initialisation of its output layer (InitWeights_He(1e-2): Kaiming normal, zero bias)
+            nn.init.kaiming_normal_(self.static.weight, a=1e-2)
+            nn.init.zeros_(self.static.bias)
+            last = n_params - (out_channels * hidden + out_channels)
+            with torch.no_grad():
+                self.controller.weight[last:].zero_()
+                self.controller.bias[last:].zero_()
 
     def dynamic_params(self, context: torch.Tensor, prompts: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Weights and biases of the three dynamic layers, each (B, P, out, in) and (B, P, out, 1)."""
@@ -68,6 +86,10 @@ class DynamicHead(nn.Module):
         x = F.relu(torch.matmul(w1, x) + b1)
         x = F.relu(torch.matmul(w2, x) + b2)
         x = torch.matmul(w3, x) + b3
+        if self.static is not None:
+            # (B, prompts x out, N) -> each sample's requested prompts (B, P, out, N)
+            static = self.static(features).flatten(2).unflatten(1, (self.num_prompts, self.out_channels))
+            x = x + static[torch.arange(b, device=prompts.device)[:, None], prompts]
         return x.reshape(b, p, self.out_channels, *spatial)
 
 
@@ -82,7 +104,7 @@ class VerSemiNetwork(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, num_classes_per_prompt: Sequence[int],
-                 merged_values_per_task: Sequence[Sequence[int]], hidden: int = 8):
+                 merged_values_per_task: Sequence[Sequence[int]], hidden: int = 8, static_head: bool = True):
         super().__init__()
         if not (hasattr(backbone, "encoder") and hasattr(backbone, "decoder")
                 and hasattr(backbone.decoder, "seg_layers")):
@@ -107,7 +129,7 @@ class VerSemiNetwork(nn.Module):
         out = max(self.num_classes_per_prompt)
         self.heads = nn.ModuleList(
             DynamicHead(channels[s], channels[-1], len(self.num_classes_per_prompt), out,
-                        backbone.encoder.conv_op, hidden)
+                        backbone.encoder.conv_op, hidden, static=static_head)
             for s in range(len(channels) - 1)
         )
         self.prompt: int | None = None

@@ -1,8 +1,9 @@
 """VerSemi loss terms (Lu et al., "Segment Together", TMI 2025, Eq. 2-6), independent of the trainer.
 
 Hard-label terms (L_sup, L_syn, L_spec) use nnU-Net's own Dice + CE with deep supervision, passed in as
-``loss`` (what ``nnUNetTrainer._build_loss`` returns). The soft consistency terms (L_unsup, L_cons) are a
-soft Dice between probability maps, summed over deep-supervision scales with nnU-Net's scale weights.
+``loss`` (what ``nnUNetTrainer._build_loss`` returns). The soft consistency terms (L_unsup, L_cons) are the
+official squared soft Dice between probability maps (0 at agreement), summed over deep-supervision scales
+with nnU-Net's scale weights; L_unsup skips samples whose target holds (almost) no foreground.
 """
 
 from __future__ import annotations
@@ -47,7 +48,13 @@ def aggregate_task_foreground(task_logits: torch.Tensor, num_classes: Sequence[i
 
 def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
                    smooth: float = 1e-5) -> torch.Tensor:
-    """1 - soft Dice over the whole batch (as VerSemi's official Dice loss); ``mask`` restricts the region."""
+    """1 - soft Dice over the whole batch in VerSemi's official (squared) form,
+    1 - (2 sum(p q) + s) / (sum(p^2) + sum(q^2) + s); ``mask`` restricts the region.
+
+    The squared denominator makes the loss 0 whenever ``prob`` equals ``target``, also for soft maps (the
+    linear form 1 - 2 sum(p q) / (sum(p) + sum(q)) is not: 0.93 for p = q ~ U(0, 0.1), so it sharpens the
+    prediction instead of enforcing agreement).
+    """
     prob = prob.float()
     target = target.float()
     if mask is not None:
@@ -55,8 +62,28 @@ def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, mask: torch.Tensor 
         prob = prob * mask
         target = target * mask
     inter = (prob * target).sum()
-    denom = prob.sum() + target.sum()
+    denom = (prob * prob).sum() + (target * target).sum()
     return 1 - (2 * inter + smooth) / (denom + smooth)
+
+
+def foreground_guard(target: torch.Tensor, min_fraction: float, threshold: float = 0.5) -> torch.Tensor:
+    """(B, *S) consistency target -> (B,) bool: samples where at least ``min_fraction`` of the voxels are
+    confidently foreground (target > ``threshold``). ``min_fraction`` 0 keeps every sample.
+
+    An empty target is trivially matched by an empty prediction: left unguarded, the unlabeled term rewards
+    predicting nothing while the task heads (which make P_agg) are still empty.
+    """
+    if min_fraction <= 0:
+        return torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
+    confident = (target.detach() > threshold).flatten(1).float().mean(dim=1)
+    return confident >= min_fraction
+
+
+def guarded_consistency_loss(prob: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """:func:`soft_dice_loss` over the samples ``keep`` selects; 0 (with a graph) when none is kept."""
+    if not bool(keep.any()):
+        return prob.sum() * 0.0
+    return soft_dice_loss(prob[keep], target[keep])
 
 
 def deep_supervision_sum(terms: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

@@ -39,7 +39,9 @@ class TaskBalancedDataLoader(nnUNetDataLoader):
 
     ``balance="tasks"``: every task fills the same share of each batch (small datasets are not drowned by
     large ones); ``balance="cases"``: cases are drawn uniformly, so tasks appear in proportion to their case
-    counts (nnU-Net's own behaviour). Cropping, foreground oversampling and augmentation are nnU-Net's.
+    counts (nnU-Net's own behaviour). Cropping and augmentation are nnU-Net's; foreground oversampling keeps
+    nnU-Net's number of forced slots per batch but draws their positions anew for every batch, so both sides
+    of every CutMix pair (slot i, slot i + B/2) get them.
     """
 
     def __init__(self, *args, case_tasks: Mapping[str, int], num_tasks: int, balance: str = "tasks",
@@ -56,6 +58,26 @@ class TaskBalancedDataLoader(nnUNetDataLoader):
         self.cases_per_task: dict[int, list[str]] = {}
         for k in self.indices:
             self.cases_per_task.setdefault(int(case_tasks[k]), []).append(k)
+        if self.get_do_oversample == self._oversample_last_XX_percent:
+            # nnU-Net forces foreground into the LAST round(B * p) slots; the trainer pairs slot i with slot
+            # i + B/2 for CutMix, so the first half would never get a forced foreground patch. Same count of
+            # forced slots per batch (nnU-Net's rate), at positions drawn anew for every batch.
+            self.get_do_oversample = self._oversample_random_slots
+        self._forced_slots: set[int] = set()
+
+    def num_forced_slots(self) -> int:
+        """Slots per batch with forced foreground, as nnU-Net's ``_oversample_last_XX_percent`` counts them."""
+        return self.batch_size - round(self.batch_size * (1 - self.oversample_foreground_percent))
+
+    def draw_forced_slots(self, rng=np.random) -> set[int]:
+        return {int(i) for i in rng.choice(self.batch_size, self.num_forced_slots(), replace=False)}
+
+    def _oversample_random_slots(self, sample_idx: int) -> bool:
+        return sample_idx in self._forced_slots
+
+    def generate_train_batch(self):
+        self._forced_slots = self.draw_forced_slots()
+        return super().generate_train_batch()
 
     def get_indices(self):
         if self.balance == "cases":

@@ -31,6 +31,7 @@ from nnunetv2_versemi.training import cutmix, losses
 from nnunetv2_versemi.training.sampling import TaskBalancedDataLoader
 
 LOSS_TERMS = ("sup", "syn", "spec", "unsup", "cons")
+STAT_KEYS = ("unsup_lambda", "unsup_kept")  # logged per epoch beside the loss terms
 
 
 def split_global_batch(global_batch: int, world_size: int, rank: int) -> int:
@@ -54,8 +55,8 @@ class VerSemiTrainer(nnUNetTrainer):
       L_sup   Dice+CE of each labeled case under its own task prompt (nnU-Net's loss, deep supervision)
       L_syn   Dice+CE of the synthetic prompt on the labeled mix vs the union foreground of both parts
       L_spec  Dice+CE of a's / b's prompt on the labeled mix vs a's foreground outside / b's inside the box
-      L_unsup soft Dice of the synthetic prompt on the unlabeled mix vs P_agg = max over task prompts of
-              the task foreground probability
+      L_unsup squared soft Dice of the synthetic prompt on the unlabeled mix vs P_agg = max over task
+              prompts of the task foreground probability, on the samples whose P_agg holds foreground
       L_cons  soft Dice of the synthetic prompt vs the known foreground on the labeled part of an
               unlabeled+labeled mix (only with ``unlabeled_mix = "labeled"``)
     loss = w_sup L_sup + w_syn L_syn + w_spec L_spec + lambda(epoch) (w_unsup L_unsup + w_cons L_cons).
@@ -68,9 +69,14 @@ class VerSemiTrainer(nnUNetTrainer):
         "gradient": the official behaviour);
       - ``unlabeled_mix = "unlabeled"``: two unlabeled images are mixed as in the paper's formula
         ("labeled" mixes unlabeled with labeled as the official code and enables L_cons);
-      - ``unsup_schedule = "stage"``: the official two stages, stage 1 (labeled terms only) for
-        ``stage1_fraction`` of the epochs, chosen over the ramp by a side-by-side run (docs/METHOD.md);
-        ("ramp": sigmoid ramp-up of lambda over ``rampup_fraction`` of the epochs, L_spec kept);
+      - ``unsup_schedule = "stage"``: the official two stages, but stage 2 starts on evidence: after the first
+        epoch in which every task's online pseudo Dice reaches ``switch_dice`` (not before
+        ``stage1_min_fraction`` of the epochs), at the latest after ``stage1_fraction`` of them
+        ("ramp": sigmoid ramp-up of lambda over ``rampup_fraction`` of the epochs from that same switch,
+        L_spec kept); the switch epoch is logged and stored in the checkpoint;
+      - ``unsup_min_foreground``: L_unsup skips samples whose P_agg has fewer confidently foreground voxels
+        (0: no guard, the official behaviour);
+      - ``static_head`` (class attribute): a static per-prompt output layer beside the dynamic convs;
       - hard-label terms use nnU-Net's Dice+CE instead of the official Dice only;
       - one CutMix box per pair instead of one per batch; labeled pairs cross tasks whenever possible.
     """
@@ -98,19 +104,28 @@ class VerSemiTrainer(nnUNetTrainer):
         self.ema_alpha = 0.99
         self.unsup_schedule = "stage"  # or "ramp"
         self.rampup_fraction = 0.2
-        self.stage1_fraction = 0.5
+        self.stage1_fraction = 0.5  # stage 2 starts at the latest after this fraction of the epochs
+        self.stage1_min_fraction = 0.1  # ... and not before this fraction
+        self.switch_dice = 0.5  # ... once every task's online pseudo Dice reaches this
+        self.unsup_min_foreground = 1e-3  # guard: fraction of voxels with P_agg > 0.5 a sample needs
+        self.empty_warning_epochs = 3  # warn when P_agg stays empty for this many stage-2 epochs
         self.allow_labeled_only = False  # True: train without unlabeled images (logged), instead of failing
 
         self.ema_network: VerSemiNetwork | None = None
         self.dataloader_unlabeled = None
         self.global_step = 0
+        self.switch_epoch: int | None = None  # first epoch with the unlabeled terms on (None: stage 1)
+        self._empty_epochs = 0
         self._uses_unlabeled = None  # -> initialize
-        for key in (*LOSS_TERMS, "unsup_lambda"):
+        for key in (*LOSS_TERMS, *STAT_KEYS):
             self.logger.local_logger.my_fantastic_logging.setdefault(f"versemi_{key}", [])
 
+    # structure, not a training hyperparameter: nnU-Net's predictors rebuild the network from the class alone
+    static_head = True
+
     # ------------------------------------------------------------------------------------------ network
-    @staticmethod
-    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> VerSemiNetwork:
         table = TaskTable.from_plans(plans_manager.plans)
@@ -123,7 +138,8 @@ class VerSemiTrainer(nnUNetTrainer):
             configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
             configuration_manager.network_arch_init_kwargs_req_import, num_input_channels, 2,
             allow_init=True, deep_supervision=enable_deep_supervision)
-        return VerSemiNetwork(backbone, table.num_classes_per_prompt(), [t.merged_values for t in table.tasks])
+        return VerSemiNetwork(backbone, table.num_classes_per_prompt(), [t.merged_values for t in table.tasks],
+                              static_head=cls.static_head)
 
     def _plain_network(self) -> VerSemiNetwork:
         mod = self.network.module if isinstance(self.network, DDP) else self.network
@@ -137,6 +153,7 @@ class VerSemiTrainer(nnUNetTrainer):
             raise ValueError(f"target_source must be 'detach', 'ema' or 'gradient', got {self.target_source!r}")
         if self.unsup_schedule not in ("ramp", "stage"):
             raise ValueError(f"unsup_schedule must be 'ramp' or 'stage', got {self.unsup_schedule!r}")
+        self._check_schedule()
         if self._uses_unlabeled and not self._unlabeled_cases():
             if not self.allow_labeled_only:
                 raise FileNotFoundError(
@@ -240,20 +257,66 @@ class VerSemiTrainer(nnUNetTrainer):
         self.dataloader_unlabeled = None
 
     # ------------------------------------------------------------------------------------------ schedule
+    def _check_schedule(self) -> None:
+        for name in ("stage1_fraction", "stage1_min_fraction", "switch_dice", "unsup_min_foreground",
+                     "rampup_fraction"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ValueError(f"{type(self).__name__}.{name} must be a number in [0, 1], got {v!r}")
+        if self.stage1_min_fraction > self.stage1_fraction:
+            raise ValueError(f"{type(self).__name__}.stage1_min_fraction ({self.stage1_min_fraction}) must not "
+                             f"exceed stage1_fraction ({self.stage1_fraction})")
+        if not isinstance(self.empty_warning_epochs, int) or self.empty_warning_epochs < 1:
+            raise ValueError(f"{type(self).__name__}.empty_warning_epochs must be a positive integer, got "
+                             f"{self.empty_warning_epochs!r}")
+
     def unlabeled_weight(self, epoch: int | None = None) -> float:
-        """lambda(epoch): weight of L_unsup and L_cons; 0 in stage 1 / at the start of the ramp."""
-        if not self._uses_unlabeled:
+        """lambda(epoch): weight of L_unsup and L_cons; 0 before the switch (stage 1), then 1 ("stage") or a
+        sigmoid ramp from the switch epoch over ``rampup_fraction`` of the epochs ("ramp")."""
+        if not self._uses_unlabeled or self.switch_epoch is None:
             return 0.0
         epoch = self.current_epoch if epoch is None else epoch
-        progress = epoch / max(1, self.num_epochs)
-        if self.unsup_schedule == "stage":
-            return 1.0 if progress >= self.stage1_fraction else 0.0
-        if self.rampup_fraction <= 0:
+        if epoch < self.switch_epoch:
+            return 0.0
+        if self.unsup_schedule == "stage" or self.rampup_fraction <= 0:
             return 1.0
-        return sigmoid_rampup(progress / self.rampup_fraction)
+        return sigmoid_rampup((epoch - self.switch_epoch) / (self.rampup_fraction * max(1, self.num_epochs)))
+
+    def per_task_pseudo_dice(self, step: int = -1) -> dict[str, float]:
+        """Online pseudo Dice per task (mean over its classes) of an epoch's validation batches."""
+        per_class = self.logger.get_value("dice_per_class_or_region", step=step)
+        return {t.name: float(np.nanmean([per_class[v - 1] for v in t.merged_values]))
+                for t in self.task_table.tasks}
+
+    def maybe_switch(self) -> None:
+        """After an epoch's validation: decide whether the unlabeled terms start with the next epoch.
+
+        Evidence first: every task's online pseudo Dice >= ``switch_dice`` (so P_agg is not empty), not
+        before ``stage1_min_fraction`` of the epochs; at ``stage1_fraction`` the switch happens regardless
+        (the L_unsup guard then skips empty targets) and the tasks still below the threshold are named.
+        """
+        if not self._uses_unlabeled or self.switch_epoch is not None:
+            return
+        nxt = self.current_epoch + 1
+        if nxt >= self.num_epochs:
+            return
+        dice = self.per_task_pseudo_dice()
+        below = [k for k, v in dice.items() if not v >= self.switch_dice]
+        if nxt < self.stage1_min_fraction * self.num_epochs:
+            return
+        if below and nxt < self.stage1_fraction * self.num_epochs:
+            return
+        self.switch_epoch = nxt
+        why = (f"every task's pseudo Dice >= {self.switch_dice}" if not below else
+               f"epoch limit stage1_fraction={self.stage1_fraction} reached; below {self.switch_dice}: "
+               f"{', '.join(below)}")
+        self.print_to_log_file(
+            f"VerSemi: unlabeled terms on from epoch {nxt} (step {nxt * self.num_iterations_per_epoch}): {why}. "
+            f"Pseudo Dice per task: { {k: round(v, 4) for k, v in dice.items()} }")
 
     def _in_stage_two(self) -> bool:
-        return self.unsup_schedule == "stage" and self.unlabeled_weight() > 0
+        return self.unsup_schedule == "stage" and self.switch_epoch is not None \
+            and self.current_epoch >= self.switch_epoch
 
     # ---------------------------------------------------------------------------------------- training
     def _hard_loss(self, logits: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
@@ -312,7 +375,7 @@ class VerSemiTrainer(nnUNetTrainer):
                                       torch.full((u.shape[0], 1), syn_prompt, device=self.device)), dim=1))
 
         self.optimizer.zero_grad(set_to_none=True)
-        terms = {}
+        terms, stats = {}, {}
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             outs = self.network(torch.cat(inputs), prompts)
             terms["sup"] = losses.prompted_supervised_loss([o[:, 0] for o in outs[0]], local, tasks,
@@ -327,8 +390,9 @@ class VerSemiTrainer(nnUNetTrainer):
                         + losses.prompted_supervised_loss([o[:, 2] for o in out_mix], spec_b, tasks[b],
                                                           self._num_classes, self._hard_loss))
             if lam > 0:
-                terms.update(self._unlabeled_terms(outs[-1], x_u, mu, fg, partner_idx
-                                                   if self.unlabeled_mix == "labeled" else None))
+                u_terms, stats = self._unlabeled_terms(outs[-1], x_u, mu, fg, partner_idx
+                                                       if self.unlabeled_mix == "labeled" else None)
+                terms.update(u_terms)
             weights = dict(sup=self.sup_weight, syn=self.syn_weight, spec=self.spec_weight,
                            unsup=self.unsup_weight * lam, cons=self.cons_weight * lam)
             loss = sum(weights[k] * v for k, v in terms.items())
@@ -346,26 +410,37 @@ class VerSemiTrainer(nnUNetTrainer):
         self.global_step += 1
         if self.ema_network is not None:
             self._update_ema()
-        out = {"loss": loss.detach().cpu().numpy(), "unsup_lambda": np.array(lam)}
+        out = {"loss": loss.detach().cpu().numpy(), "unsup_lambda": np.array(lam),
+               "unsup_kept": np.array(stats.get("unsup_kept", np.nan)),
+               "task_fg": stats.get("task_fg", np.full(self.task_table.num_tasks, np.nan))}
         for k in LOSS_TERMS:
             out[k] = terms[k].detach().cpu().numpy() if k in terms else np.array(np.nan)
         return out
 
     def _unlabeled_terms(self, out_u: list[torch.Tensor], x_u: torch.Tensor, mu: torch.Tensor,
-                         fg: list[torch.Tensor], partner_idx: torch.Tensor | None) -> dict[str, torch.Tensor]:
+                         fg: list[torch.Tensor], partner_idx: torch.Tensor | None
+                         ) -> tuple[dict[str, torch.Tensor], dict]:
+        """L_unsup (and L_cons), plus statistics for the log: the share of unlabeled samples the guard kept
+        and, per task, the share of voxels its head calls foreground on the unlabeled mixes."""
         T = self.task_table.num_tasks
         task_classes = self._num_classes[:-1]
         if self.target_source == "ema":
             with torch.no_grad():
                 teacher = self.ema_network(x_u, self.ema_network.task_prompts(x_u.shape[0], x_u.device))
-            agg = [losses.aggregate_task_foreground(o, task_classes) for o in teacher]
+            task_out = teacher
         else:
-            agg = [losses.aggregate_task_foreground(o[:, :T], task_classes) for o in out_u]
-            if self.target_source == "detach":
-                agg = [a.detach() for a in agg]
+            task_out = [o[:, :T] if self.target_source == "gradient" else o[:, :T].detach() for o in out_u]
+        agg = [losses.aggregate_task_foreground(o, task_classes) for o in task_out]
         p_syn = [losses.foreground_probability(o[:, T], 2) for o in out_u]
+        # the guard is decided once, at full resolution, and applies to every deep-supervision scale
+        keep = losses.foreground_guard(agg[0], self.unsup_min_foreground)
         terms = {"unsup": losses.deep_supervision_sum(
-            [losses.soft_dice_loss(p, q) for p, q in zip(p_syn, agg)], self._ds_weights)}
+            [losses.guarded_consistency_loss(p, q, keep) for p, q in zip(p_syn, agg)], self._ds_weights)}
+        with torch.no_grad():
+            full = task_out[0]
+            stats = {"unsup_kept": keep.float().mean().item(),
+                     "task_fg": np.array([(losses.foreground_probability(full[:, t], task_classes[t]) > 0.5)
+                                          .float().mean().item() for t in range(T)])}
         if partner_idx is not None:
             # the box holds the labeled partner: its known foreground supervises the synthetic prompt there
             cons = []
@@ -373,7 +448,7 @@ class VerSemiTrainer(nnUNetTrainer):
                 m = cutmix.resize_mask(mu, p.shape[1:])[:, 0]
                 cons.append(losses.soft_dice_loss(p, f[partner_idx][:, 0], mask=m))
             terms["cons"] = losses.deep_supervision_sum(cons, self._ds_weights)
-        return terms
+        return terms, stats
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -384,16 +459,37 @@ class VerSemiTrainer(nnUNetTrainer):
             else:
                 v.copy_(student[k])
 
+    def _gather(self, vals: np.ndarray) -> np.ndarray:
+        if not self.is_ddp:
+            return vals
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, vals)
+        return np.concatenate(gathered)
+
     def on_train_epoch_end(self, train_outputs: list[dict]):
         super().on_train_epoch_end(train_outputs)
-        for key in (*LOSS_TERMS, "unsup_lambda"):
-            vals = np.array([float(o[key]) for o in train_outputs])
-            if self.is_ddp:
-                gathered = [None] * dist.get_world_size()
-                dist.all_gather_object(gathered, vals)
-                vals = np.concatenate(gathered)
+        for key in (*LOSS_TERMS, *STAT_KEYS):
+            vals = self._gather(np.array([float(o[key]) for o in train_outputs]))
             value = float(np.nanmean(vals)) if np.any(np.isfinite(vals)) else float("nan")
             self.logger.log(f"versemi_{key}", value, self.current_epoch)
+        task_fg = self._gather(np.stack([o["task_fg"] for o in train_outputs]))
+        self._warn_if_empty(task_fg)
+
+    def _warn_if_empty(self, task_fg: np.ndarray) -> None:
+        """Stage 2 with an empty P_agg for ``empty_warning_epochs`` epochs in a row: say which task heads
+        predict no foreground on the unlabeled images."""
+        if not np.any(np.isfinite(task_fg)):
+            return
+        empty = ~(np.nan_to_num(task_fg, nan=0.0) > 0).any(axis=0)  # per task: no foreground all epoch
+        kept = self.logger.get_value("versemi_unsup_kept", step=-1)
+        self._empty_epochs = self._empty_epochs + 1 if (kept == 0 or empty.all()) else 0
+        if self._empty_epochs >= self.empty_warning_epochs:
+            names = [t.name for t, e in zip(self.task_table.tasks, empty) if e] or ["(none fully empty)"]
+            self.print_to_log_file(
+                f"WARNING: P_agg has been (almost) empty for {self._empty_epochs} epochs: L_unsup kept "
+                f"{kept:.0%} of the unlabeled samples this epoch. Task heads with no foreground on the unlabeled "
+                f"images: {', '.join(names)}. The unlabeled term teaches nothing until they predict foreground; "
+                f"train longer before the switch (switch_dice, stage1_min_fraction) or check these tasks' labels.")
 
     # -------------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict) -> dict:
@@ -417,12 +513,12 @@ class VerSemiTrainer(nnUNetTrainer):
 
     def on_validation_epoch_end(self, val_outputs: list[dict]):
         super().on_validation_epoch_end(val_outputs)
-        per_class = self.logger.get_value("dice_per_class_or_region", step=-1)
-        per_task = {t.name: float(np.nanmean([per_class[v - 1] for v in t.merged_values]))
-                    for t in self.task_table.tasks}
-        self.print_to_log_file("Pseudo dice per task", {k: np.round(v, 4) for k, v in per_task.items()})
+        self.print_to_log_file("Pseudo dice per task",
+                               {k: np.round(v, 4) for k, v in self.per_task_pseudo_dice().items()})
 
     def on_epoch_end(self):
+        # before nnU-Net's checkpointing in super(), so a checkpoint written now already holds the switch
+        self.maybe_switch()
         super().on_epoch_end()
         if self.local_rank == 0:
             from nnunetv2_versemi.training.plotting import plot_versemi_progress
@@ -464,6 +560,7 @@ class VerSemiTrainer(nnUNetTrainer):
         checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
         checkpoint["versemi"] = {
             "global_step": self.global_step,
+            "switch_epoch": self.switch_epoch,
             "task_table": self.task_table.to_dict(),
             "ema_weights": self.ema_network.state_dict() if self.ema_network is not None else None,
         }
@@ -481,6 +578,12 @@ class VerSemiTrainer(nnUNetTrainer):
         if not TaskTable.from_dict(state["task_table"]).same_structure(self.task_table):
             raise TaskTableError("The checkpoint was trained on other tasks than the plans describe")
         self.global_step = state["global_step"]
+        self.switch_epoch = state.get("switch_epoch")
+        # checkpoints of earlier versions lack some per-epoch keys: pad them, nnU-Net's logger needs one per epoch
+        log = self.logger.local_logger.my_fantastic_logging
+        for key in (*LOSS_TERMS, *STAT_KEYS):
+            vals = log.setdefault(f"versemi_{key}", [])
+            vals.extend([float("nan")] * (self.current_epoch - len(vals)))
         if self.ema_network is not None and state["ema_weights"] is not None:
             self.ema_network.load_state_dict(state["ema_weights"])
 

@@ -63,6 +63,18 @@ class VerSemiTrainer_ramp(VerSemiTrainer):
         self.unsup_schedule = "ramp"
 
 
+class VerSemiTrainer_dynamicHead(VerSemiTrainer):
+    """The official dynamic-only head (no static per-prompt output layer beside the dynamic convs)."""
+
+    static_head = False
+
+
+class VerSemiTrainer_noUnsup_dynamicHead(VerSemiTrainer_noUnsup):
+    """Labeled-only VerSemi with the official dynamic-only head."""
+
+    static_head = False
+
+
 def _short(base: type, epochs: int, iterations: int | None = None, val_iterations: int | None = None,
            name: str | None = None) -> type:
     """A short-run subclass of ``base`` (module-level, so it pickles and nnU-Net finds it by name)."""
