@@ -86,9 +86,10 @@ def _stats(values: list[float]) -> dict:
     return {"mean": float(arr.mean()), "std": float(arr.std()), "n": int(arr.size)}
 
 
-def learning_curves(model_folder: str, folds: list) -> dict:
+def learning_curves(model_folder: str, folds: list, iterations: int = 1) -> dict:
     """Per fold: train loss, validation loss and pseudo Dice (nnU-Net's ``mean_fg_dice``) per epoch, read from
-    the checkpoint's logging (falls back to checkpoint_latest.pth)."""
+    the checkpoint's logging (falls back to checkpoint_latest.pth); ``steps`` = optimizer steps at the end of
+    each epoch (``iterations`` per epoch); ``switch_step``: where a VerSemi run switched its unlabeled terms on."""
     import torch
 
     out = {}
@@ -96,11 +97,16 @@ def learning_curves(model_folder: str, folds: list) -> dict:
         for name in ("checkpoint_final.pth", "checkpoint_latest.pth"):
             path = join(model_folder, f"fold_{fold}", name)
             if os.path.isfile(path):
-                log = torch.load(path, map_location="cpu", weights_only=False).get("logging", {})
+                ckpt = torch.load(path, map_location="cpu", weights_only=False)
+                log = ckpt.get("logging", {})
+                switch = (ckpt.get("versemi") or {}).get("switch_epoch")
+                losses = [float(v) for v in log.get("train_losses", [])]
                 out[str(fold)] = {
-                    "train_loss": [float(v) for v in log.get("train_losses", [])],
+                    "steps": [(e + 1) * iterations for e in range(len(losses))],
+                    "train_loss": losses,
                     "val_loss": [float(v) for v in log.get("val_losses", [])],
                     "pseudo_dice": [float(v) for v in log.get("mean_fg_dice", [])],
+                    "switch_step": None if switch is None else switch * iterations,
                 }
                 break
     return out
@@ -151,7 +157,7 @@ def collect(
     curves = {}
     for st in states:
         try:
-            curves[st["run"]] = learning_curves(st["model_folder"], st["folds"])
+            curves[st["run"]] = learning_curves(st["model_folder"], st["folds"], st["budget"]["iterations"])
         except Exception as e:  # a broken checkpoint must not lose the report
             curves[st["run"]] = {"error": repr(e)}
     return _nan_to_none(
@@ -320,14 +326,18 @@ def _curves_plot(plt, results: dict, path: str) -> None:
                 if not isinstance(c, dict) or "train_loss" not in c:
                     continue
                 label = (st["task"] + " " if st.get("task") else "") + f"fold {fold}"
-                row[0].plot(range(len(c["train_loss"])), c["train_loss"], marker=".", label=label)
+                steps = c.get("steps") or list(range(1, len(c["train_loss"]) + 1))
+                row[0].plot(steps[: len(c["train_loss"])], c["train_loss"], marker=".", label=label)
                 dice = [np.nan if v is None else v for v in c["pseudo_dice"]]
-                row[1].plot(range(len(dice)), dice, marker=".", label=label)
+                row[1].plot(steps[: len(dice)], dice, marker=".", label=label)
+                if c.get("switch_step") is not None:
+                    for ax in row:
+                        ax.axvline(c["switch_step"], color="grey", ls="--", lw=0.8)
         row[0].set_title(f"{m['label']}: train loss", fontsize=9)
         row[1].set_title(f"{m['label']}: pseudo Dice (validation patches)", fontsize=9)
         row[1].set_ylim(-0.02, 1.02)
         for ax in row:
-            ax.set_xlabel("epoch")
+            ax.set_xlabel("optimizer steps (dashed: unlabeled terms switched on)")
             ax.grid(alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize=7)

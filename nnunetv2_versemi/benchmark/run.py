@@ -386,12 +386,18 @@ def alone_dataset_name(ctx: Context, task: Task) -> str:
     for d in sorted(os.listdir(raw_root)) if isdir(raw_root) else []:
         if re.fullmatch(r"Dataset\d{3}_" + re.escape(suffix), d):
             return d
-    used = _used_ids() | ctx.claimed_ids
-    for i in [*range(ctx.union_id + 1, 1000), *range(1, ctx.union_id)]:
+    return f"Dataset{free_dataset_id(ctx.union_id, ctx.claimed_ids):03d}_{suffix}"
+
+
+def free_dataset_id(after: int, claimed: set[int]) -> int:
+    """The first dataset id after ``after`` (wrapping around) used in none of nnU-Net's folders nor in
+    ``claimed``; it is added to ``claimed``."""
+    used = _used_ids() | claimed
+    for i in [*range(after + 1, 1000), *range(1, after)]:
         if i not in used:
-            ctx.claimed_ids.add(i)
-            return f"Dataset{i:03d}_{suffix}"
-    raise BenchmarkError("No free nnU-Net dataset id (001-999) left for the per-task baseline datasets")
+            claimed.add(i)
+            return i
+    raise BenchmarkError("No free nnU-Net dataset id (001-999) left for the benchmark's datasets")
 
 
 def _alone_signature(ctx: Context, task: Task) -> dict:
@@ -943,6 +949,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="apply a plans preset (e.g. cpu_demo, paper_96, or a JSON path) to every plans file",
     )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="repeat the benchmark over N seeds: seed s > 0 re-merges the union's sources with merge seed + s "
+        "(new labeled subset, same test cases when they come from the sources' imagesTs) and retrains; "
+        "seeds.json/seeds.md give mean ± std over seeds and paired differences to (a) with 95%% CIs (default: 1)",
+    )
     p.add_argument("--disable_tta", action="store_true", help="no mirroring at test time")
     p.add_argument(
         "--skip-val",
@@ -969,7 +983,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     args.argv = argv
     # nnU-Net reads its worker count once, at import; the final validation spawns that many exporters
     os.environ.setdefault("nnUNet_def_n_proc", str(max(1, args.npp)))
+    if args.seeds < 1:
+        print(f"{PROG}: error: --seeds must be at least 1, got {args.seeds}", file=sys.stderr)
+        raise SystemExit(2)
     try:
+        if args.seeds > 1:
+            from nnunetv2_versemi.benchmark.seeds import run_seeds
+
+            return run_seeds(args)
         return run_benchmark(args)
     except (BenchmarkError, TaskTableError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
