@@ -63,6 +63,11 @@ def test_stock_training_writes_versemi_results(pipeline):
     assert logged["versemi_unsup_lambda"] == [0.0, 1.0]
     assert np.isfinite(logged["versemi_spec"][0]) and np.isnan(logged["versemi_spec"][1])
     assert np.isnan(logged["versemi_unsup"][0]) and np.isfinite(logged["versemi_unsup"][1])
+    # the switch is decided on evidence and logged; here forced by the epoch limit (tiny run, empty heads)
+    assert ckpt["versemi"]["switch_epoch"] == 1
+    log_text = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    assert "unlabeled terms on from epoch 1 (step 3)" in log_text and "epoch limit" in log_text
+    assert np.isnan(logged["versemi_unsup_kept"][0]) and 0 <= logged["versemi_unsup_kept"][1] <= 1
     import json
 
     summary = json.loads((fold / "validation" / "summary.json").read_text())
@@ -87,10 +92,105 @@ def test_continue_restores_identical_state(pipeline):
     # EMA differs from the student: it is a real second state, not a copy
     assert any(not torch.equal(v, saved["network_weights"][k]) for k, v in saved["versemi"]["ema_weights"].items())
     assert trainer.optimizer.state_dict()["state"].keys() == saved["optimizer_state"]["state"].keys()
+    assert trainer.switch_epoch == saved["versemi"]["switch_epoch"] == 1
     # the stock --c path runs to completion from that checkpoint
     _run(["nnUNetv2_train", str(UNION_ID), "2d", "0", "-tr", TRAINER, "-device", "cpu", "--c"], pipeline["env"])
     again = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert again["versemi"]["global_step"] == saved["versemi"]["global_step"]
+
+
+def _fresh_trainer(pipeline, tmp_path, monkeypatch, name="VerSemiTrainer", **attrs):
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "res"))
+    trainer = get_trainer_from_args(str(UNION_ID), "2d", 0, name, "nnUNetPlans", device=torch.device("cpu"))
+    for k, v in attrs.items():
+        setattr(trainer, k, v)
+    trainer.initialize()
+    return trainer
+
+
+def _log_epoch(trainer, per_task_dice: list[float]) -> None:
+    """What nnU-Net's validation logs for one epoch: pseudo Dice per merged class (DemoMC has two)."""
+    ct, mr, mc = per_task_dice
+    trainer.logger.local_logger.my_fantastic_logging["dice_per_class_or_region"].append([ct, mr, mc, mc])
+
+
+def _log_text(trainer) -> str:
+    return open(trainer.log_file).read()
+
+
+def test_switch_on_evidence_and_state_survives_checkpoint(pipeline, tmp_path, monkeypatch):
+    trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, num_epochs=10, stage1_min_fraction=0.2,
+                             stage1_fraction=0.6, switch_dice=0.5)
+    # epoch 0: every task good, but before stage1_min_fraction (epoch 2): stays in stage 1
+    _log_epoch(trainer, [0.9, 0.9, 0.9])
+    trainer.maybe_switch()
+    assert trainer.switch_epoch is None and trainer.unlabeled_weight(1) == 0
+    trainer.current_epoch = 1
+    _log_epoch(trainer, [0.9, 0.4, 0.9])  # DemoMR below the threshold
+    trainer.maybe_switch()
+    assert trainer.switch_epoch is None
+    trainer.current_epoch = 2
+    _log_epoch(trainer, [0.9, 0.7, 0.6])
+    trainer.maybe_switch()
+    assert trainer.switch_epoch == 3
+    assert "unlabeled terms on from epoch 3" in _log_text(trainer) and "every task's pseudo Dice" in _log_text(trainer)
+    assert [trainer.unlabeled_weight(e) for e in (2, 3, 9)] == [0.0, 1.0, 1.0]
+    # --c: the switch travels in the checkpoint, before and after it
+    trainer.current_epoch = 3
+    trainer.save_checkpoint(str(tmp_path / "after.pth"))
+    again = _fresh_trainer(pipeline, tmp_path, monkeypatch, num_epochs=10)
+    again.load_checkpoint(str(tmp_path / "after.pth"))
+    assert again.switch_epoch == 3 and again.unlabeled_weight() == 1.0
+    assert again._in_stage_two()
+    trainer.switch_epoch = None
+    trainer.save_checkpoint(str(tmp_path / "before.pth"))
+    again = _fresh_trainer(pipeline, tmp_path, monkeypatch, num_epochs=10)
+    again.load_checkpoint(str(tmp_path / "before.pth"))
+    assert again.switch_epoch is None and again.unlabeled_weight() == 0.0
+
+
+def test_switch_forced_at_epoch_limit_names_weak_tasks_and_ramp_starts_there(pipeline, tmp_path, monkeypatch):
+    trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, num_epochs=10, stage1_fraction=0.3,
+                             unsup_schedule="ramp", rampup_fraction=0.4)
+    for epoch in range(3):
+        trainer.current_epoch = epoch
+        _log_epoch(trainer, [0.0, 0.8, float("nan")])
+        trainer.maybe_switch()
+    assert trainer.switch_epoch == 3
+    text = _log_text(trainer)
+    assert "epoch limit stage1_fraction=0.3" in text and "DemoCT, DemoMC" in text
+    lam = [trainer.unlabeled_weight(e) for e in range(2, 9)]
+    assert lam[0] == 0 and 0 < lam[1] < 0.01 and lam[1] < lam[2] < lam[3] < lam[4] and lam[-1] == 1.0
+
+
+def test_empty_target_warning_names_tasks(pipeline, tmp_path, monkeypatch):
+    trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, empty_warning_epochs=2)
+    log = trainer.logger.local_logger.my_fantastic_logging
+    for epoch in range(3):
+        log["versemi_unsup_kept"].append(0.0)
+        # DemoMR's head finds foreground on some unlabeled mixes, DemoCT's and DemoMC's never
+        trainer._warn_if_empty(np.array([[0.0, 0.02, 0.0], [0.0, 0.0, 0.0]]))
+        if epoch == 0:
+            assert "P_agg" not in _log_text(trainer)
+    text = _log_text(trainer)
+    assert "WARNING: P_agg has been (almost) empty for 2 epochs" in text
+    assert "unlabeled images: DemoCT, DemoMC." in text
+    log["versemi_unsup_kept"].append(0.5)
+    trainer._warn_if_empty(np.array([[0.1, 0.02, 0.3]]))
+    assert trainer._empty_epochs == 0
+
+
+@pytest.mark.parametrize("attrs,message", [
+    ({"switch_dice": 1.5}, "switch_dice must be a number in"),
+    ({"stage1_min_fraction": 0.8, "stage1_fraction": 0.5}, "must not exceed stage1_fraction"),
+    ({"unsup_min_foreground": -0.1}, "unsup_min_foreground must be"),
+    ({"empty_warning_epochs": 0}, "empty_warning_epochs must be a positive integer"),
+])
+def test_ill_schedule_attributes_fail_at_initialize(pipeline, tmp_path, monkeypatch, attrs, message):
+    with pytest.raises(ValueError, match=message):
+        _fresh_trainer(pipeline, tmp_path, monkeypatch, **attrs)
 
 
 def test_task_prediction_source_labels_geometry_and_equals_network(pipeline):
