@@ -177,6 +177,79 @@ def test_budget_per_task_scales_only_the_union_runs(bench):
     assert plans != ctx.bench_plans == B.bench_plans_identifier("nnUNetPlans", B.Budget(1, 2, 1))
 
 
+def test_seeds_remerge_sources_and_aggregate(bench, capsys):
+    from nnunetv2_versemi.benchmark import seeds as SD
+
+    out = bench["base"] / "seeds_report"
+    args = ["-d", str(UNION), "-c", "2d", *TINY, "--methods", "a", "c", "--seeds", "2", "-o", str(out)]
+    B.main(args)
+    agg = json.loads((out / SD.SEEDS_JSON).read_text())
+    assert agg["seeds"] == 2 and agg["unions"][0].startswith(f"Dataset{UNION}_")
+    seed1 = agg["unions"][1]
+    assert seed1.endswith("S1")
+    dj = json.loads((Path(os.environ["nnUNet_raw"]) / seed1 / "dataset.json").read_text())
+    assert dj[SD.SEED_MARK]["merge_seed"] == dj["versemi_merge"]["seed"] == 12345 + 1
+    # the test cases come from the sources' imagesTs: the same in every seed, so differences pair up
+    assert agg["test_cases"][0] == agg["test_cases"][1]
+    tasks = agg["tasks"]
+    for key in ("alone", "noUnsup"):
+        for t in [*tasks, report.MEAN_ROW]:
+            s = agg["dice_over_seeds"][key][t]
+            assert s["n"] == 2 and len(s["values"]) == 2
+    ci = agg["paired_difference_to_baseline"]["noUnsup"]
+    assert ci[report.MEAN_ROW]["n"] == 2 * sum(len(c) for c in agg["test_cases"][0].values())
+    assert "alone" not in agg["paired_difference_to_baseline"]
+    assert {c["seed"] for c in agg["curves"]["noUnsup"]} == {0, 1}
+    md = (out / SD.SEEDS_MD).read_text()
+    assert "mean ± std over seeds" in md and "95 % CI" in md
+    assert (out / SD.SEEDS_CURVES_PNG).stat().st_size > 0
+    assert (out / "seed1" / "report.md").is_file()
+    # a second invocation reuses the seed unions and every finished run
+    capsys.readouterr()
+    B.main(args)
+    log = capsys.readouterr().out
+    assert "Training " not in log and "merging" not in log and log.count("Skipping ") == 2 * 4
+
+
+def test_seed_aggregate_numbers():
+    from nnunetv2_versemi.benchmark import seeds as SD
+
+    methods = [{"key": "alone", "letter": "a", "label": "(a)"}, {"key": "versemi", "letter": "d", "label": "(d)"}]
+
+    def result(a_dice, d_dice):
+        cases = [{"method": m, "task": "T", "case": f"c{i}", "dice": v}
+                 for m, vals in (("alone", a_dice), ("versemi", d_dice)) for i, v in enumerate(vals)]
+        summary = {m: {t: {"dice": {"mean": sum(v) / len(v)}} for t in ("T", report.MEAN_ROW)}
+                   for m, v in (("alone", a_dice), ("versemi", d_dice))}
+        return {"methods": methods, "tasks": ["T"], "cases": cases, "summary": summary, "runs": [], "curves": {},
+                "configuration": "2d", "budget": {}, "budget_per": "task", "folds": ["all"], "machine": {},
+                "test_cases": {"T": ["c0", "c1"]}}
+
+    agg = SD.aggregate([result([0.5, 0.7], [0.6, 0.9]), result([0.4, 0.6], [0.0, 0.0])], ["D1", "D2"])
+    d = agg["dice_over_seeds"]["versemi"]["T"]
+    assert d["values"] == pytest.approx([0.75, 0.0]) and d["std"] == pytest.approx((0.75**2 / 2) ** 0.5)
+    ci = agg["paired_difference_to_baseline"]["versemi"]["T"]
+    diffs = [0.1, 0.2, -0.4, -0.6]
+    mean = sum(diffs) / 4
+    sd = (sum((x - mean) ** 2 for x in diffs) / 3) ** 0.5
+    assert ci["n"] == 4 and ci["mean"] == pytest.approx(mean)
+    assert ci["high"] - ci["mean"] == pytest.approx(3.182446 * sd / 2, rel=1e-5)  # t(0.975, 3)
+    assert agg["collapsed"] == [{"method": "versemi", "task": "T", "seed": 1}]
+    assert SD.t_interval([0.3])["low"] is None and SD.t_interval([])["n"] == 0
+
+
+def test_ablation_trainers_are_benchmark_methods():
+    from nnunetv2_versemi.discovery import ensure_ext_trainer_env
+
+    ensure_ext_trainer_env()
+    m = B.method_by_name("VerSemiTrainer_noUnsup_dynamicHead")
+    assert m.trainer == m.key == "VerSemiTrainer_noUnsup_dynamicHead" and m.prompted and not m.per_task
+    assert not B.method_by_name("nnUNetTrainer_5epochs").prompted
+    for bad in ("NoSuchTrainer", "../x"):
+        with pytest.raises(B.BenchmarkError, match="Unknown method"):
+            B.method_by_name(bad)
+
+
 # ---- plans presets ------------------------------------------------------------------------------------
 def test_shipped_presets_match_repository_copies():
     assert {"paper_96", "cpu_demo"} <= set(list_presets())

@@ -129,3 +129,48 @@ def test_ill_head_arguments(kwargs):
 def test_ill_class_counts():
     with pytest.raises(ValueError, match="needs 3 outputs"):
         VerSemiNetwork(_backbone(2), [2, 2, 2, 2], MERGED)
+
+
+@pytest.mark.parametrize("dim,residual", [(2, False), (3, False), (2, True)])
+def test_static_head_starts_at_nnunet_output_scale(dim, residual):
+    """The foreground-minus-background logit of a fresh head varies over space as much as nnU-Net's own output
+    layer on the same backbone (the dynamic-only head: ~7x less, which made it learn slowly under SGD)."""
+    from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+
+    x = torch.randn(4, 1, *([24] * dim))
+
+    def spatial_std(static: bool) -> float:
+        torch.manual_seed(0)
+        bb = _backbone(dim, residual)
+        bb.apply(InitWeights_He(1e-2))  # what get_network_from_plans(allow_init=True) does
+        net = VerSemiNetwork(bb, NUM_CLASSES, MERGED, static_head=static).eval()
+        with torch.no_grad():
+            out = net(x, torch.arange(4)[None].expand(4, -1))[0]
+        return (out[:, :, 1] - out[:, :, 0]).flatten(2).std(dim=2).mean().item()
+
+    torch.manual_seed(0)
+    ref = _backbone(dim, residual)
+    ref.apply(InitWeights_He(1e-2))
+    with torch.no_grad():
+        o = ref.eval()(x)[0]
+    nnunet = (o[:, 1] - o[:, 0]).flatten(1).std(dim=1).mean().item()
+    assert 0.5 < spatial_std(True) / nnunet < 2.0
+    assert spatial_std(False) / nnunet < 0.3
+
+
+def test_static_head_path_is_per_prompt_and_dynamic_last_layer_starts_at_zero():
+    net = _net()
+    head = net.heads[0]
+    assert head.static is not None and head.static.out_channels == 4 * 3  # prompts x max classes
+    last = head.controller.weight.shape[0] - (3 * head.hidden + 3)
+    assert head.controller.weight[last:].abs().sum() == 0 and head.controller.bias[last:].abs().sum() == 0
+    # at initialisation the head is exactly the static per-prompt layer
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        feats, _ = net.features(x)
+        out = net(x, torch.tensor([[2], [0]]))[0]
+        static = head.static(feats[0]).unflatten(1, (4, 3))
+    torch.testing.assert_close(out[0, 0], static[0, 2])
+    torch.testing.assert_close(out[1, 0], static[1, 0])
+    dyn = VerSemiNetwork(_backbone(2), NUM_CLASSES, MERGED, static_head=False)
+    assert dyn.heads[0].static is None

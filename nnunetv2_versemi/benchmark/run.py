@@ -98,7 +98,12 @@ def method_by_name(name: str) -> Method:
 
     from nnunetv2_versemi.training.trainer import VerSemiTrainer
 
-    cls = recursive_find_trainer_class_by_name(name) if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) else None
+    cls = None
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        try:
+            cls = recursive_find_trainer_class_by_name(name)
+        except RuntimeError:  # nnU-Net raises when no trainer has that name
+            cls = None
     if cls is None:
         valid = ", ".join(f"{m.letter}/{m.key}" for m in METHODS)
         raise BenchmarkError(f"Unknown method '{name}'; choose from {valid} or a trainer class name")
@@ -533,15 +538,10 @@ def _plan_and_preprocess_alone(ctx: Context, name: str, task: Task) -> None:
         if hasattr(fpe, "show_progress_bar"):
             fpe.show_progress_bar = False
         fpe.run(overwrite_existing=True)
-        # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0 (no DA workers)
-        da = os.environ.get("nnUNet_n_proc_DA")
-        if da == "0":
-            os.environ["nnUNet_n_proc_DA"] = "1"
-        try:
+        from nnunetv2_versemi.data.preprocess import planner_safe_da_env
+
+        with planner_safe_da_env():
             _, identifier = plan_experiment_dataset(dataset_id)
-        finally:
-            if da == "0":
-                os.environ["nnUNet_n_proc_DA"] = da
         if identifier != ctx.plans:
             raise BenchmarkError(
                 f"The stock planner wrote {identifier}.json for {name}, expected {ctx.plans}.json"

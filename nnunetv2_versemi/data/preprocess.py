@@ -17,6 +17,7 @@ If you ran ``nnUNetv2_plan_and_preprocess`` yourself, ``--only-attach`` adds the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import shutil
@@ -240,6 +241,20 @@ def _drop_stale_splits(name: str, raw: str, pp: str, table: TaskTable) -> None:
         )
 
 
+@contextlib.contextmanager
+def planner_safe_da_env():
+    """nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0 (training without
+    augmentation workers): plan with 1 there and restore the variable afterwards."""
+    da = os.environ.get("nnUNet_n_proc_DA")
+    if da == "0":
+        os.environ["nnUNet_n_proc_DA"] = "1"
+    try:
+        yield
+    finally:
+        if da == "0":
+            os.environ["nnUNet_n_proc_DA"] = da
+
+
 def plan_and_preprocess(
     dataset_name_or_id: str | int,
     configurations: list[str] | tuple[str, ...] = DEFAULT_CONFIGURATIONS,
@@ -281,9 +296,10 @@ def plan_and_preprocess(
     )
     timings["fingerprint"], t = time.time() - t, time.time()
     print("Experiment planning...")
-    plans_identifier = plan_experiments(
-        [dataset_id], planner, gpu_memory_target, "DefaultPreprocessor", None, overwrite_plans_name
-    )
+    with planner_safe_da_env():
+        plans_identifier = plan_experiments(
+            [dataset_id], planner, gpu_memory_target, "DefaultPreprocessor", None, overwrite_plans_name
+        )
     attach_task_table(name, plans_identifier)
     path, written = write_splits(pp, table)
     print(f"{'Wrote' if written else 'Kept'} task-stratified splits {path}")
