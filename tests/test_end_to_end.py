@@ -312,5 +312,24 @@ def test_missing_unlabeled_images_fail_at_initialize(pipeline, tmp_path, monkeyp
     assert trainer._uses_unlabeled is False
 
 
+def test_partial_unlabeled_set_fails_at_initialize_naming_cases(pipeline, tmp_path, monkeypatch):
+    """A plan_and_preprocess killed during the unlabeled step leaves part of the set: the trainer refuses it."""
+    import shutil
+
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    copy = tmp_path / "pre"
+    shutil.copytree(pipeline["root"] / "pre", copy)
+    folder = copy / UNION / "nnUNetPlans_2d_unlabeled"
+    victim = sorted(f for f in os.listdir(folder) if f.endswith(".b2nd"))[0]
+    os.remove(folder / victim)
+    monkeypatch.setenv("nnUNet_preprocessed", str(copy))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "res"))
+    trainer = get_trainer_from_args(str(UNION_ID), "2d", 0, "VerSemiTrainer_tiny", "nnUNetPlans",
+                                    device=torch.device("cpu"))
+    with pytest.raises(FileNotFoundError, match=f"1 unlabeled case.*{victim[:-len('.b2nd')]}.*--only-unlabeled"):
+        trainer.initialize()
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-x", "-q"]))

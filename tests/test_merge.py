@@ -360,9 +360,23 @@ def _corrupt_duplicate(raw):
     return [r"duplicate case id Liver_livtr001"]
 
 
-def _corrupt_empty_unlabeled(raw):
-    os.makedirs(os.path.join(raw, "Dataset502_Atrium", "imagesUnlabeled"))
-    return [r"Dataset502_Atrium.*unlabeled folder .*imagesUnlabeled holds no"]
+def _corrupt_path_traversal(raw):
+    # a case id from dataset.json's "dataset" key that would write outside nnUNet_raw
+    folder = os.path.join(raw, "Dataset503_Kidney")
+    with open(os.path.join(folder, "dataset.json")) as f:
+        dj = json.load(f)
+    img, lab = os.path.join(folder, "imagesTr", "kidtr001_0000.nii.gz"), os.path.join(folder, "labelsTr",
+                                                                                        "kidtr001.nii.gz")
+    dj["dataset"] = {"kidtr001": {"images": [img], "label": lab},
+                     "x/../../../../elsewhere/victim": {"images": [img], "label": lab}}
+    with open(os.path.join(folder, "dataset.json"), "w") as f:
+        json.dump(dj, f)
+    return [r"case id 'x/\.\./\.\./\.\./\.\./elsewhere/victim' is not a plain file name"]
+
+
+def _corrupt_reserved_task_name(raw):
+    os.rename(os.path.join(raw, "Dataset503_Kidney"), os.path.join(raw, "Dataset503_all"))
+    return [r"Task name\(s\) \['all'\] are reserved"]
 
 
 def _corrupt_unreadable(raw):
@@ -410,7 +424,8 @@ def _corrupt_task_name(raw):
         _corrupt_channels,
         _corrupt_missing_channel_file,
         _corrupt_duplicate,
-        _corrupt_empty_unlabeled,
+        _corrupt_path_traversal,
+        _corrupt_reserved_task_name,
         _corrupt_unreadable,
         _corrupt_nan,
         _corrupt_inf,
@@ -431,6 +446,18 @@ def test_ill_input_raises_and_writes_nothing(raw, corrupt):
     assert {d: S.tree_hash(os.path.join(raw, d)) for d in sources} == before
 
 
+def test_empty_unlabeled_folder_is_no_error(raw, capsys):
+    S.make_three(raw)
+    empty = os.path.join(raw, "Dataset502_Atrium", "imagesUnlabeled")
+    for f in os.listdir(empty) if os.path.isdir(empty) else []:
+        os.remove(os.path.join(empty, f))
+    os.makedirs(empty, exist_ok=True)
+    folder = _merge(raw, progress=True)
+    assert "imagesUnlabeled is empty: no unlabeled images" in capsys.readouterr().out
+    atrium = next(t for t in _table(folder).tasks if t.name == "Atrium")
+    assert atrium.unlabeled == [] and atrium.labeled
+
+
 def test_ill_dataset_and_output(raw):
     S.make_three(raw)
     with pytest.raises(M.MergeError, match="Unknown dataset '999'"):
@@ -441,10 +468,6 @@ def test_ill_dataset_and_output(raw):
         _merge(raw, out=501)
     with pytest.raises(M.MergeError, match="--unlabeled-dir names unknown task"):
         _merge(raw, unlabeled_dirs={"Lung": raw})
-    empty = os.path.join(os.path.dirname(raw), "empty")
-    os.makedirs(empty)
-    with pytest.raises(M.MergeError, match="holds no CASE_0000"):
-        _merge(raw, unlabeled_dirs={"Atrium": empty})
     assert len(os.listdir(raw)) == 3
 
 

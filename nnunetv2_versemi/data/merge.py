@@ -75,6 +75,7 @@ class _Source:
     test: dict[str, list[str]] = field(default_factory=dict)
     test_labels: dict[str, str] = field(default_factory=dict)
     unlabeled: dict[str, list[str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # facts worth telling the user, not problems
 
     @property
     def num_source_channels(self) -> int:
@@ -218,6 +219,7 @@ def _scan_source(src: _Source, unlabeled_dir: str | None) -> list[str]:
             if case not in src.train:
                 problems.append(f"{where}: label {f} has no image in {img_dir}")
         src.train_labels = {c: labels[c] for c in src.train if c in labels}
+    problems += unsafe_case_ids(src.train, where)
     if not src.train:
         problems.append(f"{where}: no training cases found")
 
@@ -242,10 +244,9 @@ def _scan_source(src: _Source, unlabeled_dir: str | None) -> list[str]:
     elif os.path.isdir(udir):
         src.unlabeled, p = _list_channel_files(udir, fe, nc, where)
         problems += p
-        if not src.unlabeled and not p:
-            problems.append(
-                f"{where} (task {src.task}): unlabeled folder {udir} holds no CASE_0000{fe} images"
-            )
+        if not src.unlabeled and not p:  # a normal state ("no unlabeled images yet"), not an error
+            src.notes.append(f"{where} (task {src.task}): unlabeled folder {udir} is empty: no unlabeled images")
+    problems += unsafe_case_ids([*src.test, *src.unlabeled], where)
     return problems
 
 
@@ -506,6 +507,18 @@ def _check_arguments(labeled_fraction, labeled_cases, test_fraction) -> None:
         raise MergeError(f"--test-fraction must be in [0, 1), got {test_fraction}")
 
 
+# "all" selects union mode in nnUNetv2_versemi_predict --task: a task of that name could never be predicted
+RESERVED_TASK_NAMES = ("all",)
+# case ids become file names in the union: no separators, no "..", nothing that leaves its folder
+_SAFE_CASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*(\.[A-Za-z0-9_\-]+)*")
+
+
+def unsafe_case_ids(ids, where: str) -> list[str]:
+    """Problems for case ids that are not plain file-name stems (path separators, '..', leading dots)."""
+    return [f"{where}: case id {c!r} is not a plain file name (letters, digits, '_', '-', single dots); "
+            "refusing it, since case ids become output paths" for c in ids if not _SAFE_CASE_ID.fullmatch(c)]
+
+
 def _task_names(names: list[str], task_names: list[str] | None) -> list[str]:
     if task_names is not None and len(task_names) != len(names):
         raise MergeError(f"--task-names got {len(task_names)} names for {len(names)} datasets")
@@ -524,6 +537,10 @@ def _task_names(names: list[str], task_names: list[str] | None) -> list[str]:
                 f"Task name '{t}' (dataset {n}) must be letters, digits or '-' only "
                 f"(no '_': it prefixes case ids).{hint}"
             )
+    reserved = [t for t in tasks if t.lower() in RESERVED_TASK_NAMES]
+    if reserved:
+        problems.append(f"Task name(s) {reserved} are reserved ('--task all' means every task at prediction); "
+                        "choose other names with --task-names")
     if len(set(tasks)) != len(tasks):
         problems.append(f"Task names must be unique, got {tasks}")
     if problems:
@@ -739,6 +756,9 @@ def merge_datasets(
     problems = [p for s in srcs for p in _scan_source(s, unlabeled_dirs.get(s.task))]
     if problems:
         raise MergeError(problems)
+    if progress:
+        for note in (n for s in srcs for n in s.notes):
+            print(note)
     for s in srcs:
         # the reader nnU-Net picks for this dataset.json and file ending (chosen without probing a file, so a
         # corrupt first file is reported by the checks below instead of silently switching readers)

@@ -24,7 +24,7 @@ from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nnunetv2_versemi.data.preprocess import unlabeled_folder
+from nnunetv2_versemi.data.preprocess import missing_unlabeled, unlabeled_folder
 from nnunetv2_versemi.network.head import VerSemiNetwork
 from nnunetv2_versemi.tasktable import TaskTable, TaskTableError
 from nnunetv2_versemi.training import cutmix, losses
@@ -164,6 +164,17 @@ class VerSemiTrainer(nnUNetTrainer):
             self.print_to_log_file("WARNING: no unlabeled images; training labeled-only as allowed by "
                                    "allow_labeled_only")
             self._uses_unlabeled = False
+        if self._uses_unlabeled:
+            missing = missing_unlabeled(self.preprocessed_dataset_folder_base,
+                                        self.configuration_manager.data_identifier, self.task_table)
+            if missing:
+                # e.g. a plan_and_preprocess killed during the unlabeled step: training on the part that was
+                # written would silently drop tasks from the unlabeled pool
+                raise FileNotFoundError(
+                    f"{len(missing)} unlabeled case(s) of the task table are not preprocessed in "
+                    f"{self._unlabeled_dir()}: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}. "
+                    f"Run nnUNetv2_versemi_plan_and_preprocess -d {self.plans_manager.dataset_name} -c "
+                    f"{self.configuration_name} --only-unlabeled")
         super().initialize()
         tables = self.task_table
         device = self.device
