@@ -205,9 +205,12 @@ def make_trainer(kind: str, plans: dict, configuration: str, table, num_channels
     on ``plans`` with ``table`` (inside :func:`scratch_nnunet_env`)."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunetv2_versemi.tasktable import TABLE_KEY
+    from nnunetv2_versemi.tasktable import TABLE_KEY, TaskTable
     from nnunetv2_versemi.training.trainer import VerSemiTrainer
 
+    # no unlabeled case lists: the step reads a fake unlabeled iterator, nothing is preprocessed here
+    d = table.to_dict()
+    table = TaskTable.from_dict({**d, "tasks": [{**t, "unlabeled": []} for t in d["tasks"]]})
     plans = copy.deepcopy(plans)
     plans[TABLE_KEY] = table.to_dict()
     plans["continue_training"] = False
@@ -318,8 +321,9 @@ def _prepare(c: Contender, plans: dict, configuration: str, table_for, num_chann
         bu = trainer.unlabeled_batch_size or cm.batch_size
         u = {"data": torch.randn((bu, num_channels, *cm.patch_size)).to(device)}
         trainer.dataloader_unlabeled = itertools.repeat(u)
-        # the last epoch: lambda > 0 under either schedule, so the step runs the unlabeled branch (stage 2 of
-        # the two-stage schedule; the stage-1 step has no unlabeled batch and is cheaper)
+        # the last epoch, after the switch: lambda > 0 under either schedule, so the step runs the unlabeled
+        # branch (stage 2 of the two-stage schedule; the stage-1 step has no unlabeled batch and is cheaper)
+        trainer.switch_epoch = 0
         trainer.current_epoch = trainer.num_epochs - 1
         if not trainer.unlabeled_weight() > 0:
             raise ValueError(f"{c.name}: the VerSemi step would skip the unlabeled branch (lambda = 0)")
