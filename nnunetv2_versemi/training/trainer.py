@@ -445,17 +445,19 @@ class VerSemiTrainer(nnUNetTrainer):
             task_out = teacher
         else:
             task_out = [o[:, :T] if self.target_source == "gradient" else o[:, :T].detach() for o in out_u]
-        agg = [losses.aggregate_task_foreground(o, task_classes) for o in task_out]
+        # full resolution: per-task foreground probabilities, kept for the log; lower scales: only their max
+        fg_full = torch.stack([losses.foreground_probability(task_out[0][:, t], task_classes[t])
+                               for t in range(T)], dim=1)
+        agg = [fg_full.max(dim=1).values,
+               *[losses.aggregate_task_foreground(o, task_classes) for o in task_out[1:]]]
         p_syn = [losses.foreground_probability(o[:, T], 2) for o in out_u]
         # the guard is decided once, at full resolution, and applies to every deep-supervision scale
         keep = losses.foreground_guard(agg[0], self.unsup_min_foreground)
         terms = {"unsup": losses.deep_supervision_sum(
             [losses.guarded_consistency_loss(p, q, keep) for p, q in zip(p_syn, agg)], self._ds_weights)}
         with torch.no_grad():
-            full = task_out[0]
-            stats = {"unsup_kept": keep.float().mean().item(),
-                     "task_fg": np.array([(losses.foreground_probability(full[:, t], task_classes[t]) > 0.5)
-                                          .float().mean().item() for t in range(T)])}
+            task_fg = (fg_full > 0.5).flatten(2).float().mean(dim=(0, 2)).cpu().numpy()
+            stats = {"unsup_kept": keep.float().mean().item(), "task_fg": task_fg}
         if partner_idx is not None:
             # the box holds the labeled partner: its known foreground supervises the synthetic prompt there
             cons = []
