@@ -222,7 +222,7 @@ def test_seed_aggregate_numbers():
         summary = {m: {t: {"dice": {"mean": sum(v) / len(v)}} for t in ("T", report.MEAN_ROW)}
                    for m, v in (("alone", a_dice), ("versemi", d_dice))}
         return {"methods": methods, "tasks": ["T"], "cases": cases, "summary": summary, "runs": [], "curves": {},
-                "configuration": "2d", "budget": {}, "budget_per": "task", "folds": ["all"], "machine": {},
+                "configuration": "2d", "budget": {"epochs": 1, "iterations": 2, "val_iterations": 1}, "budget_per": "task", "folds": ["all"], "machine": {},
                 "test_cases": {"T": ["c0", "c1"]}}
 
     agg = SD.aggregate([result([0.5, 0.7], [0.6, 0.9]), result([0.4, 0.6], [0.0, 0.0])], ["D1", "D2"])
@@ -235,6 +235,10 @@ def test_seed_aggregate_numbers():
     assert ci["n"] == 4 and ci["mean"] == pytest.approx(mean)
     assert ci["high"] - ci["mean"] == pytest.approx(3.182446 * sd / 2, rel=1e-5)  # t(0.975, 3)
     assert agg["collapsed"] == [{"method": "versemi", "task": "T", "seed": 1}]
+    # every ordered pair of methods: here only (d) - (a), the same numbers as the difference to the baseline
+    assert [(p["method"], p["reference"]) for p in agg["paired_differences"]] == [("versemi", "alone")]
+    assert agg["paired_differences"][0]["difference"]["T"] == ci
+    assert "| (d) - (a) | -17.5 [" in SD.seeds_markdown(agg)
     assert SD.t_interval([0.3])["low"] is None and SD.t_interval([])["n"] == 0
 
 

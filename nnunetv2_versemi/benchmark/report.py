@@ -177,6 +177,13 @@ def collect(
     )
 
 
+def markdown_table(labels: list[str], rows: list[str], cell, first: str = "task") -> list[str]:
+    """Lines of a markdown table: one column per label, one row per row name; ``cell(row, column index)``."""
+    lines = [f"| {first} | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    lines += [f"| {r} | " + " | ".join(cell(r, i) for i in range(len(labels))) + " |" for r in rows]
+    return lines
+
+
 def _fmt(stats: dict, digits: int, scale: float = 1.0) -> str:
     if stats["mean"] is None:
         return "n/a"
@@ -230,15 +237,13 @@ def markdown(results: dict) -> str:
         "",
         "## HD95 (mm), mean ± std over test cases with both masks non-empty",
         "",
-        "| task | " + " | ".join(m["label"] for m in methods) + " |",
-        "|---|" + "---|" * len(methods),
     ]
-    for t in rows:
-        cells = []
-        for m in methods:
-            s = results["summary"][m["key"]][t]["hd95"]
-            cells.append(f"{_fmt(s, 2)} (n={s['n']})" if s["mean"] is not None else "n/a")
-        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+
+    def hd95(t: str, i: int) -> str:
+        s = results["summary"][methods[i]["key"]][t]["hd95"]
+        return f"{_fmt(s, 2)} (n={s['n']})" if s["mean"] is not None else "n/a"
+
+    lines += markdown_table([m["label"] for m in methods], rows, hd95)
     lines += [
         "",
         "## Runs",

@@ -150,6 +150,21 @@ def _mean_std(values: list[float]) -> dict:
             "n": int(arr.size), "values": [float(v) for v in arr]}
 
 
+def paired_difference(per_seed: list[dict], method: str, reference: str, tasks: list[str]) -> dict:
+    """Per task (and over all tasks): :func:`t_interval` of Dice(method) - Dice(reference) over the (seed, test
+    case) pairs scored for both."""
+    diffs: dict[str, list[float]] = {t: [] for t in [*tasks, report.MEAN_ROW]}
+    for r in per_seed:
+        ref = {(c["task"], c["case"]): c["dice"] for c in r["cases"] if c["method"] == reference}
+        for c in r["cases"]:
+            b = ref.get((c["task"], c["case"]))
+            if c["method"] != method or b is None or c["dice"] is None or c["task"] not in diffs:
+                continue
+            diffs[c["task"]].append(c["dice"] - b)
+            diffs[report.MEAN_ROW].append(c["dice"] - b)
+    return {t: t_interval(v) for t, v in diffs.items()}
+
+
 def aggregate(per_seed: list[dict], unions: list[str]) -> dict:
     """Summary over seeds of :func:`report.collect` results (see the module docstring)."""
     methods = per_seed[0]["methods"]
@@ -164,19 +179,14 @@ def aggregate(per_seed: list[dict], unions: list[str]) -> dict:
                 dice = [c["dice"] for c in r["cases"] if c["method"] == key and c["task"] == t]
                 if dice and all(d == 0 for d in dice):
                     collapsed.append({"method": key, "task": t, "seed": s})
-        if key == BASELINE:
-            continue
-        diffs: dict[str, list[float]] = {t: [] for t in rows}
-        for r in per_seed:
-            base = {(c["task"], c["case"]): c["dice"] for c in r["cases"] if c["method"] == BASELINE}
-            for c in r["cases"]:
-                b = base.get((c["task"], c["case"]))
-                if c["method"] != key or b is None or c["dice"] is None:
-                    continue
-                diffs[c["task"]].append(c["dice"] - b)
-                diffs[report.MEAN_ROW].append(c["dice"] - b)
-        if any(diffs.values()):
-            paired[key] = {t: t_interval(v) for t, v in diffs.items()}
+        if key != BASELINE:
+            diff = paired_difference(per_seed, key, BASELINE, tasks)
+            if diff[report.MEAN_ROW]["n"]:
+                paired[key] = diff
+    keys = [m["key"] for m in methods]
+    between = [{"method": keys[j], "reference": keys[i], "difference": paired_difference(per_seed, keys[j], keys[i],
+                                                                                         tasks)}
+               for i in range(len(keys)) for j in range(i + 1, len(keys))]
     curves = {m["key"]: [] for m in methods}
     for s, r in enumerate(per_seed):
         for st in r["runs"]:
@@ -199,6 +209,7 @@ def aggregate(per_seed: list[dict], unions: list[str]) -> dict:
         "test_cases": [r["test_cases"] for r in per_seed],
         "dice_over_seeds": summary,
         "paired_difference_to_baseline": paired,
+        "paired_differences": between,
         "collapsed": collapsed,
         "curves": curves,
     })
@@ -206,6 +217,14 @@ def aggregate(per_seed: list[dict], unions: list[str]) -> dict:
 
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def _ci(ci: dict) -> str:
+    if ci["mean"] is None:
+        return "n/a"
+    if ci["low"] is None:
+        return f"{100 * ci['mean']:+.1f} (n={ci['n']})"
+    return f"{100 * ci['mean']:+.1f} [{100 * ci['low']:+.1f}, {100 * ci['high']:+.1f}] (n={ci['n']})"
 
 
 def seeds_markdown(agg: dict) -> str:
@@ -225,37 +244,29 @@ def seeds_markdown(agg: dict) -> str:
         "",
         "## Test Dice (%), mean ± std over seeds of each seed's mean over test cases",
         "",
-        "| task | " + " | ".join(m["label"] for m in methods) + " |",
-        "|---|" + "---|" * len(methods),
     ]
-    for t in rows:
-        cells = []
-        for m in methods:
-            s = agg["dice_over_seeds"][m["key"]][t]
-            cells.append("n/a" if s["mean"] is None else f"{_pct(s['mean'])} ± {_pct(s['std'])}")
-        lines.append(f"| {t} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        f"## Paired difference to {base_label} (Dice points), mean [95 % CI] over seeds x test cases",
-        "",
-        "| task | " + " | ".join(m["label"] for m in methods if m["key"] in agg["paired_difference_to_baseline"])
-        + " |",
-        "|---|" + "---|" * len(agg["paired_difference_to_baseline"]),
-    ]
-    for t in rows:
-        cells = []
-        for m in methods:
-            ci = agg["paired_difference_to_baseline"].get(m["key"], {}).get(t)
-            if ci is None:
-                continue
-            if ci["mean"] is None:
-                cells.append("n/a")
-            elif ci["low"] is None:
-                cells.append(f"{100 * ci['mean']:+.1f} (n={ci['n']})")
-            else:
-                cells.append(f"{100 * ci['mean']:+.1f} [{100 * ci['low']:+.1f}, {100 * ci['high']:+.1f}] "
-                             f"(n={ci['n']})")
-        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+
+    def dice(t: str, i: int) -> str:
+        s = agg["dice_over_seeds"][methods[i]["key"]][t]
+        return "n/a" if s["mean"] is None else f"{_pct(s['mean'])} ± {_pct(s['std'])}"
+
+    lines += report.markdown_table([m["label"] for m in methods], rows, dice)
+    compared = [m for m in methods if m["key"] in agg["paired_difference_to_baseline"]]
+
+    def paired(t: str, i: int) -> str:
+        return _ci(agg["paired_difference_to_baseline"][compared[i]["key"]][t])
+
+    lines += ["", f"## Paired difference to {base_label} (Dice points), mean [95 % CI] over seeds x test cases",
+              ""]
+    lines += report.markdown_table([m["label"] for m in compared], rows, paired)
+    labels = {m["key"]: m["label"] for m in methods}
+    named = {f"{labels[p['method']]} - {labels[p['reference']]}": p["difference"]
+             for p in agg.get("paired_differences", [])}
+    if named:
+        lines += ["", "## Paired differences between all methods (Dice points), mean [95 % CI] over seeds x test "
+                  "cases", ""]
+        lines += report.markdown_table(rows, list(named), lambda name, i: _ci(named[name][rows[i]]),
+                                       first="difference")
     lines += ["", "## Collapse (a task whose test cases all have Dice 0)", ""]
     if agg["collapsed"]:
         lines += [f"- {c['method']}, {c['task']}, seed {c['seed']}" for c in agg["collapsed"]]
