@@ -256,9 +256,10 @@ def seeds_markdown(agg: dict) -> str:
     def paired(t: str, i: int) -> str:
         return _ci(agg["paired_difference_to_baseline"][compared[i]["key"]][t])
 
-    lines += ["", f"## Paired difference to {base_label} (Dice points), mean [95 % CI] over seeds x test cases",
-              ""]
-    lines += report.markdown_table([m["label"] for m in compared], rows, paired)
+    if compared:
+        lines += ["", f"## Paired difference to {base_label} (Dice points), mean [95 % CI] over seeds x test "
+                  "cases", ""]
+        lines += report.markdown_table([m["label"] for m in compared], rows, paired)
     labels = {m["key"]: m["label"] for m in methods}
     named = {f"{labels[p['method']]} - {labels[p['reference']]}": p["difference"]
              for p in agg.get("paired_differences", [])}
