@@ -285,6 +285,22 @@ def _bench_plans(plans: dict, identifier: str, preset: str | None) -> dict:
     return out
 
 
+def _check_plain_nnunet_folds(pp: str, folds: list, methods: list[Method]) -> None:
+    """Stock nnUNetTrainer on the union (method b) cannot train a fold without validation cases (VerSemi
+    trainers validate such tasks on their training cases, and the per-task datasets of (a) do the same)."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    path = join(pp, "splits_final.json")
+    if not any(m.key == "union" for m in methods) or not isfile(path):
+        return
+    splits = load_json(path)
+    empty = [f for f in folds if f != "all" and f < len(splits) and not splits[f]["val"]]
+    if empty:
+        raise BenchmarkError(
+            f"Fold(s) {empty} of {path} have no validation case (too few labeled cases per task): nnU-Net on the "
+            "union (method b) cannot train them. Use --folds all, or merge more labeled cases")
+
+
 def prepare(args: argparse.Namespace) -> Context:
     """Every check that can fail, before anything is written or trained."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -340,6 +356,7 @@ def prepare(args: argparse.Namespace) -> Context:
                 f"run nnUNetv2_versemi_plan_and_preprocess -d {union_id} -c {_base_configuration(plans_eff, args.c)}"
             )
     folds = [_fold(f) for f in args.folds]
+    _check_plain_nnunet_folds(pp, folds, methods)
     budget = Budget(args.epochs, args.iterations, args.val_iterations)
     bench = bench_plans_identifier(args.p, budget, args.plans_preset)
     out = args.o or join(os.environ["nnUNet_results"], union, f"benchmark__{bench}__{args.c}")

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from nnunetv2_versemi.data.splits import SPLITS_FILE, splits_match_table, write_splits
+from nnunetv2_versemi.data.splits import SPLITS_FILE, describe_splits, splits_match_table, write_splits
 from nnunetv2_versemi.tasktable import TABLE_KEY, TaskTable, TaskTableError
 
 UNLABELED_SUFFIX = "_unlabeled"
@@ -303,6 +303,10 @@ def plan_and_preprocess(
     attach_task_table(name, plans_identifier)
     path, written = write_splits(pp, table)
     print(f"{'Wrote' if written else 'Kept'} task-stratified splits {path}")
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    for line in describe_splits(load_json(path), table):
+        print(f"  {line}")
     timings["planning"], t = time.time() - t, time.time()
     print("Preprocessing...")
     preprocess([dataset_id], plans_identifier, list(configurations), nps, verbose, show_progress_bar=progress)

@@ -44,6 +44,40 @@ def make_stratified_splits(table: TaskTable, n_splits: int = 5, seed: int = 1234
     return splits
 
 
+def complete_validation(train: list[str], val: list[str], table: TaskTable) -> tuple[list[str], list[str]]:
+    """One fold's validation cases with every task covered: a task that trains in this fold but has no
+    validation case in it (a task with a single labeled case, or a hand-made split) validates on its training
+    cases, as nnU-Net's fold ``all`` does. Returns (validation cases, names of the tasks that fell back)."""
+    out, fallback = list(val), []
+    for ti, task in enumerate(table.tasks):
+        mine_tr = [c for c in train if table.task_of_case(c) == ti]
+        if mine_tr and not any(table.task_of_case(c) == ti for c in val):
+            out += mine_tr
+            fallback.append(task.name)
+    return out, fallback
+
+
+def describe_splits(splits: list[dict], table: TaskTable) -> list[str]:
+    """One line per task saying how the split validates it, e.g. 'DemoCT: 1 labeled case, validated in no
+    fold (training on it; each fold validates this task on its training case)'."""
+    lines = []
+    for ti, task in enumerate(table.tasks):
+        n = len(task.labeled)
+        folds = [sum(table.task_of_case(c) == ti for c in s["val"]) for s in splits]
+        case_s = "case" if n == 1 else "cases"
+        if not any(folds):
+            what = "validated in no fold (each fold validates this task on its training cases instead)"
+        elif all(folds) and sum(folds) == n:
+            what = f"each case validated in exactly one of {len(splits)} folds"
+        elif all(folds):
+            what = f"validated in every fold, {min(folds)}-{max(folds)} case(s) each (some cases in several folds)"
+        else:
+            what = (f"validated in {sum(1 for f in folds if f)} of {len(splits)} folds; the others validate it on "
+                    "its training cases")
+        lines.append(f"{task.name}: {n} labeled {case_s}, {what}")
+    return lines
+
+
 def splits_match_table(splits: list[dict], table: TaskTable) -> bool:
     """True when every fold covers exactly the table's labeled cases (no stale, unlabeled or test case)."""
     labeled = {c for t in table.tasks for c in t.labeled}

@@ -25,6 +25,7 @@ from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunetv2_versemi.data.preprocess import missing_unlabeled, unlabeled_folder
+from nnunetv2_versemi.data.splits import complete_validation
 from nnunetv2_versemi.network.head import VerSemiNetwork
 from nnunetv2_versemi.tasktable import TaskTable, TaskTableError
 from nnunetv2_versemi.training import cutmix, losses
@@ -115,6 +116,7 @@ class VerSemiTrainer(nnUNetTrainer):
         self.dataloader_unlabeled = None
         self.global_step = 0
         self.switch_epoch: int | None = None  # first epoch with the unlabeled terms on (None: stage 1)
+        self.validation_fallback: list[str] = []  # tasks validated on training cases in this fold (do_split)
         self._empty_epochs = 0
         self._uses_unlabeled = None  # -> initialize
         for key in (*LOSS_TERMS, *STAT_KEYS):
@@ -199,6 +201,23 @@ class VerSemiTrainer(nnUNetTrainer):
                 p.requires_grad_(False)
 
     # --------------------------------------------------------------------------------------------- data
+    def do_split(self):
+        """nnU-Net's split, with every task validated: a task without a validation case in this fold (one
+        labeled case, or a hand-made split) validates on its training cases, as fold ``all`` does; the log and
+        the final validation's summary.json say so. Runs in the main process, before any worker starts."""
+        tr_keys, val_keys = super().do_split()
+        if not tr_keys:
+            raise ValueError(f"Fold {self.fold} of {self.plans_manager.dataset_name} has no training case. Check "
+                             f"{join(self.preprocessed_dataset_folder_base, 'splits_final.json')} or train fold all")
+        val_keys, fallback = complete_validation(tr_keys, val_keys, self.task_table)
+        if fallback and fallback != self.validation_fallback:
+            self.print_to_log_file(
+                f"WARNING: fold {self.fold} has no validation case of task(s) {', '.join(fallback)}: they are "
+                "validated on their training cases (like fold 'all'), so their pseudo Dice and final validation "
+                "measure training fit, not generalisation. More labeled cases per task avoid this.")
+        self.validation_fallback = fallback
+        return tr_keys, val_keys
+
     def _unlabeled_dir(self) -> str:
         return unlabeled_folder(self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier)
 
@@ -565,6 +584,11 @@ class VerSemiTrainer(nnUNetTrainer):
         if self.local_rank == 0 and isfile(summary_file):
             summary = load_json(summary_file)
             summary["versemi_per_task"] = per_task_summary(summary, table)
+            if self.validation_fallback:
+                summary["versemi_validation_fallback"] = {
+                    "tasks": self.validation_fallback,
+                    "note": f"fold {self.fold} has no validation case of these tasks: they were validated on "
+                            "their training cases"}
             save_json(summary, summary_file, sort_keys=False)
             self.print_to_log_file("Validation Dice per task:",
                                    {k: v["Dice"] for k, v in summary["versemi_per_task"].items()})
