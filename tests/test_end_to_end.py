@@ -151,6 +151,29 @@ def test_switch_on_evidence_and_state_survives_checkpoint(pipeline, tmp_path, mo
     assert again.switch_epoch is None and again.unlabeled_weight() == 0.0
 
 
+def test_checkpoint_write_interrupted_keeps_previous(pipeline, tmp_path, monkeypatch):
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as stock
+
+    trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch)
+    path = tmp_path / "checkpoint_latest.pth"
+    trainer.save_checkpoint(str(path))
+    good = path.read_bytes()
+    real_save = torch.save
+
+    def killed_mid_write(obj, f, *a, **k):
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04 half a zip")  # what a SIGKILL during torch.save leaves
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stock.torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(str(path))
+    monkeypatch.setattr(stock.torch, "save", real_save)
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint")) == [path.name]
+    assert torch.load(path, map_location="cpu", weights_only=False)["versemi"]["global_step"] == 0
+
+
 def test_switch_forced_at_epoch_limit_names_weak_tasks_and_ramp_starts_there(pipeline, tmp_path, monkeypatch):
     trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, num_epochs=10, stage1_fraction=0.3,
                              unsup_schedule="ramp", rampup_fraction=0.4)

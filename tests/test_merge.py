@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 
 import numpy as np
 import pytest
@@ -379,6 +380,25 @@ def _corrupt_reserved_task_name(raw):
     return [r"Task name\(s\) \['all'\] are reserved"]
 
 
+def _corrupt_truncated_image(raw):
+    # half the bytes of a .nii.gz: ITK reads it anyway (zero-filled); the gzip stream check does not
+    path = os.path.join(raw, "Dataset501_Liver", "imagesTr", "livtr001_0000.nii.gz")
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    return [r"Dataset501_Liver, case livtr001: cannot read image file .*livtr001_0000\.nii\.gz: EOFError"]
+
+
+def _corrupt_truncated_label(raw):
+    path = os.path.join(raw, "Dataset502_Atrium", "labelsTr", "atrtr001.nii.gz")
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[:200])
+    return [r"Dataset502_Atrium, case atrtr001: cannot read label file .*atrtr001\.nii\.gz"]
+
+
 def _corrupt_unreadable(raw):
     with open(os.path.join(raw, "Dataset503_Kidney", "imagesTr", "kidtr001_0000.nii.gz"), "wb") as f:
         f.write(b"not an image")
@@ -425,6 +445,8 @@ def _corrupt_task_name(raw):
         _corrupt_missing_channel_file,
         _corrupt_duplicate,
         _corrupt_path_traversal,
+        _corrupt_truncated_image,
+        _corrupt_truncated_label,
         _corrupt_reserved_task_name,
         _corrupt_unreadable,
         _corrupt_nan,
@@ -444,6 +466,28 @@ def test_ill_input_raises_and_writes_nothing(raw, corrupt):
         assert re.search(p, str(e.value), flags=re.S), (p, str(e.value))
     assert sorted(os.listdir(raw)) == sources  # no union, no temp folder
     assert {d: S.tree_hash(os.path.join(raw, d)) for d in sources} == before
+
+
+def test_overwrite_replaces_only_unions_and_stale_temporaries_go(raw):
+    S.make_three(raw)
+    plain = os.path.join(raw, "Dataset600_Plain")
+    os.makedirs(plain)
+    with open(os.path.join(plain, "dataset.json"), "w") as f:
+        json.dump({"name": "not a union", "labels": {"background": 0}}, f)
+    with pytest.raises(M.MergeError, match="only replaces a union dataset"):
+        _merge(raw, out=600, output_name="Plain", overwrite=True)
+    assert os.listdir(plain) == ["dataset.json"]
+    # a merge killed with SIGKILL leaves its hidden folder behind; the next merge removes it (dead PID only)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = os.path.join(raw, f".Dataset601_X.tmp-{dead.pid}")
+    alive = os.path.join(raw, f".Dataset602_Y.tmp-{os.getpid()}")
+    os.makedirs(stale)
+    os.makedirs(alive)
+    folder = _merge(raw, out=601, output_name="X")
+    assert not os.path.exists(stale) and os.path.isdir(alive) and os.path.isdir(folder)
+    # a union is replaced by --overwrite
+    _merge(raw, out=601, output_name="X", overwrite=True)
 
 
 def test_empty_unlabeled_folder_is_no_error(raw, capsys):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import json
 import math
 import multiprocessing
@@ -337,8 +338,20 @@ def _geometry_problem(a: dict, b: dict) -> str | None:
     return None
 
 
+def check_compressed_stream(path: str) -> None:
+    """Decompress a ``.gz`` file to its end: gzip's length and CRC checks catch truncation and corruption that
+    ITK's NIfTI reader passes over (it fills a cut-off stream with zeros)."""
+    if not path.endswith(".gz"):
+        return
+    with gzip.open(path, "rb") as f:
+        while f.read(1 << 22):
+            pass
+
+
 def _read(rw, files: list[str], what: str, where: str) -> tuple[np.ndarray, dict]:
     try:
+        for f in files:
+            check_compressed_stream(f)
         return rw.read_images(files) if what == "image" else rw.read_seg(files[0])
     except Exception as e:  # any reader failure: name the file
         raise MergeError(f"{where}: cannot read {what} file {files[0]}: {type(e).__name__}: {e}") from e
@@ -489,11 +502,42 @@ def _check_output(raw: str, output_id: int, output_name: str, sources: list[str]
                         f"Dataset id {output_id} is already used by {os.path.join(base, d)}; "
                         "pick another -o or remove that dataset"
                     )
-    if os.path.exists(os.path.join(raw, target)) and not overwrite:
-        raise MergeError(
-            f"Output dataset {os.path.join(raw, target)} already exists (use --overwrite to replace it)"
-        )
+    existing = os.path.join(raw, target)
+    if os.path.exists(existing) and not overwrite:
+        raise MergeError(f"Output dataset {existing} already exists (use --overwrite to replace it)")
+    if os.path.exists(existing):
+        try:
+            with open(os.path.join(existing, "dataset.json")) as f:
+                is_union = TABLE_KEY in json.load(f)
+        except (OSError, ValueError):
+            is_union = False
+        if not is_union:
+            raise MergeError(f"--overwrite only replaces a union dataset; {existing} is not one (its dataset.json "
+                             "has no task table). Remove it yourself if it should go")
     return target
+
+
+def remove_stale_temporaries(raw: str) -> list[str]:
+    """Remove ``.DatasetXXX_*.tmp-PID`` / ``.old-PID`` folders of merges whose process is gone (killed);
+    returns the removed paths."""
+    removed = []
+    for d in os.listdir(raw) if os.path.isdir(raw) else []:
+        m = re.fullmatch(r"\.Dataset\d{3}_.+\.(?:tmp|old)-(\d+)", d)
+        if m is None or _pid_alive(int(m.group(1))):
+            continue
+        shutil.rmtree(os.path.join(raw, d), ignore_errors=True)
+        removed.append(os.path.join(raw, d))
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _check_arguments(labeled_fraction, labeled_cases, test_fraction) -> None:
@@ -771,6 +815,7 @@ def merge_datasets(
     jobs, table_tasks = _build_jobs(srcs, labeled_fraction, labeled_cases, test_fraction, seed)
 
     final = os.path.join(raw, target)
+    remove_stale_temporaries(raw)
     tmp = os.path.join(raw, f".{target}.tmp-{os.getpid()}")
     with _worker_pool(num_processes, len(jobs)) as pool:
         # pass 1: read and check every file; collect the CT foreground samples of labeled cases

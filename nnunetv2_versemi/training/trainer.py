@@ -595,19 +595,25 @@ class VerSemiTrainer(nnUNetTrainer):
 
     # ------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, filename: str) -> None:
-        super().save_checkpoint(filename)
-        if self.local_rank != 0 or self.disable_checkpointing or not isfile(filename):
-            return
-        checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-        checkpoint["versemi"] = {
-            "global_step": self.global_step,
-            "switch_epoch": self.switch_epoch,
-            "task_table": self.task_table.to_dict(),
-            "ema_weights": self.ema_network.state_dict() if self.ema_network is not None else None,
-        }
-        tmp = filename + ".tmp"
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, filename)
+        """nnU-Net's checkpoint plus a ``versemi`` entry, written to a temporary file and renamed into place,
+        so a run killed mid-write leaves the previous checkpoint intact for ``--c``."""
+        tmp = f"{filename}.tmp-{os.getpid()}"
+        try:
+            super().save_checkpoint(tmp)
+            if not isfile(tmp):  # another rank, or checkpointing disabled
+                return
+            checkpoint = torch.load(tmp, map_location="cpu", weights_only=False)
+            checkpoint["versemi"] = {
+                "global_step": self.global_step,
+                "switch_epoch": self.switch_epoch,
+                "task_table": self.task_table.to_dict(),
+                "ema_weights": self.ema_network.state_dict() if self.ema_network is not None else None,
+            }
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, filename)
+        finally:
+            if isfile(tmp):
+                os.remove(tmp)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         super().load_checkpoint(filename_or_checkpoint)
