@@ -28,10 +28,13 @@ def _plot(log: dict, table: TaskTable, filename: str) -> None:
         if np.any(np.isfinite(vals)):
             ax_loss.plot(x, vals, label=label)
     lam = np.asarray(log.get("versemi_unsup_lambda", [])[:n], dtype=float)
+    kept = np.asarray(log.get("versemi_unsup_kept", [])[:n], dtype=float)
     if lam.size:
         ax_l = ax_loss.twinx()
         ax_l.plot(x, lam, "k:", label="lambda (unlabeled weight)")
-        ax_l.set_ylabel("lambda")
+        if kept.size and np.any(np.isfinite(kept)):
+            ax_l.plot(np.arange(kept.size), kept, "k--", lw=0.8, label="unlabeled samples kept by the guard")
+        ax_l.set_ylabel("lambda / share kept")
         ax_l.set_ylim(-0.05, 1.05)
         ax_l.legend(loc="lower left", fontsize="small")
     ax_loss.set_xlabel("epoch")
@@ -43,7 +46,11 @@ def _plot(log: dict, table: TaskTable, filename: str) -> None:
     for task in table.tasks:
         vals = [np.nanmean([d[v - 1] for v in task.merged_values]) for d in dice[:m]]
         ax_dice.plot(np.arange(m), vals, label=task.name)
-    ax_dice.set_xlabel("epoch")
+    switch = np.flatnonzero(lam > 0)
+    if switch.size:  # the first epoch with the unlabeled terms on (stage switch or ramp start)
+        for ax in (ax_loss, ax_dice):
+            ax.axvline(switch[0], color="grey", ls="--", lw=0.8)
+    ax_dice.set_xlabel("epoch (dashed: unlabeled terms on)")
     ax_dice.set_ylabel("pseudo Dice (own prompt)")
     ax_dice.set_ylim(0, 1)
     ax_dice.legend(loc="lower right", fontsize="small")
