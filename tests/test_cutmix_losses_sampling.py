@@ -279,3 +279,33 @@ def test_ill_loader_arguments():
         TaskBalancedDataLoader(SimpleNamespace(identifiers=["A_0", "X_1"]), 2, (8, 8), (8, 8),
                                LabelManager({"background": 0, "a": 1}, regions_class_order=None),
                                case_tasks={"A_0": 0}, num_tasks=1)
+
+
+@pytest.mark.parametrize("batch_dice", [True, False])
+def test_present_class_dice_equals_nnunet_when_all_present_and_skips_absent(batch_dice):
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    from nnunetv2.utilities.helpers import softmax_helper_dim1
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    y = torch.randint(0, 3, (4, 1, 8, 8))
+    y[:, 0, 0, :3] = torch.tensor([0, 1, 2])  # every class in every sample
+    kw = dict(apply_nonlin=softmax_helper_dim1, batch_dice=batch_dice, do_bg=False, smooth=1e-5, ddp=False)
+    ref = MemoryEfficientSoftDiceLoss(**kw)(x, y)
+    ours = losses.PresentClassDiceLoss(**kw)(x, y)
+    assert ours.item() == pytest.approx(ref.item(), abs=1e-6)
+    # class 2 absent everywhere: nnU-Net averages in its near-zero Dice, ours averages class 1 only
+    y1 = y.clone()
+    y1[y1 == 2] = 1
+    only1 = losses.PresentClassDiceLoss(**kw)(x, y1)
+    ref1 = MemoryEfficientSoftDiceLoss(**kw)(x, y1)
+    p = torch.softmax(x, 1)[:, 1]
+    t = (y1[:, 0] == 1).float()
+    axes = (0, 1, 2) if batch_dice else (1, 2)
+    dice1 = (2 * (p * t).sum(axes) + 1e-5) / (p.sum(axes) + t.sum(axes) + 1e-5)
+    assert only1.item() == pytest.approx(-dice1.mean().item(), abs=1e-5)
+    assert only1.item() < ref1.item() - 0.1
+    # nothing present: 0, and still a graph
+    xg = x.clone().requires_grad_(True)
+    none = losses.PresentClassDiceLoss(**kw)(xg, torch.zeros_like(y))
+    assert none.item() == 0 and none.requires_grad

@@ -205,6 +205,18 @@ def test_empty_target_warning_names_tasks(pipeline, tmp_path, monkeypatch):
     assert trainer._empty_epochs == 0
 
 
+def test_present_class_dice_is_built_into_the_hard_label_loss(pipeline, tmp_path, monkeypatch):
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    from nnunetv2_versemi.training.losses import PresentClassDiceLoss
+
+    default = _fresh_trainer(pipeline, tmp_path, monkeypatch)
+    assert type(default.loss.loss.dc) is MemoryEfficientSoftDiceLoss
+    present = _fresh_trainer(pipeline, tmp_path, monkeypatch, name="VerSemiTrainer_presentDice")
+    dc = present.loss.loss.dc
+    assert isinstance(dc, PresentClassDiceLoss) and dc.batch_dice == present.configuration_manager.batch_dice
+
+
 @pytest.mark.parametrize("attrs,message", [
     ({"switch_dice": 1.5}, "switch_dice must be a number in"),
     ({"stage1_min_fraction": 0.8, "stage1_fraction": 0.5}, "must not exceed stage1_fraction"),

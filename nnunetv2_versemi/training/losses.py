@@ -106,3 +106,48 @@ def deep_supervision_weights(num_scales: int) -> list[float]:
     w[-1] = 0
     s = sum(w)
     return [x / s for x in w]
+
+
+class PresentClassDiceLoss(torch.nn.Module):
+    """nnU-Net's soft Dice (``MemoryEfficientSoftDiceLoss`` semantics: softmax input, ``batch_dice``,
+    ``do_bg``, ``smooth``), averaged only over the classes present in the target.
+
+    With batch Dice, a class absent from the whole batch scores ``smooth / (sum_pred + smooth)``: any
+    prediction of it costs the full Dice of that class, a far stronger push than the reward for finding it
+    where it is small. In a union, where each task fills only part of the batch and 2d slices often miss a
+    small structure, that push can keep a small class (a lesion) at zero for good. Absent classes still get
+    the cross-entropy term. A batch without any present class gives 0.
+    """
+
+    def __init__(self, apply_nonlin: Callable | None = None, batch_dice: bool = False, do_bg: bool = True,
+                 smooth: float = 1.0, ddp: bool = True):
+        super().__init__()
+        self.apply_nonlin, self.batch_dice, self.do_bg, self.smooth = apply_nonlin, batch_dice, do_bg, smooth
+        self.ddp = ddp
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.apply_nonlin is not None:
+            x = self.apply_nonlin(x)
+        axes = tuple(range(2, x.ndim))
+        with torch.no_grad():
+            y = y.view(y.shape[0], 1, *y.shape[1:]) if x.ndim != y.ndim else y
+            onehot = torch.zeros_like(x, dtype=torch.float32).scatter_(1, y.long(), 1)
+        if not self.do_bg:
+            x, onehot = x[:, 1:], onehot[:, 1:]
+        if loss_mask is not None:
+            x, onehot = x * loss_mask, onehot * loss_mask
+        inter = (x * onehot).sum(axes, dtype=torch.float32)
+        pred = x.sum(axes, dtype=torch.float32)
+        gt = onehot.sum(axes, dtype=torch.float32)
+        if self.batch_dice:
+            if self.ddp and torch.distributed.is_available() and torch.distributed.is_initialized():
+                from nnunetv2.utilities.ddp_allgather import AllGatherGrad
+
+                inter, pred, gt = (AllGatherGrad.apply(t) for t in (inter, pred, gt))
+                inter, pred, gt = (t.flatten(0, 1) for t in (inter, pred, gt))
+            inter, pred, gt = inter.sum(0), pred.sum(0), gt.sum(0)
+        dc = (2 * inter + self.smooth) / (gt + pred + self.smooth).clamp_min(1e-8)
+        present = gt > 0
+        if not bool(present.any()):
+            return x.sum() * 0.0
+        return -dc[present].mean()

@@ -110,6 +110,7 @@ class VerSemiTrainer(nnUNetTrainer):
         self.switch_dice = 0.5  # ... once every task's online pseudo Dice reaches this
         self.unsup_min_foreground = 1e-3  # guard: fraction of voxels with P_agg > 0.5 a sample needs
         self.empty_warning_epochs = 3  # warn when P_agg stays empty for this many stage-2 epochs
+        self.dice_present_classes_only = False  # Dice of the hard-label terms over the target's classes only
         self.allow_labeled_only = False  # True: train without unlabeled images (logged), instead of failing
 
         self.ema_network: VerSemiNetwork | None = None
@@ -353,6 +354,19 @@ class VerSemiTrainer(nnUNetTrainer):
             and self.current_epoch >= self.switch_epoch
 
     # ---------------------------------------------------------------------------------------- training
+    def _build_loss(self):
+        """nnU-Net's Dice + CE (deep supervision); with ``dice_present_classes_only`` its Dice averages only over
+        the classes present in the target (see :class:`losses.PresentClassDiceLoss`)."""
+        loss = super()._build_loss()
+        if self.dice_present_classes_only:
+            from nnunetv2.utilities.helpers import softmax_helper_dim1
+
+            inner = getattr(loss, "loss", loss)  # DeepSupervisionWrapper holds nnU-Net's DC_and_CE_loss
+            inner.dc = losses.PresentClassDiceLoss(apply_nonlin=softmax_helper_dim1,
+                                                   batch_dice=self.configuration_manager.batch_dice, do_bg=False,
+                                                   smooth=1e-5, ddp=self.is_ddp)
+        return loss
+
     def _hard_loss(self, logits: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
         if self.enable_deep_supervision:
             return self.loss(logits, targets)

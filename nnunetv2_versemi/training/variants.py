@@ -35,6 +35,35 @@ class VerSemiTrainer_noUnsup(VerSemiTrainer):
         self.cons_weight = 0.0
 
 
+class VerSemiTrainer_supOnly(VerSemiTrainer_noUnsup):
+    """Only L_sup: each labeled case under its own prompt (no synthetic task, no L_spec, no unlabeled images);
+    the prompted multi-task baseline the VerSemi terms are measured against."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.syn_weight = 0.0
+        self.spec_weight = 0.0
+
+
+class VerSemiTrainer_supOnly_presentDice(VerSemiTrainer_supOnly):
+    """L_sup only, its Dice averaged over the classes present in each target."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.dice_present_classes_only = True
+
+
+class VerSemiTrainer_presentDice(VerSemiTrainer):
+    """VerSemi with the hard-label Dice averaged over the classes present in each target."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.dice_present_classes_only = True
+
+
 class VerSemiTrainer_EMA(VerSemiTrainer):
     """Consistency target from an EMA teacher (alpha ``ema_alpha``) instead of the detached student."""
 
