@@ -210,11 +210,11 @@ def test_present_class_dice_is_built_into_the_hard_label_loss(pipeline, tmp_path
 
     from nnunetv2_versemi.training.losses import PresentClassDiceLoss
 
+    stock = _fresh_trainer(pipeline, tmp_path, monkeypatch, name="VerSemiTrainer_nnunetDice")
+    assert type(stock.loss.loss.dc) is MemoryEfficientSoftDiceLoss
     default = _fresh_trainer(pipeline, tmp_path, monkeypatch)
-    assert type(default.loss.loss.dc) is MemoryEfficientSoftDiceLoss
-    present = _fresh_trainer(pipeline, tmp_path, monkeypatch, name="VerSemiTrainer_presentDice")
-    dc = present.loss.loss.dc
-    assert isinstance(dc, PresentClassDiceLoss) and dc.batch_dice == present.configuration_manager.batch_dice
+    dc = default.loss.loss.dc
+    assert isinstance(dc, PresentClassDiceLoss) and dc.batch_dice == default.configuration_manager.batch_dice
 
 
 @pytest.mark.parametrize("attrs,message", [

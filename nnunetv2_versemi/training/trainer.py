@@ -78,6 +78,8 @@ class VerSemiTrainer(nnUNetTrainer):
       - ``unsup_min_foreground``: L_unsup skips samples whose P_agg has fewer confidently foreground voxels
         (0: no guard, the official behaviour);
       - ``static_head`` (class attribute): a static per-prompt output layer beside the dynamic convs;
+      - ``dice_present_classes_only``: the Dice of the hard-label terms averages over the classes present in
+        the target, so a small class that most batches of a union lack is not pushed to zero;
       - hard-label terms use nnU-Net's Dice+CE instead of the official Dice only;
       - one CutMix box per pair instead of one per batch; labeled pairs cross tasks whenever possible.
     """
@@ -110,7 +112,9 @@ class VerSemiTrainer(nnUNetTrainer):
         self.switch_dice = 0.5  # ... once every task's online pseudo Dice reaches this
         self.unsup_min_foreground = 1e-3  # guard: fraction of voxels with P_agg > 0.5 a sample needs
         self.empty_warning_epochs = 3  # warn when P_agg stays empty for this many stage-2 epochs
-        self.dice_present_classes_only = False  # Dice of the hard-label terms over the target's classes only
+        # Dice of the hard-label terms over the classes present in the target (False: nnU-Net's Dice, which lets
+        # a small class of one task collapse to zero in a union; docs/METHOD.md)
+        self.dice_present_classes_only = True
         self.allow_labeled_only = False  # True: train without unlabeled images (logged), instead of failing
 
         self.ema_network: VerSemiNetwork | None = None

@@ -46,22 +46,22 @@ class VerSemiTrainer_supOnly(VerSemiTrainer_noUnsup):
         self.spec_weight = 0.0
 
 
-class VerSemiTrainer_supOnly_presentDice(VerSemiTrainer_supOnly):
-    """L_sup only, its Dice averaged over the classes present in each target."""
+class VerSemiTrainer_nnunetDice(VerSemiTrainer):
+    """VerSemi with nnU-Net's own Dice in the hard-label terms (classes absent from a batch averaged in)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.dice_present_classes_only = True
+        self.dice_present_classes_only = False
 
 
-class VerSemiTrainer_presentDice(VerSemiTrainer):
-    """VerSemi with the hard-label Dice averaged over the classes present in each target."""
+class VerSemiTrainer_supOnly_nnunetDice(VerSemiTrainer_supOnly):
+    """L_sup only, with nnU-Net's own Dice."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.dice_present_classes_only = True
+        self.dice_present_classes_only = False
 
 
 class VerSemiTrainer_EMA(VerSemiTrainer):
