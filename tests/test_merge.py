@@ -380,22 +380,21 @@ def _corrupt_reserved_task_name(raw):
     return [r"Task name\(s\) \['all'\] are reserved"]
 
 
-def _corrupt_truncated_image(raw):
-    # half the bytes of a .nii.gz: ITK reads it anyway (zero-filled); the gzip stream check does not
-    path = os.path.join(raw, "Dataset501_Liver", "imagesTr", "livtr001_0000.nii.gz")
+def _truncate(path: str, keep) -> None:
     with open(path, "rb") as f:
         data = f.read()
     with open(path, "wb") as f:
-        f.write(data[: len(data) // 2])
+        f.write(data[: keep(len(data))])
+
+
+def _corrupt_truncated_image(raw):
+    # half the bytes of a .nii.gz: ITK reads it anyway (zero-filled); the gzip stream check does not
+    _truncate(os.path.join(raw, "Dataset501_Liver", "imagesTr", "livtr001_0000.nii.gz"), lambda n: n // 2)
     return [r"Dataset501_Liver, case livtr001: cannot read image file .*livtr001_0000\.nii\.gz: EOFError"]
 
 
 def _corrupt_truncated_label(raw):
-    path = os.path.join(raw, "Dataset502_Atrium", "labelsTr", "atrtr001.nii.gz")
-    with open(path, "rb") as f:
-        data = f.read()
-    with open(path, "wb") as f:
-        f.write(data[:200])
+    _truncate(os.path.join(raw, "Dataset502_Atrium", "labelsTr", "atrtr001.nii.gz"), lambda n: 200)
     return [r"Dataset502_Atrium, case atrtr001: cannot read label file .*atrtr001\.nii\.gz"]
 
 
