@@ -30,6 +30,7 @@ from nnunetv2_versemi.benchmark import report
 from nnunetv2_versemi.benchmark.run import (
     BASELINE,
     BenchmarkError,
+    _apply_preset,
     _base_configuration,
     free_dataset_id,
     prepare,
@@ -89,11 +90,9 @@ def seed_union(union: str, seed_index: int, configuration: str, plans_preset: st
     plans_file = join(os.environ["nnUNet_preprocessed"], name, "nnUNetPlans.json")
     if not isfile(plans_file) or TABLE_KEY not in load_json(plans_file):
         from nnunetv2_versemi.data.preprocess import plan_and_preprocess
-        from nnunetv2_versemi.plans_presets import apply_overlay, load_overlay
 
         union_plans = load_json(join(os.environ["nnUNet_preprocessed"], union, "nnUNetPlans.json"))
-        eff = apply_overlay(union_plans, load_overlay(plans_preset)) if plans_preset else union_plans
-        base = _base_configuration(eff, configuration)
+        base = _base_configuration(_apply_preset(union_plans, plans_preset), configuration)
         log(f"Seed {seed_index}: planning and preprocessing {name} ({base})")
         plan_and_preprocess(name, [base], num_processes=[max(1, npp)], num_processes_fingerprint=max(1, npp),
                             progress=False)
@@ -105,6 +104,10 @@ def run_seeds(args) -> dict:
     from nnunetv2_versemi.discovery import ensure_ext_trainer_env
 
     ensure_ext_trainer_env()
+    if args.p != "nnUNetPlans":
+        # the seed unions are planned by the package's plan-and-preprocess, which writes nnU-Net's default plans
+        raise BenchmarkError(f"--seeds works with the default plans (-p nnUNetPlans), got -p {args.p}; apply "
+                             "changes to the plans with --plans-preset instead")
     ctx = prepare(args)  # every check on the given union before anything is written
     union = ctx.union
     out = os.path.abspath(args.o or join(os.environ["nnUNet_results"], union,
