@@ -102,6 +102,16 @@ class TaskTable:
         """Head output channels per prompt: 1 + K_t for each task, 2 for the synthetic task."""
         return [t.num_classes for t in self.tasks] + [2]
 
+    def per_task_mean(self, per_class: list[float]) -> dict[str, float]:
+        """Task name -> mean of a per-merged-class score list (merged value v at index v - 1), ignoring NaN
+        classes; NaN when all of a task's classes are NaN (none of them was seen)."""
+        out = {}
+        for t in self.tasks:
+            vals = [float(per_class[v - 1]) for v in t.merged_values]
+            finite = [v for v in vals if v == v]
+            out[t.name] = sum(finite) / len(finite) if finite else float("nan")
+        return out
+
     def index(self, name: str) -> int:
         for i, t in enumerate(self.tasks):
             if t.name == name:

@@ -43,9 +43,9 @@ def _plot(log: dict, table: TaskTable, filename: str) -> None:
     ax_loss.set_title("VerSemi loss terms")
     dice = log.get("dice_per_class_or_region", [])
     m = min(len(dice), n) if n else len(dice)
+    per_task = [table.per_task_mean(d) for d in dice[:m]]
     for task in table.tasks:
-        vals = [np.nanmean([d[v - 1] for v in task.merged_values]) for d in dice[:m]]
-        ax_dice.plot(np.arange(m), vals, label=task.name)
+        ax_dice.plot(np.arange(m), [p[task.name] for p in per_task], label=task.name)
     switch = np.flatnonzero(lam > 0)
     if switch.size:  # the first epoch with the unlabeled terms on (stage switch or ramp start)
         for ax in (ax_loss, ax_dice):

@@ -319,13 +319,8 @@ class VerSemiTrainer(nnUNetTrainer):
 
     def per_task_pseudo_dice(self, step: int = -1) -> dict[str, float]:
         """Online pseudo Dice per task (mean over its classes) of an epoch's validation batches."""
-        per_class = np.asarray(self.logger.get_value("dice_per_class_or_region", step=step), dtype=float)
-        out = {}
-        for t in self.task_table.tasks:
-            v = per_class[[m - 1 for m in t.merged_values]]
-            # NaN when none of the task's classes was in the epoch's validation patches: never counts as good
-            out[t.name] = float(np.nanmean(v)) if not np.isnan(v).all() else float("nan")
-        return out
+        # NaN when none of the task's classes was in the epoch's validation patches: never counts as good
+        return self.task_table.per_task_mean(self.logger.get_value("dice_per_class_or_region", step=step))
 
     def maybe_switch(self) -> None:
         """After an epoch's validation: decide whether the unlabeled terms start with the next epoch.
