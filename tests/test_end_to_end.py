@@ -73,6 +73,44 @@ def test_stock_training_writes_versemi_results(pipeline):
     summary = json.loads((fold / "validation" / "summary.json").read_text())
     assert set(summary["versemi_per_task"]) == {"DemoCT", "DemoMR", "DemoMC"}
     assert all(v["n_cases"] >= 1 for v in summary["versemi_per_task"].values())
+    # task recognition: trained every step, its accuracy per task logged every epoch
+    assert len(logged["versemi_rec"]) == 2 and np.isfinite(logged["versemi_rec"]).all()
+    assert np.array(logged["versemi_recognition"]).shape == (2, 3)
+    assert "Task recognition accuracy per task" in log_text
+    # final validation scores the prompt-free (stock) outputs; the prompted ones are an extra entry
+    rec = summary["versemi_recognition"]
+    assert rec["routing"] == "recognised" and set(rec["accuracy_per_task"]) == {"DemoCT", "DemoMR", "DemoMC"}
+    val_cases = {os.path.basename(c["reference_file"]).split(".")[0] for c in summary["metric_per_case"]}
+    assert set(rec["cases"]) == val_cases
+    assert all(0 < c["probability"] <= 1 for c in rec["cases"].values())
+    assert summary["versemi_prompted"]["folder"] == "validation_prompted"
+    assert set(summary["versemi_prompted"]["per_task"]) == {"DemoCT", "DemoMR", "DemoMC"}
+    assert isfile(fold / "validation_prompted" / "summary.json")
+
+
+def test_stock_predict_scores_what_validation_scored(pipeline):
+    """nnU-Net's final validation and stock nnUNetv2_predict on the same cases give the same Dice (the
+    validation scores the prompt-free forward that stock predict runs)."""
+    import json
+    import shutil
+
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    root, fold = pipeline["root"], pipeline["model"] / "fold_0"
+    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    cases = sorted(os.path.basename(c["reference_file"]).split(".")[0] for c in summary["metric_per_case"])
+    inp = root / "val_images"
+    inp.mkdir()
+    for c in cases:
+        shutil.copy(root / "raw" / UNION / "imagesTr" / f"{c}_0000.nii.gz", inp)
+    out = root / "val_stock"
+    _run(["nnUNetv2_predict", "-i", str(inp), "-o", str(out), "-d", str(UNION_ID), "-c", "2d", "-f", "0", "-tr",
+          TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1"], pipeline["env"])
+    stock = compute_metrics_on_folder(str(root / "raw" / UNION / "labelsTr"), str(out), str(root / "stock.json"),
+                                      SimpleITKIO(), ".nii.gz", [1, 2, 3, 4], None, 1, chill=True)
+    assert len(stock["metric_per_case"]) == len(cases)
+    assert abs(stock["foreground_mean"]["Dice"] - summary["foreground_mean"]["Dice"]) < 0.01
 
 
 def test_continue_restores_identical_state(pipeline):
@@ -291,6 +329,44 @@ def test_predict_all_writes_merged_maps_and_evaluate_reads_them(pipeline):
     _run(["nnUNetv2_versemi_evaluate", "-ref", str(root / "raw" / UNION / "labelsTs"), "-pred", str(out), "-d",
           str(UNION_ID), "-o", str(root / "eval_all"), "-np", "1"], pipeline["env"])
     assert isfile(root / "eval_all" / "metrics.json") and isfile(root / "eval_all" / "summary.md")
+
+
+def test_predict_auto_recognises_each_case_and_predicts_it_as_that_task(pipeline):
+    """A folder mixing the source images of two tasks: each case is recognised (report in
+    recognised_tasks.json) and written exactly as ``--task <recognised task>`` writes it."""
+    import json
+    import shutil
+
+    root = pipeline["root"]
+    mixed = root / "mixed_src"
+    mixed.mkdir()
+    for ds, prefix in (("Dataset901_DemoCT", "ct"), ("Dataset902_DemoMR", "mr")):
+        for f in os.listdir(root / "raw" / ds / "imagesTs"):
+            shutil.copy(root / "raw" / ds / "imagesTs" / f, mixed / f"{prefix}{f}")
+    out = root / "pred_auto"
+    common = ["-d", str(UNION_ID), "-c", "2d", "-f", "0", "-tr", TRAINER, "-device", "cpu", "--disable_tta",
+              "-npp", "1", "-nps", "1"]
+    _run(["nnUNetv2_versemi_predict", "-i", str(mixed), "-o", str(out), *common], pipeline["env"])  # auto: default
+    report = json.loads((out / "recognised_tasks.json").read_text())
+    cases = sorted(f[:-len("_0000.nii.gz")] for f in os.listdir(mixed))
+    assert sorted(report) == cases
+    for case in cases:
+        r = report[case]
+        assert r["task"] in ("DemoCT", "DemoMR", "DemoMC")
+        assert abs(sum(r["probabilities"].values()) - 1) < 1e-3 and r["probability"] == max(r["probabilities"].values())
+        # DemoMC shares DemoCT's file format and channel: a candidate; nothing else is
+        assert set(k for k, v in r["probabilities"].items() if v > 0) <= {"DemoCT", "DemoMR", "DemoMC"}
+    for task in sorted({r["task"] for r in report.values()}):
+        group = [c for c in cases if report[c]["task"] == task]
+        src, ref = root / f"auto_as_{task}", root / f"pred_as_{task}"
+        src.mkdir()
+        for case in group:
+            shutil.copy(mixed / f"{case}_0000.nii.gz", src)
+        _run(["nnUNetv2_versemi_predict", "-i", str(src), "-o", str(ref), "--task", task, *common], pipeline["env"])
+        for case in group:
+            a = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz")))
+            b = sitk.GetArrayFromImage(sitk.ReadImage(str(ref / f"{case}.nii.gz")))
+            assert np.array_equal(a, b), case
 
 
 @pytest.mark.parametrize("args,message", [

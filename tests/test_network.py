@@ -81,6 +81,7 @@ def test_merge_contract_hand_made_logits():
 
 def test_merged_forward_background_iff_all_tasks_background():
     net = _net(ds=False)
+    net.routing = "all_heads"
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
         merged = net(x)
@@ -100,6 +101,71 @@ def test_prompt_mode_fills_only_that_task():
     assert torch.equal(out[:, [0, 2, 3]], head[:, :3])
     assert (out[:, [1, 4]] < head[:, :3].min(1, keepdim=True).values).all()
     assert set(out.argmax(1).unique().tolist()) <= {0, 2, 3}
+
+
+def test_recognised_routing_equals_prompted_output_per_sample():
+    """Prompt-free forward, default routing: each sample is predicted exactly as under the prompt of the task
+    the classifier picks for it, and the recognised probabilities are kept."""
+    net = _net(ds=False)
+    assert net.routing == "recognised"
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        context = net.features(x)[1]
+        # a classifier that sends sample 0 to task 2, samples 1 and 2 to task 1 (one feature each)
+        w = torch.zeros_like(net.task_classifier.weight)
+        w[2, 0], w[1, 1] = 1.0, 1.0
+        net.task_classifier.weight.copy_(w)
+        net.task_classifier.bias.zero_()
+        picked = net.task_classifier(context).argmax(1)
+        out = net(x)
+        for i, t in enumerate(picked.tolist()):
+            net.prompt = t
+            alone = net(x[i:i + 1])
+            net.prompt = None
+            torch.testing.assert_close(out[i:i + 1], alone)
+    assert torch.equal(net.last_task_probabilities.argmax(1), picked)
+    torch.testing.assert_close(net.last_task_probabilities.sum(1), torch.ones(3))
+    with pytest.raises(ValueError, match="routing"):
+        net.routing = "bogus"
+        net(x)
+
+
+def test_recognition_output_and_its_gradient():
+    net = _net().train()
+    x = torch.randn(2, 1, 16, 16)
+    out, task_logits = net(x, torch.tensor([[0], [1]]), recognition=True)
+    assert task_logits.shape == (2, 3) and len(out) == 2
+    torch.nn.functional.cross_entropy(task_logits, torch.tensor([0, 2])).backward()
+    assert net.task_classifier.weight.grad.abs().sum() > 0
+    # detached by default: the recognition loss leaves the backbone untouched
+    assert all(p.grad is None for p in net.backbone.parameters())
+    net.zero_grad(set_to_none=True)
+    net.recognition_detach = False
+    torch.nn.init.normal_(net.task_classifier.weight)  # zero at start: no gradient reaches the features yet
+    _, task_logits = net(x, torch.tensor([[0], [1]]), recognition=True)
+    torch.nn.functional.cross_entropy(task_logits, torch.tensor([0, 2])).backward()
+    assert next(net.backbone.encoder.parameters()).grad.abs().sum() > 0
+    # recognise() is the encoder and the classifier alone, with the forward's probabilities
+    net.eval()
+    net.recognition_detach = True
+    with torch.no_grad():
+        _, logits = net(x, torch.tensor([[0], [1]]), recognition=True)
+        torch.testing.assert_close(net.recognise(x), torch.softmax(logits, 1))
+
+
+def test_checkpoint_without_classifier_loads_with_all_heads_routing(capsys):
+    old = {k: v for k, v in _net().state_dict().items() if not k.startswith("task_classifier.")}
+    net = _net()
+    net.load_state_dict(old)
+    assert net.routing == "all_heads"
+    assert "no task classifier" in capsys.readouterr().out
+    fresh = _net()
+    fresh.load_state_dict(_net().state_dict())
+    assert fresh.routing == "recognised"
+    broken = dict(old)
+    broken.pop(next(iter(broken)))
+    with pytest.raises(RuntimeError, match="missing"):
+        _net().load_state_dict(broken)
 
 
 def test_deep_supervision_toggle_through_decoder():

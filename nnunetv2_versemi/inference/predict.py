@@ -3,8 +3,12 @@
 ``--task NAME``: raw images of that task, as they were in its source dataset (any format nnU-Net reads);
 the task's intensity transform is applied, only that task's prompt runs, and label maps are written in the
 source dataset's own label values and in the input's geometry.
+``--task auto`` (default): raw source images of any of the model's tasks, mixed in one folder; each case's task
+is recognised by the network's task classifier (mean probability over the case's patches, with that task's
+intensity transform applied), then the case is predicted as with ``--task`` of that task. The recognised task
+per case goes to ``recognised_tasks.json`` in the output folder.
 ``--task all``: union-format images (as in the union's imagesTs); merged label maps, as stock
-``nnUNetv2_predict`` writes them.
+``nnUNetv2_predict`` writes them (the prompt-free network: each patch routed to the task it is recognised as).
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ from os.path import isdir, isfile, join
 
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import load_json
+from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 from tqdm import tqdm
 
 from nnunetv2_versemi.discovery import ensure_ext_trainer_env
 from nnunetv2_versemi.tasktable import Task, TaskTable, TaskTableError
 
 ALL = "all"
+AUTO = "auto"
+RECOGNISED_JSON = "recognised_tasks.json"
 
 
 class PredictionError(ValueError):
@@ -59,8 +65,8 @@ def check_folds(model_folder: str, folds: list[str], checkpoint: str) -> None:
         )
 
 
-def list_cases(input_folder: str, file_ending: str | None, num_channels: int) -> dict[str, list[str]]:
-    """CASE -> [CASE_0000.ext, ...] for every case in the folder; checks the channel count."""
+def list_cases(input_folder: str, file_ending: str | None, num_channels: int | None) -> dict[str, list[str]]:
+    """CASE -> [CASE_0000.ext, ...] for every case in the folder; checks the channel count (None: any)."""
     if not isdir(input_folder):
         raise PredictionError(f"Input folder {input_folder} does not exist")
     files = sorted(f for f in os.listdir(input_folder) if file_ending is None or f.endswith(file_ending))
@@ -77,7 +83,7 @@ def list_cases(input_folder: str, file_ending: str | None, num_channels: int) ->
     if not cases:
         raise PredictionError(f"No images named CASE_XXXX{file_ending or ''} in {input_folder}")
     for case, fs in cases.items():
-        if len(fs) != num_channels:
+        if num_channels is not None and len(fs) != num_channels:
             raise PredictionError(
                 f"Case {case} has {len(fs)} channel file(s) in {input_folder}, the task expects {num_channels}"
             )
@@ -144,6 +150,105 @@ def predict_task(predictor, net, task_index: int, task: Task, cases: dict[str, l
     return written
 
 
+def task_input_channels(task: Task) -> int:
+    """Channel files per case of the task's source images: all of its source dataset's channels, also for a task
+    merged with one of them (``--channel``); the predictor selects that one."""
+    return len(task.channel_names)
+
+
+def list_auto_cases(input_folder: str, table: TaskTable) -> dict[str, tuple[list[str], list[int]]]:
+    """CASE -> (its files, the tasks whose file ending and channel count it fits) for a folder that may mix
+    the source images of several tasks."""
+    endings = sorted({t.file_ending for t in table.tasks}, key=len, reverse=True)
+    found: dict[str, tuple[list[str], list[int]]] = {}
+    for ending in endings:
+        if not isdir(input_folder):
+            break
+        if not any(f.endswith(ending) for f in os.listdir(input_folder)):
+            continue
+        for case, files in list_cases(input_folder, ending, None).items():
+            if case in found:
+                continue
+            fits = [i for i, t in enumerate(table.tasks)
+                    if t.file_ending == ending and task_input_channels(t) == len(files)]
+            if not fits:
+                raise PredictionError(
+                    f"Case {case} ({len(files)} channel file(s), {ending}) fits no task of this model: "
+                    + "; ".join(f"{t.name}: {task_input_channels(t)} x {t.file_ending}" for t in table.tasks))
+            found[case] = (files, fits)
+    if not found:
+        list_cases(input_folder, endings[0] if len(endings) == 1 else None, None)  # raises the usual errors
+        raise PredictionError(f"No images of the model's tasks ({', '.join(endings)}) in {input_folder}")
+    return found
+
+
+def recognise_case(predictor, net, image: np.ndarray, props: dict, tasks: list[int], table: TaskTable,
+                   batch: int = 16) -> np.ndarray:
+    """Task probabilities (T,) of one raw case. For each candidate task t the image gets t's intensity transform
+    and nnU-Net's preprocessing, and the classifier's mean probability of t over non-overlapping patches is
+    t's score; tasks that are not candidates score 0. The scores are normalised to sum to 1."""
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+    from nnunetv2_versemi.data.normalization import prepare_raw_task_image
+
+    pm, cm = predictor.plans_manager, predictor.configuration_manager
+    preprocessor = cm.preprocessor_class(verbose=False)
+    patch = list(cm.patch_size)
+    scores = np.zeros(table.num_tasks)
+    for t in tasks:
+        data, _, _ = preprocessor.run_case_npy(prepare_raw_task_image(image, table.tasks[t]), None, dict(props),
+                                               pm, cm, predictor.dataset_json)
+        data = torch.from_numpy(np.ascontiguousarray(data)).float()
+        if len(patch) == 2:  # a 2d model sees the slices
+            data = data.permute(1, 0, 2, 3)
+        else:
+            data = data[None]
+        data, _ = pad_nd_image(data, patch, "constant", {"value": 0}, True, None)
+        steps = compute_steps_for_sliding_window(data.shape[2:], patch, 1.0)
+        tiles = [data[(slice(None), slice(None), *[slice(s, s + p) for s, p in zip(starts, patch)])]
+                 for starts in np.array(np.meshgrid(*steps, indexing="ij")).reshape(len(patch), -1).T]
+        tiles = torch.cat(tiles).to(predictor.device)
+        with torch.no_grad():
+            probs = torch.cat([net.recognise(tiles[i:i + batch]) for i in range(0, len(tiles), batch)])
+        scores[t] = float(probs[:, t].mean())
+    return scores / max(scores.sum(), 1e-12)
+
+
+def predict_auto(predictor, net, table: TaskTable, cases: dict[str, tuple[list[str], list[int]]],
+                 output_folder: str, npp: int, threshold: float = 0.5) -> tuple[list[str], dict]:
+    """``--task auto``: recognise each case's task, then predict the cases of each task under its prompt."""
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_file_ending
+
+    if table.num_tasks > 1 and net.routing != "recognised":
+        raise PredictionError("This model has no task classifier (trained before task recognition): name the "
+                              "task of the images with --task NAME")
+    report, groups = {}, {}
+    for case in tqdm(sorted(cases), desc="Recognising tasks", disable=table.num_tasks == 1):
+        files, fits = cases[case]
+        if table.num_tasks == 1:
+            scores = np.ones(1)
+        else:
+            rw = determine_reader_writer_from_file_ending(table.tasks[fits[0]].file_ending, files[0],
+                                                          allow_nonmatching_filename=True, verbose=False)()
+            try:
+                img, props = rw.read_images(files)
+            except Exception as e:  # reader errors vary by format
+                raise PredictionError(f"Cannot read case {case} ({files}): {e}") from e
+            scores = recognise_case(predictor, net, img, props, fits, table)
+        t = int(scores.argmax())
+        if scores[t] < threshold:
+            print(f"WARNING: case {case}: no task recognised with probability >= {threshold}; predicted as the "
+                  f"most likely, {table.tasks[t].name} ({scores[t]:.2f})")
+        report[case] = {"task": table.tasks[t].name, "probability": round(float(scores[t]), 4),
+                        "probabilities": {task.name: round(float(p), 4) for task, p in zip(table.tasks, scores)}}
+        groups.setdefault(t, {})[case] = files
+    written = []
+    for t, group in sorted(groups.items()):
+        written += predict_task(predictor, net, t, table.tasks[t], group, output_folder, npp)
+    return written, report
+
+
 def run(input_folder: str, output_folder: str, dataset: str, configuration: str, folds: list[str], task: str,
         trainer: str = "VerSemiTrainer", plans: str = "nnUNetPlans", checkpoint: str = "checkpoint_final.pth",
         step_size: float = 0.5, tta: bool = True, npp: int = 3, nps: int = 3, device: str = "cuda",
@@ -153,17 +258,19 @@ def run(input_folder: str, output_folder: str, dataset: str, configuration: str,
         raise PredictionError(f"Model folder {model_folder} does not exist (trainer {trainer}, plans {plans}, "
                               f"configuration {configuration})")
     table = load_model_table(model_folder)
-    if task != ALL and task not in table.names:
-        raise PredictionError(f"Unknown task '{task}'. Valid tasks: {', '.join(table.names)} (or '{ALL}')")
+    if task not in (ALL, AUTO) and task not in table.names:
+        raise PredictionError(f"Unknown task '{task}'. Valid tasks: {', '.join(table.names)} (or '{AUTO}', "
+                              f"'{ALL}')")
     check_folds(model_folder, folds, checkpoint)
     dataset_json = load_json(join(model_folder, "dataset.json"))
     if task == ALL:
         n_channels = len(dataset_json["channel_names"])
         cases = list_cases(input_folder, dataset_json["file_ending"], n_channels)
+    elif task == AUTO:
+        cases = list_auto_cases(input_folder, table)
     else:
         t = table.tasks[table.index(task)]
-        n_channels = 1 if t.channel is not None else len(t.channel_names)
-        cases = list_cases(input_folder, t.file_ending, n_channels)
+        cases = list_cases(input_folder, t.file_ending, task_input_channels(t))
     dev = torch.device(device)
     predictor, net = make_predictor(model_folder, folds, checkpoint, step_size, tta, dev)
 
@@ -177,6 +284,9 @@ def run(input_folder: str, output_folder: str, dataset: str, configuration: str,
             predictor.predict_from_files([cases[c] for c in sorted(cases)], tmp, save_probabilities=False,
                                          overwrite=True, num_processes_preprocessing=npp,
                                          num_processes_segmentation_export=nps)
+        elif task == AUTO:
+            _, report = predict_auto(predictor, net, table, cases, tmp, npp)
+            save_json(report, join(tmp, RECOGNISED_JSON), sort_keys=False)
         else:
             predict_task(predictor, net, table.index(task), table.tasks[table.index(task)], cases, tmp, npp)
         os.makedirs(output_folder, exist_ok=True)
@@ -196,7 +306,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-d", required=True, help="union dataset id or name")
     parser.add_argument("-c", required=True, help="configuration, e.g. 2d or 3d_fullres")
     parser.add_argument("-f", nargs="+", default=["0"], help="folds to ensemble (default 0)")
-    parser.add_argument("--task", required=True, help="task name (source-format images) or 'all' (union images)")
+    parser.add_argument("--task", default=AUTO,
+                        help="task name (its source-format images), 'auto' (default: source-format images of any "
+                             "task, each case's task recognised, written to recognised_tasks.json) or 'all' "
+                             "(union-format images, merged labels)")
     parser.add_argument("-tr", default="VerSemiTrainer", help="trainer class (default VerSemiTrainer)")
     parser.add_argument("-p", default="nnUNetPlans", help="plans identifier")
     parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name")

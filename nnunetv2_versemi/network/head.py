@@ -93,13 +93,23 @@ class DynamicHead(nn.Module):
         return x.reshape(b, p, self.out_channels, *spatial)
 
 
+ROUTINGS = ("recognised", "all_heads")
+
+
 class VerSemiNetwork(nn.Module):
-    """nnU-Net's planned U-Net as a task-agnostic backbone plus a dynamic head at every decoder scale.
+    """nnU-Net's planned U-Net as a task-agnostic backbone plus a dynamic head at every decoder scale, and a
+    task classifier on the pooled bottleneck features.
 
     ``forward(x)`` without prompts returns merged-label-space logits (what stock nnU-Net inference calls):
-    with ``self.prompt = None`` their argmax is background where every task predicts background, else the
-    foreground class of the task with the largest margin of foreground over background probability; with
-    ``self.prompt = t`` only task t's channels are filled (its own logits at its merged positions).
+      - ``self.prompt = t``: only task t's channels are filled (its own logits at its merged positions);
+      - ``self.prompt = None`` and ``self.routing = "recognised"`` (default): the same, with t the task the
+        classifier recognises in each input patch (top-1). Task heads never see other tasks' images in
+        training, so on a foreign image their output is arbitrary: routing keeps them off it;
+      - ``self.prompt = None`` and ``self.routing = "all_heads"``: every task head runs; the argmax is
+        background where every task predicts background, else the foreground class of the task with the
+        largest margin of foreground over background probability. Right when one image shows structures of
+        several tasks (e.g. two organs of one CT, each labeled in another dataset); checkpoints without a
+        task classifier load with this routing.
     ``forward(x, prompts)`` returns raw head outputs for training, see :meth:`forward`.
     """
 
@@ -132,7 +142,14 @@ class VerSemiNetwork(nn.Module):
                         backbone.encoder.conv_op, hidden, static=static_head)
             for s in range(len(channels) - 1)
         )
+        # which task an image (patch) comes from, from the same pooled bottleneck features as the controller
+        self.task_classifier = nn.Linear(channels[-1], self.num_tasks)
+        nn.init.zeros_(self.task_classifier.weight)
+        nn.init.zeros_(self.task_classifier.bias)
+        self.recognition_detach = True  # the classifier's loss does not reach the backbone (docs/METHOD.md)
+        self.routing = "recognised"
         self.prompt: int | None = None
+        self.last_task_probabilities: torch.Tensor | None = None  # of the last prompt-free forward, (B, T)
 
     # nnU-Net toggles deep supervision through `.decoder.deep_supervision`
     @property
@@ -157,47 +174,91 @@ class VerSemiNetwork(nn.Module):
                     prompts: torch.Tensor) -> list[torch.Tensor]:
         return [head(f, context, prompts) for head, f in zip(self.heads, feats)]
 
-    def forward(self, x: torch.Tensor, prompts: torch.Tensor | Sequence[torch.Tensor] | None = None):
+    def forward(self, x: torch.Tensor, prompts: torch.Tensor | Sequence[torch.Tensor] | None = None,
+                recognition: bool = False):
         """
         prompts=None: merged-space logits (one tensor, or a list per scale with deep supervision).
         prompts (B, P) long tensor: list per scale of (B, P, max_classes, *S) head outputs; a prompt with
             n classes uses the first n channels.
         prompts as a sequence of (B_g, P_g) tensors whose B_g add up to B: the batch is split into groups
             along dim 0 (one backbone pass for all), and a list (per group) of such lists is returned.
+        recognition=True: returns (that output, the task classifier's logits (B, T)), from the same backbone
+            pass; with ``recognition_detach`` the classifier sees the features without their gradient.
         """
         feats, context = self.features(x)
+        task_logits = self.task_classifier(context.detach() if self.recognition_detach else context)
         if prompts is None:
-            out = [self._merged(f, context, s) for s, f in enumerate(feats)]
-            return out if self.backbone.decoder.deep_supervision else out[0]
-        if isinstance(prompts, torch.Tensor):
-            return self.apply_heads(feats, context, prompts)
-        sizes = [p.shape[0] for p in prompts]
-        if sum(sizes) != x.shape[0]:
-            raise ValueError(f"Prompt groups cover {sum(sizes)} samples, the batch has {x.shape[0]}")
-        outputs, start = [], 0
-        for p, n in zip(prompts, sizes):
-            sl = slice(start, start + n)
-            outputs.append(self.apply_heads([f[sl] for f in feats], context[sl], p))
-            start += n
-        return outputs
+            out = self._prompt_free(feats, context, task_logits)
+        elif isinstance(prompts, torch.Tensor):
+            out = self.apply_heads(feats, context, prompts)
+        else:
+            sizes = [p.shape[0] for p in prompts]
+            if sum(sizes) != x.shape[0]:
+                raise ValueError(f"Prompt groups cover {sum(sizes)} samples, the batch has {x.shape[0]}")
+            out, start = [], 0
+            for p, n in zip(prompts, sizes):
+                sl = slice(start, start + n)
+                out.append(self.apply_heads([f[sl] for f in feats], context[sl], p))
+                start += n
+        return (out, task_logits) if recognition else out
+
+    def _prompt_free(self, feats: list[torch.Tensor], context: torch.Tensor, task_logits: torch.Tensor):
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
+        tasks = None
+        if self.prompt is None and self.routing == "recognised":
+            probs = torch.softmax(task_logits.float(), dim=1)
+            self.last_task_probabilities = probs.detach()
+            tasks = probs.argmax(dim=1)
+        out = [self._merged(f, context, s, tasks) for s, f in enumerate(feats)]
+        return out if self.backbone.decoder.deep_supervision else out[0]
+
+    def recognise(self, x: torch.Tensor) -> torch.Tensor:
+        """Task probabilities (B, T) of input patches: the encoder and the classifier only."""
+        context = self.backbone.encoder(x)[-1]
+        return torch.softmax(self.task_classifier(context.mean(dim=tuple(range(2, context.ndim)))).float(), dim=1)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Checkpoints written before the task classifier existed load with ``routing = "all_heads"``."""
+        keys = [k for k in self.state_dict() if k.startswith("task_classifier.")]
+        if strict and keys and not any(k in state_dict for k in keys):
+            result = super().load_state_dict(state_dict, strict=False, assign=assign)
+            if result.unexpected_keys or set(result.missing_keys) != set(keys):
+                raise RuntimeError(f"Error loading VerSemiNetwork state: missing {result.missing_keys}, "
+                                   f"unexpected {result.unexpected_keys}")
+            self.routing = "all_heads"
+            print("VerSemi: this checkpoint has no task classifier (trained before task recognition): "
+                  "prompt-free prediction runs every task head, the most confident task wins per voxel")
+            return result
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def task_prompts(self, batch_size: int, device: torch.device) -> torch.Tensor:
         return torch.arange(self.num_tasks, device=device)[None].expand(batch_size, -1)
 
-    def _merged(self, feat: torch.Tensor, context: torch.Tensor, scale: int) -> torch.Tensor:
+    def _merged(self, feat: torch.Tensor, context: torch.Tensor, scale: int,
+                tasks: torch.Tensor | None = None) -> torch.Tensor:
+        """Merged-space logits of one scale: under ``self.prompt``, else under each sample's ``tasks`` (B,),
+        else from every task head."""
         b = feat.shape[0]
         head = self.heads[scale]
         if self.prompt is not None:
-            t = int(self.prompt)
-            logits = head(feat, context, torch.full((b, 1), t, device=feat.device, dtype=torch.long))[:, 0]
-            own = logits[:, :self.num_classes_per_prompt[t]]
-            absent = own.min(dim=1, keepdim=True).values - _ABSENT_MARGIN
-            out = absent.expand(b, self.num_merged, *feat.shape[2:]).clone()
-            out[:, 0] = logits[:, 0]
-            out[:, self.merged_values_per_task[t]] = logits[:, 1:self.num_classes_per_prompt[t]]
-            return out
-        logits = head(feat, context, self.task_prompts(b, feat.device))
-        return merge_task_logits(logits, self.num_classes_per_prompt[:-1], self.merged_values_per_task)
+            tasks = torch.full((b,), int(self.prompt), device=feat.device, dtype=torch.long)
+        if tasks is None:
+            logits = head(feat, context, self.task_prompts(b, feat.device))
+            return merge_task_logits(logits, self.num_classes_per_prompt[:-1], self.merged_values_per_task)
+        logits = head(feat, context, tasks[:, None])[:, 0]
+        out = logits.new_empty((b, self.num_merged, *feat.shape[2:]))
+        for t in tasks.unique().tolist():
+            sel = tasks == t
+            own = logits[sel, :self.num_classes_per_prompt[t]]
+            # channels of other tasks stay below this task's lowest logit: they never win the argmax
+            out[sel] = (own.min(dim=1, keepdim=True).values - _ABSENT_MARGIN).expand(
+                -1, self.num_merged, *feat.shape[2:]).to(out.dtype)
+            sub = out[sel]
+            sub[:, 0] = own[:, 0]
+            sub[:, self.merged_values_per_task[t]] = own[:, 1:]
+            out[sel] = sub
+        return out
 
 
 def merge_task_logits(task_logits: torch.Tensor, num_classes: Sequence[int],

@@ -151,3 +151,8 @@ class PresentClassDiceLoss(torch.nn.Module):
         if not bool(present.any()):
             return x.sum() * 0.0
         return -dc[present].mean()
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of (N, C) logits against (N, C) target distributions (one-hot or mixed), mean over N."""
+    return -(target * torch.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import shutil
+from collections.abc import Callable
 from os.path import isdir, isfile, join
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
@@ -31,8 +35,9 @@ from nnunetv2_versemi.tasktable import TaskTable, TaskTableError
 from nnunetv2_versemi.training import cutmix, losses
 from nnunetv2_versemi.training.sampling import TaskBalancedDataLoader
 
-LOSS_TERMS = ("sup", "syn", "spec", "unsup", "cons")
+LOSS_TERMS = ("sup", "syn", "spec", "unsup", "cons", "rec")
 STAT_KEYS = ("unsup_lambda", "unsup_kept")  # logged per epoch beside the loss terms
+REC_KEY = "recognition"  # per epoch: task recognition accuracy per task on the validation batches
 
 
 def split_global_batch(global_batch: int, world_size: int, rank: int) -> int:
@@ -60,7 +65,11 @@ class VerSemiTrainer(nnUNetTrainer):
               prompts of the task foreground probability, on the samples whose P_agg holds foreground
       L_cons  soft Dice of the synthetic prompt vs the known foreground on the labeled part of an
               unlabeled+labeled mix (only with ``unlabeled_mix = "labeled"``)
-    loss = w_sup L_sup + w_syn L_syn + w_spec L_spec + lambda(epoch) (w_unsup L_unsup + w_cons L_cons).
+      L_rec   cross-entropy of the task classifier (which task an image comes from) on every image of the
+              pass; a CutMix composite's target shares its tasks by area. Not part of the paper: it lets the
+              prompt-free forward (stock nnUNetv2_predict) route each patch to its own task's head
+    loss = w_sup L_sup + w_syn L_syn + w_spec L_spec + lambda(epoch) (w_unsup L_unsup + w_cons L_cons)
+           + w_rec L_rec.
 
     Paper/official code: Adam 1e-3, batch 8+8, 96^3, no augmentation, stage 1 (labeled only, r = 2/3)
     then stage 2 (r ~ U(0.3, 0.6), no L_spec), consistency target with gradient on both sides.
@@ -116,6 +125,12 @@ class VerSemiTrainer(nnUNetTrainer):
         # a small class of one task collapse to zero in a union; docs/METHOD.md)
         self.dice_present_classes_only = True
         self.allow_labeled_only = False  # True: train without unlabeled images (logged), instead of failing
+        self.recognition_weight = 1.0  # w_rec
+        # False: the recognition loss reaches the backbone too (docs/METHOD.md: measured, not needed)
+        self.recognition_detach = True
+        # final validation: a case whose recognised task has a mean probability below this gets a warning
+        self.recognition_threshold = 0.5
+        self.validate_prompted_too = True  # final validation also under each case's own prompt (extra entry)
 
         self.ema_network: VerSemiNetwork | None = None
         self.dataloader_unlabeled = None
@@ -124,7 +139,7 @@ class VerSemiTrainer(nnUNetTrainer):
         self.validation_fallback: list[str] = []  # tasks validated on training cases in this fold (do_split)
         self._empty_epochs = 0
         self._uses_unlabeled = None  # -> initialize
-        for key in (*LOSS_TERMS, *STAT_KEYS):
+        for key in (*LOSS_TERMS, *STAT_KEYS, REC_KEY):
             self.logger.local_logger.my_fantastic_logging.setdefault(f"versemi_{key}", [])
 
     # structure, not a training hyperparameter: nnU-Net's predictors rebuild the network from the class alone
@@ -161,6 +176,9 @@ class VerSemiTrainer(nnUNetTrainer):
         if self.unsup_schedule not in ("ramp", "stage"):
             raise ValueError(f"unsup_schedule must be 'ramp' or 'stage', got {self.unsup_schedule!r}")
         self._check_schedule()
+        if not isinstance(self.recognition_weight, (int, float)) or self.recognition_weight < 0:
+            raise ValueError(f"{type(self).__name__}.recognition_weight must be a number >= 0, got "
+                             f"{self.recognition_weight!r}")
         if self._uses_unlabeled and not self._unlabeled_cases():
             if not self.allow_labeled_only:
                 raise FileNotFoundError(
@@ -183,6 +201,7 @@ class VerSemiTrainer(nnUNetTrainer):
                     f"Run nnUNetv2_versemi_plan_and_preprocess -d {self.plans_manager.dataset_name} -c "
                     f"{self.configuration_name} --only-unlabeled")
         super().initialize()
+        self._plain_network().recognition_detach = bool(self.recognition_detach)
         tables = self.task_table
         device = self.device
         n_max = max(tables.num_classes_per_prompt())
@@ -294,7 +313,7 @@ class VerSemiTrainer(nnUNetTrainer):
     # ------------------------------------------------------------------------------------------ schedule
     def _check_schedule(self) -> None:
         for name in ("stage1_fraction", "stage1_min_fraction", "switch_dice", "unsup_min_foreground",
-                     "rampup_fraction"):
+                     "rampup_fraction", "recognition_threshold"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 <= v <= 1:
                 raise ValueError(f"{type(self).__name__}.{name} must be a number in [0, 1], got {v!r}")
@@ -388,7 +407,9 @@ class VerSemiTrainer(nnUNetTrainer):
         fg = [(t > 0).long() for t in target]
         spatial = data.shape[2:]
 
+        T = self.task_table.num_tasks
         inputs, prompts = [data], [tasks[:, None]]
+        rec_targets = [F.one_hot(tasks, T).float()]  # task recognition: one target distribution per input
         half = data.shape[0] // 2
         if half > 0 and (self.syn_weight > 0 or self.spec_weight > 0):
             a, b = slice(0, half), slice(half, 2 * half)
@@ -396,6 +417,7 @@ class VerSemiTrainer(nnUNetTrainer):
             m = cutmix.box_masks(cutmix.draw_boxes(half, spatial, ratio), spatial, self.device)
             ms = [cutmix.resize_mask(m, t.shape[2:]) for t in target]
             inputs.append(cutmix.mix(data[a], data[b], m))
+            rec_targets.append(area_mixed_tasks(tasks[a], tasks[b], m, T))
             prompts.append(torch.stack((torch.full_like(tasks[a], syn_prompt), tasks[a], tasks[b]), dim=1))
             same = (tasks[a] == tasks[b]).view(-1, *[1] * (data.ndim - 1))
             syn_t = [cutmix.mix(f[a], f[b], mm) for f, mm in zip(fg, ms)]
@@ -408,23 +430,27 @@ class VerSemiTrainer(nnUNetTrainer):
             half = 0
 
         if lam > 0:
-            u = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True)
+            batch_u = next(self.dataloader_unlabeled)
+            u = batch_u["data"].to(self.device, non_blocking=True)
+            u_tasks = self._task_ids(batch_u["keys"])
             mu = cutmix.box_masks(cutmix.draw_boxes(u.shape[0], spatial, self.unlabeled_box_ratio), spatial,
                                   self.device)
             if self.unlabeled_mix == "labeled":
                 partner_idx = torch.randint(0, data.shape[0], (u.shape[0],), device=self.device)
-                partner = data[partner_idx]
+                partner, partner_tasks = data[partner_idx], tasks[partner_idx]
             else:
-                partner = u.roll(1, dims=0)
+                partner, partner_tasks = u.roll(1, dims=0), u_tasks.roll(1, dims=0)
             x_u = cutmix.mix(u, partner, mu)
             inputs.append(x_u)
+            rec_targets.append(area_mixed_tasks(u_tasks, partner_tasks, mu, T))
             prompts.append(torch.cat((self._plain_network().task_prompts(u.shape[0], self.device),
                                       torch.full((u.shape[0], 1), syn_prompt, device=self.device)), dim=1))
 
         self.optimizer.zero_grad(set_to_none=True)
         terms, stats = {}, {}
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            outs = self.network(torch.cat(inputs), prompts)
+            outs, task_logits = self.network(torch.cat(inputs), prompts, recognition=True)
+            terms["rec"] = losses.soft_cross_entropy(task_logits, torch.cat(rec_targets))
             terms["sup"] = losses.prompted_supervised_loss([o[:, 0] for o in outs[0]], local, tasks,
                                                            self._num_classes, self._hard_loss)
             if half > 0:
@@ -441,7 +467,7 @@ class VerSemiTrainer(nnUNetTrainer):
                                                        if self.unlabeled_mix == "labeled" else None)
                 terms.update(u_terms)
             weights = dict(sup=self.sup_weight, syn=self.syn_weight, spec=self.spec_weight,
-                           unsup=self.unsup_weight * lam, cons=self.cons_weight * lam)
+                           unsup=self.unsup_weight * lam, cons=self.cons_weight * lam, rec=self.recognition_weight)
             loss = sum(weights[k] * v for k, v in terms.items())
 
         if self.grad_scaler is not None:
@@ -545,9 +571,11 @@ class VerSemiTrainer(nnUNetTrainer):
         data, target, tasks = self._to_device(batch)
         local = [self._merged_to_local[t.long()] for t in target]
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            outs = self.network(data, tasks[:, None])
+            outs, task_logits = self.network(data, tasks[:, None], recognition=True)
             loss = losses.prompted_supervised_loss([o[:, 0] for o in outs], local, tasks, self._num_classes,
                                                    self._hard_loss)
+        T = self.task_table.num_tasks
+        correct = torch.bincount(tasks[task_logits.argmax(1) == tasks], minlength=T)
         logits = outs[0][:, 0]
         valid = self._class_valid[tasks].view(*tasks.shape, -1, *[1] * (logits.ndim - 2))
         local_pred = logits.masked_fill(~valid, float("-inf")).argmax(1)
@@ -558,12 +586,19 @@ class VerSemiTrainer(nnUNetTrainer):
         axes = [0] + list(range(2, logits.ndim))
         tp, fp, fn, _ = get_tp_fp_fn_tn(onehot, target[0], axes=axes)
         return {"loss": loss.detach().cpu().numpy(), "tp_hard": tp.detach().cpu().numpy()[1:],
-                "fp_hard": fp.detach().cpu().numpy()[1:], "fn_hard": fn.detach().cpu().numpy()[1:]}
+                "fp_hard": fp.detach().cpu().numpy()[1:], "fn_hard": fn.detach().cpu().numpy()[1:],
+                "rec_correct": correct.cpu().numpy(), "rec_count": torch.bincount(tasks, minlength=T).cpu().numpy()}
 
     def on_validation_epoch_end(self, val_outputs: list[dict]):
         super().on_validation_epoch_end(val_outputs)
         self.print_to_log_file("Pseudo dice per task",
                                {k: np.round(v, 4) for k, v in self.per_task_pseudo_dice().items()})
+        correct = self._gather(np.stack([o["rec_correct"] for o in val_outputs])).sum(0)
+        count = self._gather(np.stack([o["rec_count"] for o in val_outputs])).sum(0)
+        acc = [float(c / n) if n else float("nan") for c, n in zip(correct, count)]
+        self.logger.log(f"versemi_{REC_KEY}", acc, self.current_epoch)
+        self.print_to_log_file("Task recognition accuracy per task (validation patches)",
+                               {t.name: round(a, 4) for t, a in zip(self.task_table.tasks, acc)})
 
     def on_epoch_end(self):
         # before nnU-Net's checkpointing in super(), so a checkpoint written now already holds the switch
@@ -576,35 +611,87 @@ class VerSemiTrainer(nnUNetTrainer):
                                   join(self.output_folder, "progress_versemi.png"))
 
     def perform_actual_validation(self, save_probabilities: bool = False):
-        """nnU-Net's final validation, with every case predicted under its own task prompt; per-task means
-        are added to summary.json under "versemi_per_task"."""
-        net, table, base = self._plain_network(), self.task_table, self.dataset_class or infer_dataset_class(
-            self.preprocessed_dataset_folder)
-
-        class PromptPerCase(base):
-            # nnU-Net loads each validation case right before predicting it: switch the prompt there
-            def load_case(self, identifier):
-                net.prompt = table.task_of_case(identifier)
-                return super().load_case(identifier)
-
-        self.dataset_class = PromptPerCase
-        try:
-            super().perform_actual_validation(save_probabilities)
-        finally:
-            self.dataset_class = base
+        """nnU-Net's final validation of what stock ``nnUNetv2_predict`` writes: the prompt-free network, each
+        patch routed to the task it is recognised as. So ``nnUNetv2_find_best_configuration``, post-processing
+        and ensembling choose on the outputs users get. Added to summary.json: "versemi_per_task" (per-task
+        means), "versemi_recognition" (the task recognised per case: mean probability over its patches) and,
+        with ``validate_prompted_too``, "versemi_prompted" (each case under its own task's prompt; its files
+        in validation_prompted/)."""
+        net, table = self._plain_network(), self.task_table
+        base = self.dataset_class or infer_dataset_class(self.preprocessed_dataset_folder)
+        folder, prompted_folder = join(self.output_folder, "validation"), join(self.output_folder,
+                                                                               "validation_prompted")
+        prompted = None
+        if self.validate_prompted_too:
+            with _dataset_hook(self, base, lambda case: setattr(net, "prompt", table.task_of_case(case))):
+                super().perform_actual_validation(False)
             net.prompt = None
-        summary_file = join(self.output_folder, "validation", "summary.json")
+            if self.local_rank == 0 and isdir(folder):
+                shutil.rmtree(prompted_folder, ignore_errors=True)
+                os.replace(folder, prompted_folder)
+                if isfile(join(prompted_folder, "summary.json")):
+                    prompted = load_json(join(prompted_folder, "summary.json"))
+            if self.is_ddp:
+                dist.barrier()
+        probs: dict[str, list[np.ndarray]] = {}
+        current: list[str] = []
+
+        def new_case(case: str) -> None:
+            current[:] = [case]
+            probs[case] = []
+
+        def collect(module, args, output):
+            if current and module.last_task_probabilities is not None:
+                probs[current[0]].append(module.last_task_probabilities.cpu().numpy())
+
+        hook = net.register_forward_hook(collect)
+        try:
+            with _dataset_hook(self, base, new_case):
+                super().perform_actual_validation(save_probabilities)
+        finally:
+            hook.remove()
+        summary_file = join(folder, "summary.json")
         if self.local_rank == 0 and isfile(summary_file):
             summary = load_json(summary_file)
             summary["versemi_per_task"] = per_task_summary(summary, table)
+            summary["versemi_recognition"] = self._recognition_report(probs)
+            if prompted is not None:
+                summary["versemi_prompted"] = {"folder": "validation_prompted",
+                                               "foreground_mean": prompted["foreground_mean"],
+                                               "per_task": per_task_summary(prompted, table)}
             if self.validation_fallback:
                 summary["versemi_validation_fallback"] = {
                     "tasks": self.validation_fallback,
                     "note": f"fold {self.fold} has no validation case of these tasks: they were validated on "
                             "their training cases"}
             save_json(summary, summary_file, sort_keys=False)
-            self.print_to_log_file("Validation Dice per task:",
+            self.print_to_log_file("Validation Dice per task (stock prompt-free prediction):",
                                    {k: v["Dice"] for k, v in summary["versemi_per_task"].items()})
+            if prompted is not None:
+                self.print_to_log_file("Validation Dice per task (each case under its own prompt):",
+                                       {k: v["Dice"] for k, v in summary["versemi_prompted"]["per_task"].items()})
+
+    def _recognition_report(self, probs: dict[str, list[np.ndarray]]) -> dict:
+        """Per validation case: the task recognised (mean probability over the patches the network saw) against
+        its true task; per task: the share of its cases recognised. Low-confidence cases are logged."""
+        table, cases = self.task_table, {}
+        if self._plain_network().routing != "recognised":
+            return {"routing": self._plain_network().routing}
+        for case, ps in probs.items():
+            if not ps:
+                continue
+            mean = np.concatenate(ps).mean(0)
+            t = int(mean.argmax())
+            cases[case] = {"task": table.tasks[table.task_of_case(case)].name, "recognised": table.tasks[t].name,
+                           "probability": round(float(mean[t]), 4)}
+            if mean[t] < self.recognition_threshold:
+                self.print_to_log_file(f"WARNING: case {case}: no task recognised with probability >= "
+                                       f"{self.recognition_threshold} (best: {table.tasks[t].name}, {mean[t]:.2f})")
+        accuracy = {}
+        for task in table.tasks:
+            own = [c for c in cases.values() if c["task"] == task.name]
+            accuracy[task.name] = float(np.mean([c["recognised"] == task.name for c in own])) if own else None
+        return {"routing": "recognised", "accuracy_per_task": accuracy, "cases": cases}
 
     # ------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, filename: str) -> None:
@@ -644,8 +731,35 @@ class VerSemiTrainer(nnUNetTrainer):
         for key in (*LOSS_TERMS, *STAT_KEYS):
             vals = log.setdefault(f"versemi_{key}", [])
             vals.extend([float("nan")] * (self.current_epoch - len(vals)))
+        vals = log.setdefault(f"versemi_{REC_KEY}", [])
+        vals.extend([[float("nan")] * self.task_table.num_tasks] * (self.current_epoch - len(vals)))
         if self.ema_network is not None and state["ema_weights"] is not None:
             self.ema_network.load_state_dict(state["ema_weights"])
+
+
+@contextlib.contextmanager
+def _dataset_hook(trainer: nnUNetTrainer, base: type, on_load: Callable[[str], None]):
+    """Run ``on_load(case)`` whenever nnU-Net's final validation loads a case: it loads each case right before
+    predicting it, in the main process, so this is where a per-case prompt or record starts."""
+
+    class HookedDataset(base):
+        def load_case(self, identifier):
+            on_load(identifier)
+            return super().load_case(identifier)
+
+    trainer.dataset_class = HookedDataset
+    try:
+        yield
+    finally:
+        trainer.dataset_class = base
+
+
+def area_mixed_tasks(outside: torch.Tensor, inside: torch.Tensor, mask: torch.Tensor, num_tasks: int
+                     ) -> torch.Tensor:
+    """Task distribution of CutMix composites: each part's task weighted by its share of the patch (as CutMix
+    mixes class labels). outside/inside (N,) task ids, mask (N, 1, *S) with 1 inside the box."""
+    area = mask.flatten(1).float().mean(1, keepdim=True)
+    return (1 - area) * F.one_hot(outside, num_tasks).float() + area * F.one_hot(inside, num_tasks).float()
 
 
 def check_table_against_dataset(table: TaskTable, dataset_json: dict) -> None:
