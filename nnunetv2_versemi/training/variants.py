@@ -104,6 +104,16 @@ class VerSemiTrainer_noUnsup_dynamicHead(VerSemiTrainer_noUnsup):
     static_head = False
 
 
+class VerSemiTrainer_recognitionGrad(VerSemiTrainer):
+    """The task recognition loss also trains the backbone (default: the classifier alone learns from the
+    features, which the segmentation losses shape)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.recognition_detach = False
+
+
 def _short(base: type, epochs: int, iterations: int | None = None, val_iterations: int | None = None,
            name: str | None = None) -> type:
     """A short-run subclass of ``base`` (module-level, so it pickles and nnU-Net finds it by name)."""
