@@ -369,6 +369,30 @@ def test_predict_auto_recognises_each_case_and_predicts_it_as_that_task(pipeline
             assert np.array_equal(a, b), case
 
 
+def test_benchmark_recognition_scores_stock_prompted_and_all_heads(pipeline):
+    import json
+
+    root = pipeline["root"]
+    out = root / "recognition"
+    _run(["nnUNetv2_versemi_benchmark", "recognition", "-d", str(UNION_ID), "-c", "2d", "-tr", TRAINER, "-f", "0",
+          "-o", str(out), "-device", "cpu", "--disable_tta"], pipeline["env"])
+    result = json.loads((out / "recognition.json").read_text())
+    assert result["n_cases"] == 3 and set(result["cases"]) == {f[:-len(".nii.gz")] for f in
+                                                             os.listdir(root / "raw" / UNION / "labelsTs")}
+    for mode in ("prompted", "recognised", "all_heads"):
+        assert set(result["dice"][mode]) == {"DemoCT", "DemoMR", "DemoMC"}
+        assert len(os.listdir(out / mode)) == 3
+    for t, d in result["stock_minus_prompted"].items():
+        assert d == pytest.approx(result["dice"]["recognised"][t] - result["dice"]["prompted"][t])
+    for case, r in result["cases"].items():
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "recognised" / f"{case}.nii.gz")))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "prompted" / f"{case}.nii.gz")))
+        if r["patches_recognised"] == 1.0:  # every patch routed to its own task: the prompted output exactly
+            assert np.array_equal(a, b), case
+    assert result["time_ratio_recognised_vs_all_heads"]["median"] > 0
+    assert "stock (recognised)" in (out / "recognition.md").read_text()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--task", "Liver"], "Valid tasks: DemoCT, DemoMR, DemoMC"),
     (["--task", "DemoMR", "-f", "3"], "Missing checkpoint_final.pth for fold(s) 3"),

@@ -112,10 +112,10 @@ def test_recognised_routing_equals_prompted_output_per_sample():
     with torch.no_grad():
         context = net.features(x)[1]
         # a classifier that sends sample 0 to task 2, samples 1 and 2 to task 1 (one feature each)
-        w = torch.zeros_like(net.task_classifier.weight)
+        w = torch.zeros_like(net.task_classifier[1].weight)
         w[2, 0], w[1, 1] = 1.0, 1.0
-        net.task_classifier.weight.copy_(w)
-        net.task_classifier.bias.zero_()
+        net.task_classifier[1].weight.copy_(w)
+        net.task_classifier[1].bias.zero_()
         picked = net.task_classifier(context).argmax(1)
         out = net(x)
         for i, t in enumerate(picked.tolist()):
@@ -136,12 +136,12 @@ def test_recognition_output_and_its_gradient():
     out, task_logits = net(x, torch.tensor([[0], [1]]), recognition=True)
     assert task_logits.shape == (2, 3) and len(out) == 2
     torch.nn.functional.cross_entropy(task_logits, torch.tensor([0, 2])).backward()
-    assert net.task_classifier.weight.grad.abs().sum() > 0
+    assert net.task_classifier[1].weight.grad.abs().sum() > 0
     # detached by default: the recognition loss leaves the backbone untouched
     assert all(p.grad is None for p in net.backbone.parameters())
     net.zero_grad(set_to_none=True)
     net.recognition_detach = False
-    torch.nn.init.normal_(net.task_classifier.weight)  # zero at start: no gradient reaches the features yet
+    torch.nn.init.normal_(net.task_classifier[1].weight)  # zero at start: no gradient reaches the features yet
     _, task_logits = net(x, torch.tensor([[0], [1]]), recognition=True)
     torch.nn.functional.cross_entropy(task_logits, torch.tensor([0, 2])).backward()
     assert next(net.backbone.encoder.parameters()).grad.abs().sum() > 0

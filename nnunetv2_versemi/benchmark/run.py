@@ -985,6 +985,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict | None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "recognition":
+        from nnunetv2_versemi.benchmark import recognition
+
+        return recognition.main(argv[1:])
     if argv and argv[0] == "speed":
         from nnunetv2_versemi.benchmark import speed
 

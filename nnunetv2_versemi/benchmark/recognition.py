@@ -1,0 +1,170 @@
+"""``nnUNetv2_versemi_benchmark recognition``: stock (prompt-free) prediction against prompted prediction.
+
+On a trained union model and the union's labeled test cases (imagesTs/labelsTs, union format), every case is
+preprocessed once and predicted three ways by the same network:
+  prompted    under its own task's prompt (what ``nnUNetv2_versemi_predict --task`` and the benchmark score);
+  recognised  prompt-free, each patch routed to the task the classifier recognises (stock nnUNetv2_predict);
+  all_heads   prompt-free, every task head, the most confident task wins (the behaviour before recognition).
+Reports Dice per task of each, the case-level recognition accuracy (mean probability over the case's patches)
+and the prediction time of ``recognised`` against ``all_heads``, measured case by case, interleaved. Writes
+recognition.json and recognition.md to the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from os.path import join
+
+import numpy as np
+import torch
+from batchgenerators.utilities.file_and_folder_operations import save_json
+from tqdm import tqdm
+
+MODES = ("prompted", "recognised", "all_heads")
+PROG = "nnUNetv2_versemi_benchmark recognition"
+
+
+def _predict_case(predictor, net, data: torch.Tensor, mode: str, task: int) -> tuple[np.ndarray, float, list]:
+    """Logits of one preprocessed case under one mode, the seconds it took, and (recognised) the per-patch
+    task probabilities the network saw."""
+    net.prompt = task if mode == "prompted" else None
+    net.routing = "all_heads" if mode == "all_heads" else "recognised"
+    seen = []
+    hook = net.register_forward_hook(
+        lambda m, a, o: seen.append(m.last_task_probabilities.cpu().numpy()) if mode == "recognised" else None)
+    try:
+        t0 = time.perf_counter()
+        logits = predictor.predict_sliding_window_return_logits(data)
+        seconds = time.perf_counter() - t0
+    finally:
+        hook.remove()
+        net.prompt, net.routing = None, "recognised"
+    return logits, seconds, seen
+
+
+def run_recognition(args: argparse.Namespace) -> dict:
+    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+    from nnunetv2.paths import nnUNet_raw
+
+    from nnunetv2_versemi.benchmark.run import BenchmarkError, _link_or_copy, _test_cases
+    from nnunetv2_versemi.evaluation.evaluate import evaluate_folders
+    from nnunetv2_versemi.inference.predict import (check_folds, load_model_table, make_predictor,
+                                                    resolve_model_folder)
+
+    model = resolve_model_folder(args.d, args.c, args.tr, args.p)
+    table = load_model_table(model)
+    folds = [str(f) for f in args.f]
+    if len(folds) != 1:
+        raise BenchmarkError(f"Give one fold (-f), got {len(folds)}: the modes are timed on one network")
+    check_folds(model, folds, args.chk)
+    predictor, net = make_predictor(model, folds, args.chk, 0.5, not args.disable_tta, torch.device(args.device))
+    if net.routing != "recognised":
+        raise BenchmarkError(f"The model in {model} has no task classifier (trained before task recognition)")
+    dataset_json, pm, cm = predictor.dataset_json, predictor.plans_manager, predictor.configuration_manager
+    raw = join(nnUNet_raw, pm.dataset_name)
+    fe = dataset_json["file_ending"]
+    n_channels = len(dataset_json["channel_names"])
+    cases = [c for group in _test_cases(raw, table, fe, n_channels).values() for c in group]
+    ref = join(args.o, "reference")  # exactly the scored cases (labelsTs may hold others)
+    os.makedirs(ref, exist_ok=True)
+    for c in cases:
+        if not os.path.isfile(join(ref, c + fe)):
+            _link_or_copy(join(raw, "labelsTs", c + fe), join(ref, c + fe))
+    preprocessor = cm.preprocessor_class(verbose=False)
+    os.makedirs(args.o, exist_ok=True)
+    for mode in MODES:
+        os.makedirs(join(args.o, mode), exist_ok=True)
+    seconds = {m: [] for m in MODES}
+    recognition = {}
+    net.load_state_dict(predictor.list_of_parameters[0])
+    for case in tqdm(cases, desc="Predicting test cases three ways"):
+        files = [join(raw, "imagesTs", f"{case}_{k:04d}{fe}") for k in range(n_channels)]
+        data, _, props = preprocessor.run_case(files, None, pm, cm, dataset_json)
+        data = torch.from_numpy(data).float()
+        task = table.task_of_case(case)
+        order = list(MODES) if len(seconds["prompted"]) % 2 == 0 else list(reversed(MODES))
+        for mode in order:
+            logits, sec, seen = _predict_case(predictor, net, data, mode, task)
+            seconds[mode].append(sec)
+            export_prediction_from_logits(logits, props, cm, pm, dataset_json, join(args.o, mode, case), False)
+            if mode == "recognised":
+                mean = np.concatenate(seen).mean(0)
+                recognition[case] = {"task": table.tasks[task].name,
+                                     "recognised": table.tasks[int(mean.argmax())].name,
+                                     "probability": round(float(mean.max()), 4),
+                                     "patches_recognised": float(np.mean(np.concatenate(seen).argmax(1) == task))}
+    dice = {}
+    for mode in MODES:
+        res = evaluate_folders(ref, join(args.o, mode), table, num_processes=1,
+                               output_dir=join(args.o, f"eval_{mode}"))
+        dice[mode] = {t: agg["mean_over_classes"]["dice"]["mean"] for t, agg in res["tasks"].items()}
+    accuracy = {}
+    for t in table.tasks:
+        own = [r for r in recognition.values() if r["task"] == t.name]
+        accuracy[t.name] = {
+            "cases": float(np.mean([r["recognised"] == t.name for r in own])) if own else None,
+            "patches": float(np.mean([r["patches_recognised"] for r in own])) if own else None,
+            "n_cases": len(own)}
+    ratio = np.array(seconds["recognised"]) / np.array(seconds["all_heads"])
+    result = {
+        "model": model, "folds": folds, "tta": not args.disable_tta, "n_cases": len(cases),
+        "device": args.device, "dice": dice,
+        "stock_minus_prompted": {t: dice["recognised"][t] - dice["prompted"][t] for t in dice["prompted"]},
+        "recognition_accuracy": accuracy,
+        "time_ratio_recognised_vs_all_heads": {"median": float(np.median(ratio)),
+                                               "total": float(sum(seconds["recognised"]) / sum(seconds["all_heads"]))},
+        "seconds": {m: float(sum(v)) for m, v in seconds.items()},
+        "cases": recognition,
+    }
+    save_json(result, join(args.o, "recognition.json"), sort_keys=False)
+    with open(join(args.o, "recognition.md"), "w") as f:
+        f.write(recognition_markdown(result))
+    print(recognition_markdown(result))
+    return result
+
+
+def recognition_markdown(result: dict) -> str:
+    tasks = list(result["dice"]["prompted"])
+    lines = ["| task | prompted | stock (recognised) | stock − prompted | all heads (old) | cases recognised "
+             "| patches recognised |", "|---|---|---|---|---|---|---|"]
+    for t in tasks:
+        acc = result["recognition_accuracy"][t]
+        lines.append(
+            f"| {t} | {result['dice']['prompted'][t]:.3f} | {result['dice']['recognised'][t]:.3f} | "
+            f"{result['stock_minus_prompted'][t]:+.3f} | {result['dice']['all_heads'][t]:.3f} | "
+            f"{acc['cases']:.0%} of {acc['n_cases']} | {acc['patches']:.1%} |")
+    r = result["time_ratio_recognised_vs_all_heads"]
+    lines.append("")
+    lines.append(f"Prediction time, recognised / all heads: median {r['median']:.2f} per case, "
+                 f"{r['total']:.2f} in total ({result['n_cases']} cases, {result['device']}).")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-d", required=True, help="union dataset id or name")
+    p.add_argument("-c", required=True, help="configuration")
+    p.add_argument("-tr", default="VerSemiTrainer", help="trainer class (default VerSemiTrainer)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
+    p.add_argument("-f", nargs="+", default=["0"], help="fold (one; default 0)")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name")
+    p.add_argument("-o", required=True, help="output folder")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring at test time")
+    p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="device")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from nnunetv2_versemi.benchmark.run import BenchmarkError
+    from nnunetv2_versemi.inference.predict import PredictionError
+    from nnunetv2_versemi.tasktable import TaskTableError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return run_recognition(args)
+    except (BenchmarkError, PredictionError, TaskTableError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
