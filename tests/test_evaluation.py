@@ -415,3 +415,34 @@ def test_ill_missing_overlay_image(union):
             images_dir=union["images"],
         )
     assert not (union["tmp"] / "o").exists()
+
+
+def test_ill_merged_files_evaluated_with_task_are_refused(union):
+    """Merged-valued MR files (heart = 3) scored with --task MR (source heart = 1): an empty prediction would
+    score Dice 1 on a reference that holds no source label. Refused, naming the file, nothing written."""
+    ref, pred = union["tmp"] / "merged_ref", union["tmp"] / "empty_pred"
+    ref.mkdir()
+    pred.mkdir()
+    write_seg(ref / "MR_0002.nii.gz", organ() * 3)
+    write_seg(pred / "MR_0002.nii.gz", np.zeros(SHAPE))
+    out = union["tmp"] / "never"
+    with pytest.raises(EvaluationError, match=r"reference .*MR_0002.nii.gz holds value\(s\) \[3\].*evaluated "
+                                              r"without --task"):
+        evaluate_folders(ref, pred, union["table"], task="MR", output_dir=out)
+    assert not out.exists()
+
+
+def test_ill_source_files_evaluated_without_task_are_refused(union):
+    ref, pred = union["tmp"] / "source_ref", union["tmp"] / "source_pred"
+    ref.mkdir()
+    pred.mkdir()
+    write_seg(ref / "MR_0002.nii.gz", organ())  # source heart = 1 is CT's organ in the merged space
+    write_seg(pred / "MR_0002.nii.gz", organ())
+    with pytest.raises(EvaluationError, match=r"no merged label of task MR.*need --task NAME"):
+        evaluate_folders(ref, pred, union["table"])
+
+
+def test_ill_prediction_outside_the_label_space_is_refused(union):
+    write_seg(union["pred"] / "CT_0004.nii.gz", organ() * 7)  # the union has merged labels 0-3
+    with pytest.raises(EvaluationError, match=r"prediction .*CT_0004.nii.gz holds value\(s\) \[7\]"):
+        evaluate_folders(union["ref"], union["pred"], union["table"])

@@ -211,8 +211,19 @@ def _evaluate_case(job: dict) -> dict:
         )
     names = [n for n, _ in job["labels"]]
     values = [v for _, v in job["labels"]]
+    space = job["label_space"]
+    # a file in the wrong label space scores nonsense (an empty prediction against a reference whose values are
+    # no label of the task: Dice 1): refuse it. A prediction may hold other tasks' labels (merged space).
+    for kind, arr, allowed, f in (("reference", ref, {0, *values}, job["ref_file"]),
+                                  ("prediction", pred, {0, *job["pred_values"]}, job["pred_file"])):
+        unexpected = sorted(set(np.unique(arr).tolist()) - allowed)
+        if unexpected:
+            raise EvaluationError(
+                f"Case {case}: {kind} {f} holds value(s) {unexpected[:10]} that are no {space} label "
+                f"{'of task ' + job['task'] + ' ' if kind == 'reference' else ''}(allowed: {sorted(allowed)}). "
+                + ("Files in the union's merged label values are evaluated without --task."
+                   if space == "source" else "Files in a source dataset's label values need --task NAME."))
     by_value = compute_case_metrics(ref, pred, values, ref_spacing)
-    unexpected = sorted(set(np.unique(ref).tolist()) - {0, *values})
     return {
         "case": case,
         "task": job["task"],
@@ -220,7 +231,6 @@ def _evaluate_case(job: dict) -> dict:
         "pred_file": job["pred_file"],
         "shape": list(ref.shape),
         "spacing": list(ref_spacing),
-        "unexpected_ref_values": unexpected,
         "metrics": {n: {"label": v, **by_value[v]} for n, v in zip(names, values)},
     }
 
@@ -291,6 +301,8 @@ def evaluate_folders(
                 "ref_file": ref_file,
                 "pred_file": pred_files[case],
                 "labels": labels,
+                "label_space": label_space,
+                "pred_values": t.source_values if task is not None else range(1, table.num_merged_labels),
             }
         )
 
