@@ -434,9 +434,20 @@ def _corrupt_task_name(raw):
     return [r"Task name 'Kid_ney'.*no '_'.*--task-names"]
 
 
+def _corrupt_foreign_format(raw):
+    # one .mha pair inside a .nii.gz dataset: nnU-Net would skip it without a word
+    folder = os.path.join(raw, "Dataset501_Liver")
+    for sub, name in (("imagesTr", "livtr009_0000"), ("labelsTr", "livtr009")):
+        S.write(S.read(os.path.join(folder, sub, "livtr001" + name[8:] + ".nii.gz")),
+                os.path.join(folder, sub, name + ".mha"))
+    return [r"Dataset501_Liver: .*imagesTr holds 1 image file\(s\) not in the dataset's file_ending \.nii\.gz: "
+            r"livtr009_0000\.mha", r"labelsTr holds 1 image file\(s\).*livtr009\.mha"]
+
+
 @pytest.mark.parametrize(
     "corrupt",
     [
+        _corrupt_foreign_format,
         _corrupt_undeclared_label,
         _corrupt_shape,
         _corrupt_geometry,

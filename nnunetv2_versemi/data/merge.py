@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nnunetv2_versemi.data import normalization as norm
+from nnunetv2_versemi.imageio import foreign_image_files
 from nnunetv2_versemi.tasktable import TABLE_KEY, Task, TaskLabel, TaskTable
 
 DEFAULT_NAME = "VerSemiUnion"
@@ -153,7 +154,7 @@ def _list_channel_files(
 ) -> tuple[dict, list[str]]:
     """Group ``CASE_XXXX<ending>`` files by case; report files that break the naming or miss channels."""
     cases: dict[str, dict[int, str]] = {}
-    problems = []
+    problems = _foreign_files(folder, file_ending, where)
     pat = re.compile(r"(.+)_(\d{4})" + re.escape(file_ending))
     for fn in sorted(os.listdir(folder)):
         if fn.startswith(".") or not os.path.isfile(os.path.join(folder, fn)):
@@ -176,6 +177,15 @@ def _list_channel_files(
             continue
         out[case] = [chans[i] for i in range(num_channels)]
     return out, problems
+
+
+def _foreign_files(folder: str, file_ending: str, where: str) -> list[str]:
+    foreign = foreign_image_files(sorted(os.listdir(folder)), file_ending)
+    if not foreign:
+        return []
+    return [f"{where}: {folder} holds {len(foreign)} image file(s) not in the dataset's file_ending {file_ending}: "
+            f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}. nnU-Net would skip them silently: "
+            f"convert them to {file_ending} or move them out"]
 
 
 def _list_labels(folder: str, file_ending: str) -> dict[str, str]:
@@ -211,6 +221,8 @@ def _scan_source(src: _Source, unlabeled_dir: str | None) -> list[str]:
         src.train, p = _list_channel_files(img_dir, fe, nc, where)
         problems += p
         labels = _list_labels(os.path.join(src.folder, "labelsTr"), fe)
+        if os.path.isdir(os.path.join(src.folder, "labelsTr")):
+            problems += _foreign_files(os.path.join(src.folder, "labelsTr"), fe, where)
         for case in src.train:
             if case not in labels:
                 problems.append(

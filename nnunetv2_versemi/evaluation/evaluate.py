@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nnunetv2_versemi.evaluation.metrics import METRICS, aggregate, compute_case_metrics
+from nnunetv2_versemi.imageio import supported_endings
 from nnunetv2_versemi.tasktable import TABLE_KEY, TaskTable, TaskTableError
 
 PROG = "nnUNetv2_versemi_evaluate"
@@ -107,13 +108,6 @@ def load_task_table(dataset: str | None = None, dataset_json: str | os.PathLike 
 
 
 # ---- files ------------------------------------------------------------------------------------------
-def _supported_endings() -> list[str]:
-    from nnunetv2.imageio.reader_writer_registry import LIST_OF_IO_CLASSES
-
-    endings = {e for rw in LIST_OF_IO_CLASSES for e in rw.supported_file_endings}
-    return sorted(endings, key=len, reverse=True)  # '.nii.gz' before '.gz'-less '.nii'
-
-
 def _split_ending(filename: str, endings: list[str]) -> tuple[str, str] | None:
     for e in endings:
         if filename.lower().endswith(e):
@@ -132,7 +126,7 @@ def list_label_files(folder: str | os.PathLike, file_ending: str | None = None) 
         raise EvaluationError(f"Folder {folder} does not exist")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in _NOT_LABEL_FILES)
     if file_ending is None:
-        endings = _supported_endings()
+        endings = supported_endings()
         found = {}
         for p in files:
             split = _split_ending(p.name, endings)
@@ -158,7 +152,7 @@ def list_label_files(folder: str | os.PathLike, file_ending: str | None = None) 
 def find_image(images_dir: str | os.PathLike, case: str) -> str | None:
     """The first channel ``CASE_0000.<ending>`` of a case in ``images_dir``, or None."""
     images_dir = Path(images_dir)
-    endings = _supported_endings()
+    endings = supported_endings()
     for e in endings:
         f = images_dir / f"{case}_0000{e}"
         if f.is_file():
@@ -178,7 +172,7 @@ def _reader_for(file_ending: str, example_file: str):
 def read_label_map(path: str, reader_class=None) -> tuple[np.ndarray, tuple[float, ...]]:
     """Label map (nnU-Net axis order, channel axis removed) and its spacing per axis in mm."""
     if reader_class is None:
-        split = _split_ending(Path(path).name, _supported_endings())
+        split = _split_ending(Path(path).name, supported_endings())
         if split is None:
             raise EvaluationError(f"{path}: not a format nnU-Net reads")
         reader_class = _reader_for(split[1], path)

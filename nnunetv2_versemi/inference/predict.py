@@ -87,7 +87,32 @@ def list_cases(input_folder: str, file_ending: str | None, num_channels: int | N
             raise PredictionError(
                 f"Case {case} has {len(fs)} channel file(s) in {input_folder}, the task expects {num_channels}"
             )
+        indices = [int(f[len(join(input_folder, case)) + 1:][:4]) for f in fs]
+        if indices != list(range(len(fs))):
+            raise PredictionError(
+                f"Case {case} in {input_folder} has channel files {['_%04d' % i for i in indices]}; channel files "
+                f"are numbered from _0000 without gaps")
+        for f in fs:
+            check_image_header(case, f)
     return cases
+
+
+def check_image_header(case: str, path: str) -> None:
+    """A case file must hold one scalar 2d or 3d image (one channel per file, as nnU-Net expects). Read from the
+    header where SimpleITK reads the format; other formats are left to nnU-Net's reader."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return
+    if reader.GetNumberOfComponents() != 1 or reader.GetDimension() not in (2, 3):
+        raise PredictionError(
+            f"Case {case}: {path} is a {reader.GetDimension()}-d image with {reader.GetNumberOfComponents()} "
+            "component(s) per voxel; each file must hold one scalar 2d or 3d image (one file per channel: "
+            "CASE_0000, CASE_0001, ...)")
 
 
 def make_predictor(model_folder: str, folds: list[str], checkpoint: str, step_size: float, tta: bool,
