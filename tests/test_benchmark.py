@@ -332,6 +332,55 @@ def test_paper_preset_on_plans_file(tmp_path):
     assert json.loads(f.read_text()) == plans  # the source plans are left alone
 
 
+def _real_geometry_plans(with_3d: bool = True) -> dict:
+    """Plans like nnU-Net makes for CT: a 3d network of total stride 4x64x64 (16x32x32 does not divide), and
+    a 2d configuration."""
+    import copy
+
+    plans = _plans()
+    c3 = plans["configurations"]["3d_fullres"]
+    c3["architecture"]["arch_kwargs"]["strides"] = [[1, 1, 1], [1, 4, 4], [2, 4, 4], [2, 4, 4]]
+    c2 = copy.deepcopy(c3)
+    c2["patch_size"] = [64, 64]
+    c2["data_identifier"] = "nnUNetPlans_2d"
+    c2["architecture"]["arch_kwargs"].update(strides=[[1, 1], [2, 2], [2, 2], [2, 2]], kernel_sizes=[[3, 3]] * 4)
+    plans["configurations"]["2d"] = c2
+    if not with_3d:
+        del plans["configurations"]["3d_fullres"]
+    return plans
+
+
+def test_cpu_preset_fits_real_geometry(tmp_path, capsys):
+    """cpu_demo on plans whose 3d stride does not divide its 16x32x32 patch: the patch is rounded up per axis to
+    the stride (16x64x64), and the 2d part is applied as well."""
+    new = apply_overlay(_real_geometry_plans(), load_overlay("cpu_demo"))
+    assert new["configurations"]["3d_fullres_cpu"]["patch_size"] == [16, 64, 64]
+    assert "fit_patch_to_network" not in new["configurations"]["3d_fullres_cpu"]
+    assert new["configurations"]["2d_cpu"] == {"inherits_from": "2d", "batch_size": 4}
+    # the shipped demo geometry keeps its 16x32x32 (already divisible)
+    assert apply_overlay(_plans(), load_overlay("cpu_demo"), [])["configurations"]["3d_fullres_cpu"][
+        "patch_size"] == [16, 32, 32]
+
+
+def test_preset_applies_what_fits_and_names_what_it_skipped(tmp_path, capsys):
+    f = tmp_path / "nnUNetPlans.json"
+    f.write_text(json.dumps(_real_geometry_plans(with_3d=False)))  # 2d data: no 3d_fullres planned
+    from nnunetv2_versemi.plans_presets import main as presets_main
+
+    presets_main(["--plans-file", str(f), "--preset", "cpu_demo"])
+    out = capsys.readouterr().out
+    assert "configuration(s) 2d_cpu" in out and "Skipped 3d_fullres_cpu: " in out and "'3d_fullres'" in out
+    assert set(json.loads(f.read_text())["configurations"]) == {"2d", "2d_cpu"}
+    # nothing fits: an error, the file untouched
+    before = f.read_text()
+    with pytest.raises(PlansPresetError, match="no configuration of the preset fits"):
+        apply_to_plans_file(f, "paper_96", skipped=[])
+    assert f.read_text() == before
+    # strict callers (no skipped list) still get the first misfit
+    with pytest.raises(PlansPresetError, match="inherits from '3d_fullres'"):
+        apply_overlay(json.loads(before), load_overlay("cpu_demo"))
+
+
 def test_cpu_preset_on_benchmark_union(bench):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 

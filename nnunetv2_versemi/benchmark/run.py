@@ -252,10 +252,14 @@ def _apply_preset(plans: dict, preset: str | None) -> dict:
         return plans
     from nnunetv2_versemi.plans_presets import PlansPresetError, apply_overlay, load_overlay
 
+    skipped: list[str] = []
     try:
-        return apply_overlay(plans, load_overlay(preset))
+        out = apply_overlay(plans, load_overlay(preset), skipped)
     except PlansPresetError as e:
         raise BenchmarkError(f"Plans preset {preset}: {e}") from e
+    for reason in skipped:
+        print(f"Plans preset {preset}: skipped {reason}")
+    return out
 
 
 def _base_configuration(plans: dict, configuration: str) -> str:

@@ -16,7 +16,11 @@ the demo data). Apply one to a plans file::
     nnUNetv2_versemi_benchmark plans -d 950 --preset cpu_demo               # same, via the benchmark CLI
 
 Every resulting configuration is checked (patch divisible by the network's total stride per axis, one
-``features_per_stage`` entry per stage, positive batch size) before the plans file is written.
+``features_per_stage`` entry per stage, positive batch size) before the plans file is written. An entry with
+``"fit_patch_to_network": true`` has its patch rounded up, axis by axis, to the next multiple of the planned
+network's total stride, so a small CPU patch fits whatever geometry was planned (``cpu_demo`` does this). A
+preset is applied as far as it fits: a configuration whose parent the plans lack (no ``3d_fullres`` for 2d
+data) or that fails the checks is skipped and named; only a preset of which nothing fits is an error.
 """
 
 from __future__ import annotations
@@ -94,6 +98,19 @@ def _resolve(configs: dict, name: str, seen: tuple[str, ...] = ()) -> dict:
     return parent
 
 
+def total_stride(config: dict) -> list[int] | None:
+    """The network's total stride per axis of a resolved configuration (None: the plans do not say)."""
+    patch = config.get("patch_size")
+    strides = config.get("architecture", {}).get("arch_kwargs", {}).get("strides")
+    if not strides or not isinstance(patch, (list, tuple)):
+        return None
+    total = [1] * len(patch)
+    for s in strides:
+        s = s if isinstance(s, (list, tuple)) else [s] * len(patch)
+        total = [t * int(x) for t, x in zip(total, s)]
+    return total
+
+
 def check_configuration(config: dict, name: str) -> None:
     """Raise :class:`PlansPresetError` when a resolved configuration cannot be trained."""
     patch = config.get("patch_size")
@@ -110,10 +127,7 @@ def check_configuration(config: dict, name: str) -> None:
                 f"Configuration '{name}': patch_size {list(patch)} has {len(patch)} axes, the network's strides "
                 f"{strides} another number"
             )
-        total = [1] * len(patch)
-        for s in strides:
-            s = s if isinstance(s, (list, tuple)) else [s] * len(patch)
-            total = [t * int(x) for t, x in zip(total, s)]
+        total = total_stride(config)
         bad = [p for p, t in zip(patch, total) if p % t]
         if bad:
             raise PlansPresetError(
@@ -129,37 +143,62 @@ def check_configuration(config: dict, name: str) -> None:
             )
 
 
-def apply_overlay(plans: dict, overlay: dict) -> dict:
-    """A copy of ``plans`` with the overlay's configurations added or merged, each checked."""
+def apply_overlay(plans: dict, overlay: dict, skipped: list[str] | None = None) -> dict:
+    """A copy of ``plans`` with the overlay's configurations added or merged, each checked.
+
+    With a ``skipped`` list, a configuration that does not fit the plans is left out and the reason appended
+    (an error only when nothing fits); without one, the first misfit raises :class:`PlansPresetError`."""
     _check_overlay(overlay, "overlay")
     out = copy.deepcopy(plans)
     configs = out.setdefault("configurations", {})
+    reasons = []
     for name, entry in overlay["configurations"].items():
-        parent_name = entry.get("inherits_from")
-        if parent_name is not None:
-            if parent_name not in configs:
-                raise PlansPresetError(
-                    f"Configuration '{name}' inherits from '{parent_name}', which the plans do not have "
-                    f"(they have: {', '.join(configs)})"
-                )
-            parent = _resolve(configs, parent_name)
-            new = {"inherits_from": parent_name}
-            for k, v in entry.items():
-                if k == "inherits_from":
-                    continue
-                # nnU-Net's inheritance replaces a nested dict as a whole: store the merged one
-                new[k] = (
-                    _deep_merge(parent[k], v)
-                    if isinstance(v, dict) and isinstance(parent.get(k), dict)
-                    else v
-                )
-            configs[name] = new
-        elif name in configs:
-            configs[name] = _deep_merge(configs[name], entry)
-        else:
-            configs[name] = copy.deepcopy(entry)
-        check_configuration(_resolve(configs, name), name)
+        before = copy.deepcopy(configs.get(name))
+        try:
+            _apply_entry(configs, name, entry)
+        except PlansPresetError as e:
+            if skipped is None:
+                raise
+            reasons.append(f"{name}: {e}")
+            if before is None:
+                configs.pop(name, None)
+            else:
+                configs[name] = before
+    if reasons:
+        if len(reasons) == len(overlay["configurations"]):
+            raise PlansPresetError("no configuration of the preset fits these plans: " + "; ".join(reasons))
+        skipped.extend(reasons)
     return out
+
+
+def _apply_entry(configs: dict, name: str, entry: dict) -> None:
+    entry = dict(entry)
+    fit = bool(entry.pop("fit_patch_to_network", False))
+    parent_name = entry.get("inherits_from")
+    if parent_name is not None:
+        if parent_name not in configs:
+            raise PlansPresetError(
+                f"Configuration '{name}' inherits from '{parent_name}', which the plans do not have "
+                f"(they have: {', '.join(configs)})"
+            )
+        parent = _resolve(configs, parent_name)
+        new = {"inherits_from": parent_name}
+        for k, v in entry.items():
+            if k == "inherits_from":
+                continue
+            # nnU-Net's inheritance replaces a nested dict as a whole: store the merged one
+            new[k] = _deep_merge(parent[k], v) if isinstance(v, dict) and isinstance(parent.get(k), dict) else v
+        configs[name] = new
+    elif name in configs:
+        configs[name] = _deep_merge(configs[name], entry)
+    else:
+        configs[name] = copy.deepcopy(entry)
+    if fit:
+        resolved = _resolve(configs, name)
+        total = total_stride(resolved)
+        if total is not None and len(total) == len(resolved["patch_size"]):
+            configs[name]["patch_size"] = [-(-int(p) // t) * t for p, t in zip(resolved["patch_size"], total)]
+    check_configuration(_resolve(configs, name), name)
 
 
 def plans_file(dataset: str | int, plans_identifier: str = "nnUNetPlans") -> str:
@@ -172,13 +211,15 @@ def plans_file(dataset: str | int, plans_identifier: str = "nnUNetPlans") -> str
 
 
 def apply_to_plans_file(
-    path: str | os.PathLike, overlay: dict | str, output_identifier: str | None = None
+    path: str | os.PathLike, overlay: dict | str, output_identifier: str | None = None,
+    skipped: list[str] | None = None,
 ) -> tuple[str, list[str]]:
     """Apply an overlay (dict, preset name or path) to a plans file.
 
     Without ``output_identifier`` the file is updated in place (only the overlay's configurations change);
     with one, a copy ``<output_identifier>.json`` (its ``plans_name`` set accordingly) is written next to it
-    and the original stays as it is. Returns (written file, configuration names of the overlay).
+    and the original stays as it is. Returns (written file, configuration names applied); with a ``skipped``
+    list, configurations that do not fit are left out and named there (see :func:`apply_overlay`).
     """
     path = Path(path)
     if not path.is_file():
@@ -186,7 +227,10 @@ def apply_to_plans_file(
     if not isinstance(overlay, dict):
         overlay = load_overlay(overlay)
     plans = json.loads(path.read_text())
-    new = apply_overlay(plans, overlay)
+    reasons: list[str] = []
+    new = apply_overlay(plans, overlay, reasons if skipped is not None else None)
+    if skipped is not None:
+        skipped.extend(reasons)
     target = path
     if output_identifier is not None:
         if os.sep in output_identifier or "__" in output_identifier:
@@ -196,7 +240,8 @@ def apply_to_plans_file(
     tmp = target.with_name(target.name + ".tmp")
     tmp.write_text(json.dumps(new, indent=4))
     os.replace(tmp, target)
-    return str(target), list(overlay["configurations"])
+    applied = [n for n in overlay["configurations"] if not any(r.startswith(f"{n}: ") for r in reasons)]
+    return str(target), applied
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -224,11 +269,14 @@ def run_cli(a: argparse.Namespace, prog: str) -> None:
         if a.plans_file is None and a.d is None:
             raise PlansPresetError("give the dataset (-d) or --plans-file")
         path = a.plans_file or plans_file(a.d, a.p)
-        written, names = apply_to_plans_file(path, a.preset, a.output_identifier)
+        skipped: list[str] = []
+        written, names = apply_to_plans_file(path, a.preset, a.output_identifier, skipped)
     except (PlansPresetError, RuntimeError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"Wrote {written}: configuration(s) {', '.join(names)}")
+    for reason in skipped:
+        print(f"Skipped {reason}")
 
 
 def main(argv: list[str] | None = None) -> None:
