@@ -278,6 +278,27 @@ def test_labeled_fraction_cases_and_test_fraction(raw):
     assert len(os.listdir(os.path.join(out, "labelsTr"))) == 10
 
 
+def test_per_task_labeled_cases(raw, capsys):
+    S.make_three(raw, n_train=(10, 5, 3), n_unlabeled=(0, 0, 0), n_test=(0, 0, 0))
+    common = ["-np", "1", "--no-pbar"]
+    M.main(["-d", "501", "502", "503", "-o", "604", "--labeled-cases", "Liver=3", "Kidney=2", *common])
+    t = _table(os.path.join(raw, "Dataset604_VerSemiUnion"))
+    assert [len(x.labeled) for x in t.tasks] == [3, 5, 2]  # Atrium not named: all its labels
+    assert [len(x.unlabeled) for x in t.tasks] == [7, 0, 1]
+    # a number for every task, overridden per task; the same draw as a plain number for the others
+    M.main(["-d", "501", "502", "503", "-o", "605", "--labeled-cases", "2", "Atrium=4", *common])
+    t2 = _table(os.path.join(raw, "Dataset605_VerSemiUnion"))
+    assert [len(x.labeled) for x in t2.tasks] == [2, 4, 2]
+    t3 = _table(_merge(raw, out=606, labeled_cases=2))
+    assert t2.tasks[0].labeled == t3.tasks[0].labeled and t2.tasks[2].labeled == t3.tasks[2].labeled
+    for bad, message in ((["Spleen=3"], "--labeled-cases names unknown task"), (["Liver=x"], "N or TASK=N"),
+                         (["Liver=0"], "at least 1"), (["Liver=1", "Liver=2"], "gives Liver twice")):
+        with pytest.raises(SystemExit) as e:
+            M.main(["-d", "501", "502", "503", "-o", "607", "--labeled-cases", *bad, *common])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(raw, "Dataset607_VerSemiUnion"))
+
+
 def test_multichannel_and_channel_pick(raw):
     S.make_dataset(raw, 501, "Prostate", "MR", 3, channels=2, seed=1)
     S.make_dataset(raw, 502, "Atrium", "MR", 3, seed=2)

@@ -275,10 +275,18 @@ def _round(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
+def labeled_cases_of(labeled_cases: int | dict[str, int] | None, task: str) -> int | None:
+    """A task's number of labeled cases: one number for every task, or per task ({"Spleen": 3, "*": 5}; a task
+    that is not named and has no "*" keeps all its labels)."""
+    if isinstance(labeled_cases, dict):
+        return labeled_cases.get(task, labeled_cases.get("*"))
+    return labeled_cases
+
+
 def _select(
     src: _Source,
     labeled_fraction: float | None,
-    labeled_cases: int | None,
+    labeled_cases: int | dict[str, int] | None,
     test_fraction: float | None,
     seed: int,
 ) -> tuple[list[str], list[str], list[str]]:
@@ -291,10 +299,11 @@ def _select(
         test = sorted(cases[i] for i in perm[:n_test])
         cases = [c for c in cases if c not in set(test)]
     n = len(cases)
+    n_cases = labeled_cases_of(labeled_cases, src.task)
     if labeled_fraction is not None:
         n_lab = max(1, min(n, _round(labeled_fraction * n)))
-    elif labeled_cases is not None:
-        n_lab = max(1, min(n, labeled_cases))
+    elif n_cases is not None:
+        n_lab = max(1, min(n, n_cases))
     else:
         n_lab = n
     perm = _task_rng(seed, src.task, 1).permutation(n)
@@ -552,12 +561,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def parse_labeled_cases(items: list[str] | None) -> int | dict[str, int] | None:
+    """``["3"]`` -> 3; ``["Spleen=3", "LA=8"]`` -> {"Spleen": 3, "LA": 8}; ``["5", "LA=8"]`` -> {"*": 5, "LA": 8}."""
+    if not items:
+        return None
+    out: dict[str, int] = {}
+    for item in items:
+        key, _, value = item.rpartition("=") if "=" in item else ("*", "", item)
+        try:
+            n = int(value)
+        except ValueError:
+            raise MergeError(f"--labeled-cases expects N or TASK=N, got '{item}'") from None
+        if key in out:
+            raise MergeError(f"--labeled-cases gives {'every task' if key == '*' else key} twice")
+        out[key] = n
+    return out["*"] if set(out) == {"*"} else out
+
+
 def _check_arguments(labeled_fraction, labeled_cases, test_fraction) -> None:
     if labeled_fraction is not None and labeled_cases is not None:
         raise MergeError("Give --labeled-fraction or --labeled-cases, not both")
     if labeled_fraction is not None and not 0 < labeled_fraction <= 1:
         raise MergeError(f"--labeled-fraction must be in (0, 1], got {labeled_fraction}")
-    if labeled_cases is not None and labeled_cases < 1:
+    counts = labeled_cases.values() if isinstance(labeled_cases, dict) else [labeled_cases]
+    bad = [c for c in counts if c is not None and (not isinstance(c, int) or isinstance(c, bool) or c < 1)]
+    if bad:
         raise MergeError(f"--labeled-cases must be at least 1, got {labeled_cases}")
     if test_fraction is not None and not 0 <= test_fraction < 1:
         raise MergeError(f"--test-fraction must be in [0, 1), got {test_fraction}")
@@ -766,7 +794,7 @@ def merge_datasets(
     output_name: str = DEFAULT_NAME,
     task_names: list[str] | None = None,
     labeled_fraction: float | None = None,
-    labeled_cases: int | None = None,
+    labeled_cases: int | dict[str, int] | None = None,
     seed: int = 12345,
     test_fraction: float | None = None,
     unlabeled_dirs: dict[str, str] | None = None,
@@ -802,7 +830,9 @@ def merge_datasets(
     target = _check_output(raw, output_id, output_name, names, overwrite)
     unlabeled_dirs = dict(unlabeled_dirs or {})
     channels = {k: int(v) for k, v in (channels or {}).items()}
-    for what, d in (("--unlabeled-dir", unlabeled_dirs), ("--channel", channels)):
+    per_task_cases = {k: v for k, v in labeled_cases.items() if k != "*"} if isinstance(labeled_cases, dict) else {}
+    for what, d in (("--unlabeled-dir", unlabeled_dirs), ("--channel", channels),
+                    ("--labeled-cases", per_task_cases)):
         unknown = sorted(set(d) - set(tasks))
         if unknown:
             raise MergeError(f"{what} names unknown task(s) {unknown}; tasks are {tasks}")
@@ -902,9 +932,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     g.add_argument(
         "--labeled-cases",
-        type=int,
+        nargs="+",
         default=None,
-        help="keep labels for this many training cases per task; the rest become unlabeled",
+        metavar="N|TASK=N",
+        help="keep labels for this many training cases per task (N: every task; TASK=N: that task, e.g. "
+        "Spleen=3 LA=8; with only TASK=N entries, tasks not named keep all their labels); the rest become "
+        "unlabeled",
     )
     p.add_argument(
         "--seed", type=int, default=12345, help="seed of the labeled/test selection (default: 12345)"
@@ -944,6 +977,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-pbar", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
     try:
+        labeled_cases = parse_labeled_cases(a.labeled_cases)
         chans = _parse_assignments(a.channel, "--channel")
         try:
             chans_int = {k: int(v) for k, v in chans.items()}
@@ -955,7 +989,7 @@ def main(argv: list[str] | None = None) -> None:
             a.n,
             task_names=a.task_names,
             labeled_fraction=a.labeled_fraction,
-            labeled_cases=a.labeled_cases,
+            labeled_cases=labeled_cases,
             seed=a.seed,
             test_fraction=a.test_fraction,
             unlabeled_dirs=_parse_assignments(a.unlabeled_dir, "--unlabeled-dir"),
