@@ -1,0 +1,87 @@
+"""Interrupted merges: SIGINT or SIGKILL in the middle of writing the union, then a re-run, gives exactly the
+files of an uninterrupted merge, and nothing half-written is left in nnUNet_raw."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+try:
+    from tests import _synth as S
+except ImportError:  # pytest's default rootdir-less import mode puts tests/ itself on sys.path
+    import _synth as S
+
+ARGS = ["-d", "501", "502", "503", "-o", "600", "--labeled-fraction", "0.5", "-np", "1", "--no-pbar"]
+# the merge CLI in a child process whose case writer waits after each case, so the signal lands mid-write
+DRIVER = """
+import sys, time
+from nnunetv2_versemi.data import merge as M
+write = M._write_case
+def slow(job):
+    write(job)
+    time.sleep(0.3)
+M._write_case = slow
+M.main(sys.argv[1:])
+"""
+
+
+@pytest.fixture
+def raw(tmp_path, monkeypatch):
+    for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / v).mkdir()
+        monkeypatch.setenv(v, str(tmp_path / v))
+    raw = str(tmp_path / "nnUNet_raw")
+    S.make_three(raw, n_train=(6, 6, 6), n_unlabeled=(2, 2, 2), n_test=(1, 1, 1))
+    return raw
+
+
+def _merge(env=None) -> None:
+    subprocess.run([sys.executable, "-c", DRIVER.replace("time.sleep(0.3)", "pass"), *ARGS], check=True,
+                   env=env or dict(os.environ), capture_output=True, timeout=300)
+
+
+def _interrupted(raw: str, sig: int) -> subprocess.Popen:
+    """Start a slow merge, wait until the temporary union holds some written cases, send ``sig``."""
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, *ARGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        tmp = [d for d in os.listdir(raw) if d.startswith(".Dataset600_") and ".tmp-" in d]
+        if tmp and len(os.listdir(os.path.join(raw, tmp[0], "imagesTr"))) >= 3:
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("the merge never reached its writing pass")
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_interrupted_merge_then_rerun_equals_uninterrupted(raw, sig):
+    _merge()
+    target = os.path.join(raw, "Dataset600_VerSemiUnion")
+    reference = S.tree_hash(target)
+    shutil.rmtree(target)
+    sources = {d: S.tree_hash(os.path.join(raw, d)) for d in os.listdir(raw)}
+
+    proc = _interrupted(raw, sig)
+    assert proc.returncode != 0
+    assert not os.path.exists(target), "an interrupted merge must not leave a union behind"
+    left = [d for d in os.listdir(raw) if d.startswith(".")]
+    if sig == signal.SIGINT:
+        assert left == [], f"SIGINT must clean up its temporary folder, left {left}"
+    else:
+        assert len(left) == 1 and ".tmp-" in left[0]  # a killed process cannot clean up
+
+    _merge()
+    assert S.tree_hash(target) == reference
+    assert [d for d in os.listdir(raw) if d.startswith(".")] == []  # the killed merge's temporary is gone
+    assert {d: S.tree_hash(os.path.join(raw, d)) for d in sources} == sources
