@@ -331,6 +331,21 @@ def test_predict_all_writes_merged_maps_and_evaluate_reads_them(pipeline):
     assert isfile(root / "eval_all" / "metrics.json") and isfile(root / "eval_all" / "summary.md")
 
 
+def test_find_best_configuration_chooses_on_the_stock_outputs(pipeline):
+    """nnU-Net's model selection and post-processing read fold_X/validation: the prompt-free outputs that stock
+    nnUNetv2_predict writes, so the score it reports is the final validation's."""
+    import json
+
+    root, fold = pipeline["root"], pipeline["model"] / "fold_0"
+    _run(["nnUNetv2_find_best_configuration", str(UNION_ID), "-c", "2d", "-tr", TRAINER, "-f", "0",
+          "--disable_ensembling", "-np", "1"], pipeline["env"])
+    info = json.loads((root / "res" / UNION / "inference_information.json").read_text())
+    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    (score,) = info["all_results"].values()
+    assert score == pytest.approx(summary["foreground_mean"]["Dice"], abs=1e-6)
+    assert isfile(pipeline["model"] / "crossval_results_folds_0" / "postprocessing.pkl")
+
+
 def test_predict_auto_recognises_each_case_and_predicts_it_as_that_task(pipeline):
     """A folder mixing the source images of two tasks: each case is recognised (report in
     recognised_tasks.json) and written exactly as ``--task <recognised task>`` writes it."""

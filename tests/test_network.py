@@ -240,3 +240,27 @@ def test_static_head_path_is_per_prompt_and_dynamic_last_layer_starts_at_zero():
     torch.testing.assert_close(out[1, 0], static[1, 0])
     dyn = VerSemiNetwork(_backbone(2), NUM_CLASSES, MERGED, static_head=False)
     assert dyn.heads[0].static is None
+
+
+def test_progress_plot_draws_recognition_per_task(tmp_path, monkeypatch):
+    """The VerSemi progress plot shows each task's recognition accuracy beside its pseudo Dice."""
+    import matplotlib.pyplot as plt
+
+    from nnunetv2_versemi.tasktable import Task, TaskLabel, TaskTable
+    from nnunetv2_versemi.training import plotting
+
+    table = TaskTable(tasks=[Task(name=n, source_dataset=f"Dataset90{i}_{n}", channel_names={"0": "CT"},
+                                  labels=[TaskLabel("x", 1, i + 1)], labeled=[f"{n}_a"])
+                             for i, n in enumerate(("A", "B"))])
+    log = {f"versemi_{k}": [0.5, 0.4, 0.3] for k in ("sup", "syn", "spec", "unsup", "cons", "rec")}
+    log.update(versemi_unsup_lambda=[0, 0, 1], versemi_unsup_kept=[float("nan"), float("nan"), 0.9],
+               versemi_recognition=[[0.5, 0.6], [0.9, 0.8], [1.0, 0.95]],
+               dice_per_class_or_region=[[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    plotting.plot_versemi_progress(log, table, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 0
+    labels = [line.get_label() for line in figures[0].axes[1].get_lines()]
+    assert "A: task recognised" in labels and "B: task recognised" in labels
+    rec_b = next(line for line in figures[0].axes[1].get_lines() if line.get_label() == "B: task recognised")
+    assert list(rec_b.get_ydata()) == [0.6, 0.8, 0.95]

@@ -1,4 +1,5 @@
-"""Progress plot of the VerSemi loss terms and per-task pseudo Dice (next to nnU-Net's progress.png)."""
+"""Progress plot of the VerSemi loss terms, per-task pseudo Dice and task recognition accuracy (next to
+nnU-Net's progress.png)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy as np  # noqa: E402
 
 from nnunetv2_versemi.tasktable import TaskTable  # noqa: E402
 
-_TERMS = {"sup": "L_sup", "syn": "L_syn", "spec": "L_spec", "unsup": "L_unsup", "cons": "L_cons"}
+_TERMS = {"sup": "L_sup", "syn": "L_syn", "spec": "L_spec", "unsup": "L_unsup", "cons": "L_cons",
+          "rec": "L_rec (task recognition)"}
 
 
 def plot_versemi_progress(log: dict, table: TaskTable, filename: str) -> None:
@@ -44,14 +46,18 @@ def _plot(log: dict, table: TaskTable, filename: str) -> None:
     dice = log.get("dice_per_class_or_region", [])
     m = min(len(dice), n) if n else len(dice)
     per_task = [table.per_task_mean(d) for d in dice[:m]]
-    for task in table.tasks:
-        ax_dice.plot(np.arange(m), [p[task.name] for p in per_task], label=task.name)
+    rec = np.asarray(log.get("versemi_recognition", [])[:m], dtype=float).reshape(-1, table.num_tasks)
+    for ti, task in enumerate(table.tasks):
+        line, = ax_dice.plot(np.arange(m), [p[task.name] for p in per_task], label=f"{task.name}: pseudo Dice")
+        if rec.size and np.any(np.isfinite(rec[:, ti])):
+            ax_dice.plot(np.arange(len(rec)), rec[:, ti], ":", color=line.get_color(),
+                         label=f"{task.name}: task recognised")
     switch = np.flatnonzero(lam > 0)
     if switch.size:  # the first epoch with the unlabeled terms on (stage switch or ramp start)
         for ax in (ax_loss, ax_dice):
             ax.axvline(switch[0], color="grey", ls="--", lw=0.8)
     ax_dice.set_xlabel("epoch (dashed: unlabeled terms on)")
-    ax_dice.set_ylabel("pseudo Dice (own prompt)")
+    ax_dice.set_ylabel("pseudo Dice (own prompt) / recognition accuracy")
     ax_dice.set_ylim(0, 1)
     ax_dice.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
