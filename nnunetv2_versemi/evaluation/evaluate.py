@@ -25,19 +25,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from nnunetv2_versemi.evaluation.labelio import (
+    EvaluationError,
+    find_image,
+    list_label_files,
+    read_label_map,
+    reader_for,
+)
 from nnunetv2_versemi.evaluation.metrics import METRICS, aggregate, compute_case_metrics
-from nnunetv2_versemi.imageio import supported_endings
 from nnunetv2_versemi.tasktable import TABLE_KEY, TaskTable, TaskTableError
 
 PROG = "nnUNetv2_versemi_evaluate"
 # files nnU-Net writes next to predictions; never label maps
-_NOT_LABEL_FILES = {"dataset.json", "plans.json", "predict_from_raw_data_args.json"}
-
-
-class EvaluationError(ValueError):
-    """Bad input to the evaluation: missing or mismatched files, unknown task or case."""
-
-
 # ---- dataset / task table ------------------------------------------------------------------------
 def _table_from_folder(folder: Path) -> TaskTable | None:
     """The task table of a folder's dataset.json, else of its plans.json (model folders hold both)."""
@@ -105,86 +104,6 @@ def load_task_table(dataset: str | None = None, dataset_json: str | os.PathLike 
         f"{name} has no '{TABLE_KEY}' task table (looked in {', '.join(seen)}). Evaluate predictions of a "
         "union dataset made by nnUNetv2_versemi_merge."
     )
-
-
-# ---- files ------------------------------------------------------------------------------------------
-def _split_ending(filename: str, endings: list[str]) -> tuple[str, str] | None:
-    for e in endings:
-        if filename.lower().endswith(e):
-            return filename[: -len(e)], filename[-len(e) :]
-    return None
-
-
-def list_label_files(folder: str | os.PathLike, file_ending: str | None = None) -> tuple[dict[str, str], str]:
-    """``({case id: path}, file ending)`` of the label maps in ``folder`` (top level only).
-
-    Without ``file_ending`` the ending is detected among the formats nnU-Net reads; a folder mixing
-    formats needs an explicit one.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise EvaluationError(f"Folder {folder} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in _NOT_LABEL_FILES)
-    if file_ending is None:
-        endings = supported_endings()
-        found = {}
-        for p in files:
-            split = _split_ending(p.name, endings)
-            if split is not None:
-                found.setdefault(split[1].lower(), []).append(p.name)
-        if not found:
-            raise EvaluationError(
-                f"{folder} holds no label files in a format nnU-Net reads ({', '.join(endings)})"
-            )
-        if len(found) > 1:
-            raise EvaluationError(
-                f"{folder} mixes file formats ({', '.join(sorted(found))}); choose one with --file-ending"
-            )
-        file_ending = next(iter(found))
-    cases = {
-        p.name[: -len(file_ending)]: str(p) for p in files if p.name.lower().endswith(file_ending.lower())
-    }
-    if not cases:
-        raise EvaluationError(f"{folder} holds no files ending in {file_ending}")
-    return cases, file_ending
-
-
-def find_image(images_dir: str | os.PathLike, case: str) -> str | None:
-    """The first channel ``CASE_0000.<ending>`` of a case in ``images_dir``, or None."""
-    images_dir = Path(images_dir)
-    endings = supported_endings()
-    for e in endings:
-        f = images_dir / f"{case}_0000{e}"
-        if f.is_file():
-            return str(f)
-    return None
-
-
-def _reader_for(file_ending: str, example_file: str):
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_file_ending
-
-    try:
-        return determine_reader_writer_from_file_ending(file_ending, example_file, verbose=False)
-    except RuntimeError as e:
-        raise EvaluationError(f"Cannot read {example_file}: {e}") from e
-
-
-def read_label_map(path: str, reader_class=None) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Label map (nnU-Net axis order, channel axis removed) and its spacing per axis in mm."""
-    if reader_class is None:
-        split = _split_ending(Path(path).name, supported_endings())
-        if split is None:
-            raise EvaluationError(f"{path}: not a format nnU-Net reads")
-        reader_class = _reader_for(split[1], path)
-    try:
-        seg, props = reader_class().read_seg(path)
-    except Exception as e:  # readers raise anything from RuntimeError to AssertionError
-        raise EvaluationError(f"Cannot read label file {path}: {e!r}") from e
-    seg = np.asarray(seg[0])
-    rounded = np.rint(seg)
-    if not np.array_equal(rounded, seg):
-        raise EvaluationError(f"{path} holds non-integer values; expected a label map")
-    return rounded.astype(np.int32), tuple(float(s) for s in props["spacing"])
 
 
 # ---- evaluation -------------------------------------------------------------------------------------
@@ -308,8 +227,8 @@ def evaluate_folders(
                     f"No image {case}_0000.<ending> in {images_dir} for the overlay of case {case}"
                 )
 
-    ref_reader = _reader_for(ref_ending, jobs[0]["ref_file"])
-    pred_reader = _reader_for(pred_ending, jobs[0]["pred_file"])
+    ref_reader = reader_for(ref_ending, jobs[0]["ref_file"])
+    pred_reader = reader_for(pred_ending, jobs[0]["pred_file"])
     for j in jobs:
         j["ref_reader"], j["pred_reader"] = ref_reader, pred_reader
     records = _run_jobs(jobs, num_processes, verbose)

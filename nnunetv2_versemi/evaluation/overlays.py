@@ -17,6 +17,8 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from nnunetv2_versemi.evaluation.labelio import EvaluationError, read_first_channel, read_label_map
+
 _COLORS = [
     (0.90, 0.10, 0.10),
     (0.10, 0.70, 0.10),
@@ -112,16 +114,12 @@ def render_case_overlay(
     dice: dict[str, float] | None = None,
 ) -> int:
     """Read one case and write its overlay PNG; returns the slice index shown."""
-    from nnunetv2_versemi.evaluation.evaluate import read_label_map
-
     ref, spacing = read_label_map(ref_file)
     pred, _ = read_label_map(pred_file)
     image = None
     if image_file is not None:
-        image = _read_first_channel(image_file)
+        image = read_first_channel(image_file)
         if image.shape != ref.shape:
-            from nnunetv2_versemi.evaluation.evaluate import EvaluationError
-
             raise EvaluationError(
                 f"Image {image_file} has shape {image.shape} but the labels {ref_file} {ref.shape}"
             )
@@ -137,14 +135,3 @@ def render_case_overlay(
         aspect=spacing[-2] / spacing[-1] if len(spacing) >= 2 else 1.0,
     )
     return z
-
-
-def _read_first_channel(image_file: str) -> np.ndarray:
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_file_ending
-
-    from nnunetv2_versemi.evaluation.evaluate import _split_ending, _supported_endings
-
-    ending = _split_ending(os.path.basename(image_file), _supported_endings())[1]
-    reader = determine_reader_writer_from_file_ending(ending, image_file, verbose=False)
-    img, _ = reader().read_images((image_file,))
-    return np.asarray(img[0], dtype=np.float32)
