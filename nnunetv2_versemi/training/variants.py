@@ -114,41 +114,79 @@ class VerSemiTrainer_recognitionGrad(VerSemiTrainer):
         self.recognition_detach = False
 
 
-def _short(base: type, epochs: int, iterations: int | None = None, val_iterations: int | None = None,
-           name: str | None = None) -> type:
-    """A short-run subclass of ``base`` (module-level, so it pickles and nnU-Net finds it by name)."""
+class ShortRun:
+    """Mixin of the short-run trainers: ``epochs`` (and ``iterations``, ``val_iterations`` per epoch, when set)
+    replace nnU-Net's budget. Put it first: ``class X(ShortRun, VerSemiTrainer): epochs = 5``."""
+
+    epochs: int = 1000
+    iterations: int | None = None
+    val_iterations: int | None = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        base.__init__(self, plans, configuration, fold, dataset_json, device)
-        self.num_epochs = epochs
-        if iterations is not None:
-            self.num_iterations_per_epoch = iterations
-        if val_iterations is not None:
-            self.num_val_iterations_per_epoch = val_iterations
-
-    cls_name = name or f"{base.__name__}_{epochs}epochs"
-    cls = type(cls_name, (base,), {"__init__": __init__, "__module__": __name__,
-                                   "__doc__": f"{base.__name__} for {epochs} epochs."})
-    return cls
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = self.epochs
+        if self.iterations is not None:
+            self.num_iterations_per_epoch = self.iterations
+        if self.val_iterations is not None:
+            self.num_val_iterations_per_epoch = self.val_iterations
 
 
 # short runs for demos, tests and benchmarks
-VerSemiTrainer_1epoch = _short(VerSemiTrainer, 1, name="VerSemiTrainer_1epoch")
-VerSemiTrainer_5epochs = _short(VerSemiTrainer, 5)
-VerSemiTrainer_20epochs = _short(VerSemiTrainer, 20)
-VerSemiTrainer_50epochs = _short(VerSemiTrainer, 50)
-VerSemiTrainer_100epochs = _short(VerSemiTrainer, 100)
-VerSemiTrainer_noUnsup_5epochs = _short(VerSemiTrainer_noUnsup, 5)
-VerSemiTrainer_noUnsup_20epochs = _short(VerSemiTrainer_noUnsup, 20)
-VerSemiTrainer_noUnsup_50epochs = _short(VerSemiTrainer_noUnsup, 50)
-# the README demo: a few minutes on 2 CPU cores
-VerSemiTrainer_demo = _short(VerSemiTrainer, 8, 20, 5, name="VerSemiTrainer_demo")
-# tiny: 2 epochs of 3 iterations, for tests and the quick demo
-VerSemiTrainer_tiny = _short(VerSemiTrainer, 2, 3, 2, name="VerSemiTrainer_tiny")
-VerSemiTrainer_EMA_tiny = _short(VerSemiTrainer_EMA, 2, 3, 2, name="VerSemiTrainer_EMA_tiny")
-VerSemiTrainer_officialMix_tiny = _short(VerSemiTrainer_officialMix, 2, 3, 2,
-                                         name="VerSemiTrainer_officialMix_tiny")
-VerSemiTrainer_noUnsup_tiny = _short(VerSemiTrainer_noUnsup, 2, 3, 2, name="VerSemiTrainer_noUnsup_tiny")
+class VerSemiTrainer_1epoch(ShortRun, VerSemiTrainer):
+    epochs = 1
+
+
+class VerSemiTrainer_5epochs(ShortRun, VerSemiTrainer):
+    epochs = 5
+
+
+class VerSemiTrainer_20epochs(ShortRun, VerSemiTrainer):
+    epochs = 20
+
+
+class VerSemiTrainer_50epochs(ShortRun, VerSemiTrainer):
+    epochs = 50
+
+
+class VerSemiTrainer_100epochs(ShortRun, VerSemiTrainer):
+    epochs = 100
+
+
+class VerSemiTrainer_noUnsup_5epochs(ShortRun, VerSemiTrainer_noUnsup):
+    epochs = 5
+
+
+class VerSemiTrainer_noUnsup_20epochs(ShortRun, VerSemiTrainer_noUnsup):
+    epochs = 20
+
+
+class VerSemiTrainer_noUnsup_50epochs(ShortRun, VerSemiTrainer_noUnsup):
+    epochs = 50
+
+
+class VerSemiTrainer_demo(ShortRun, VerSemiTrainer):
+    """The README demo: a few minutes on 2 CPU cores."""
+
+    epochs, iterations, val_iterations = 8, 20, 5
+
+
+class VerSemiTrainer_tiny(ShortRun, VerSemiTrainer):
+    """2 epochs of 3 iterations, for tests and the quick demo."""
+
+    epochs, iterations, val_iterations = 2, 3, 2
+
+
+class VerSemiTrainer_EMA_tiny(ShortRun, VerSemiTrainer_EMA):
+    epochs, iterations, val_iterations = 2, 3, 2
+
+
+class VerSemiTrainer_officialMix_tiny(ShortRun, VerSemiTrainer_officialMix):
+    epochs, iterations, val_iterations = 2, 3, 2
+
+
+class VerSemiTrainer_noUnsup_tiny(ShortRun, VerSemiTrainer_noUnsup):
+    epochs, iterations, val_iterations = 2, 3, 2
+
 
 __all__ = [n for n, v in dict(globals()).items() if isinstance(v, type) and issubclass(v, VerSemiTrainer)]
