@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunetv2_versemi.inference.predict import (PredictionError, list_auto_cases, list_cases,
-                                                task_input_channels)
+from nnunetv2_versemi.inference.predict import (
+    PredictionError,
+    list_auto_cases,
+    list_cases,
+    task_input_channels,
+)
 from nnunetv2_versemi.tasktable import Task, TaskLabel, TaskTable
 
 

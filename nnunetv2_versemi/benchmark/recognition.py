@@ -51,8 +51,12 @@ def run_recognition(args: argparse.Namespace) -> dict:
 
     from nnunetv2_versemi.benchmark.run import BenchmarkError, _link_or_copy, _test_cases
     from nnunetv2_versemi.evaluation.evaluate import evaluate_folders
-    from nnunetv2_versemi.inference.predict import (check_folds, load_model_table, make_predictor,
-                                                    resolve_model_folder)
+    from nnunetv2_versemi.inference.predict import (
+        check_folds,
+        load_model_table,
+        make_predictor,
+        resolve_model_folder,
+    )
 
     model = resolve_model_folder(args.d, args.c, args.tr, args.p)
     table = load_model_table(model)

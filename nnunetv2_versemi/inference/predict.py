@@ -90,7 +90,7 @@ def list_cases(input_folder: str, file_ending: str | None, num_channels: int | N
         indices = [int(f[len(join(input_folder, case)) + 1:][:4]) for f in fs]
         if indices != list(range(len(fs))):
             raise PredictionError(
-                f"Case {case} in {input_folder} has channel files {['_%04d' % i for i in indices]}; channel files "
+                f"Case {case} in {input_folder} has channel files {[f'_{i:04d}' for i in indices]}; channel files "
                 f"are numbered from _0000 without gaps")
         for f in fs:
             check_image_header(case, f)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typing_extensions import override
 
 # margin by which channels a prompted forward leaves out stay below the task's lowest logit: they never win
 # the argmax and stay finite (nnU-Net accumulates sliding-window logits in fp16 with Gaussian weights ~10)
@@ -222,6 +223,7 @@ class VerSemiNetwork(nn.Module):
         context = self.backbone.encoder(x)[-1]
         return torch.softmax(self.task_classifier(context.mean(dim=tuple(range(2, context.ndim)))).float(), dim=1)
 
+    @override
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Checkpoints written before the task classifier existed load with ``routing = "all_heads"``."""
         keys = [k for k in self.state_dict() if k.startswith("task_classifier.")]

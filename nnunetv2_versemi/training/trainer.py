@@ -27,6 +27,7 @@ from torch import autocast
 from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
+from typing_extensions import override
 
 from nnunetv2_versemi.data.preprocess import missing_unlabeled, unlabeled_folder
 from nnunetv2_versemi.data.splits import complete_validation
@@ -147,6 +148,7 @@ class VerSemiTrainer(nnUNetTrainer):
 
     # ------------------------------------------------------------------------------------------ network
     @classmethod
+    @override
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> VerSemiNetwork:
@@ -167,6 +169,7 @@ class VerSemiTrainer(nnUNetTrainer):
         mod = self.network.module if isinstance(self.network, DDP) else self.network
         return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
 
+    @override
     def initialize(self):
         self._uses_unlabeled = self.unsup_weight > 0 or (self.cons_weight > 0 and self.unlabeled_mix == "labeled")
         if self.unlabeled_mix not in ("unlabeled", "labeled"):
@@ -225,6 +228,7 @@ class VerSemiTrainer(nnUNetTrainer):
                 p.requires_grad_(False)
 
     # --------------------------------------------------------------------------------------------- data
+    @override
     def do_split(self):
         """nnU-Net's split, with every task validated: a task without a validation case in this fold (one
         labeled case, or a hand-made split) validates on its training cases, as fold ``all`` does; the log and
@@ -261,6 +265,7 @@ class VerSemiTrainer(nnUNetTrainer):
             num_cached=max(6, n // 2) if training else max(3, n // 4), seeds=None,
             pin_memory=self.device.type == "cuda", wait_time=0.002)
 
+    @override
     def get_dataloaders(self):
         if self.dataset_class is None:
             self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
@@ -304,6 +309,7 @@ class VerSemiTrainer(nnUNetTrainer):
         _ = next(mt_val)
         return mt_train, mt_val
 
+    @override
     def on_train_end(self):
         super().on_train_end()
         if isinstance(self.dataloader_unlabeled, NonDetMultiThreadedAugmenter):
@@ -372,6 +378,7 @@ class VerSemiTrainer(nnUNetTrainer):
             and self.current_epoch >= self.switch_epoch
 
     # ---------------------------------------------------------------------------------------- training
+    @override
     def _build_loss(self):
         """nnU-Net's Dice + CE (deep supervision); with ``dice_present_classes_only`` its Dice averages only over
         the classes present in the target (see :class:`losses.PresentClassDiceLoss`)."""
@@ -399,6 +406,7 @@ class VerSemiTrainer(nnUNetTrainer):
         target = [t.to(self.device, non_blocking=True) for t in (target if isinstance(target, list) else [target])]
         return data, target, self._task_ids(batch["keys"])
 
+    @override
     def train_step(self, batch: dict) -> dict:
         data, target, tasks = self._to_device(batch)
         lam = self.unlabeled_weight()
@@ -541,6 +549,7 @@ class VerSemiTrainer(nnUNetTrainer):
         dist.all_gather_object(gathered, vals)
         return np.concatenate(gathered)
 
+    @override
     def on_train_epoch_end(self, train_outputs: list[dict]):
         super().on_train_epoch_end(train_outputs)
         for key in (*LOSS_TERMS, *STAT_KEYS):
@@ -567,6 +576,7 @@ class VerSemiTrainer(nnUNetTrainer):
                 f"train longer before the switch (switch_dice, stage1_min_fraction) or check these tasks' labels.")
 
     # -------------------------------------------------------------------------------------- validation
+    @override
     def validation_step(self, batch: dict) -> dict:
         data, target, tasks = self._to_device(batch)
         local = [self._merged_to_local[t.long()] for t in target]
@@ -589,6 +599,7 @@ class VerSemiTrainer(nnUNetTrainer):
                 "fp_hard": fp.detach().cpu().numpy()[1:], "fn_hard": fn.detach().cpu().numpy()[1:],
                 "rec_correct": correct.cpu().numpy(), "rec_count": torch.bincount(tasks, minlength=T).cpu().numpy()}
 
+    @override
     def on_validation_epoch_end(self, val_outputs: list[dict]):
         super().on_validation_epoch_end(val_outputs)
         self.print_to_log_file("Pseudo dice per task",
@@ -600,6 +611,7 @@ class VerSemiTrainer(nnUNetTrainer):
         self.print_to_log_file("Task recognition accuracy per task (validation patches)",
                                {t.name: round(a, 4) for t, a in zip(self.task_table.tasks, acc)})
 
+    @override
     def on_epoch_end(self):
         # before nnU-Net's checkpointing in super(), so a checkpoint written now already holds the switch
         self.maybe_switch()
@@ -610,6 +622,7 @@ class VerSemiTrainer(nnUNetTrainer):
             plot_versemi_progress(self.logger.local_logger.my_fantastic_logging, self.task_table,
                                   join(self.output_folder, "progress_versemi.png"))
 
+    @override
     def perform_actual_validation(self, save_probabilities: bool = False):
         """nnU-Net's final validation of what stock ``nnUNetv2_predict`` writes: the prompt-free network, each
         patch routed to the task it is recognised as. So ``nnUNetv2_find_best_configuration``, post-processing
@@ -694,6 +707,7 @@ class VerSemiTrainer(nnUNetTrainer):
         return {"routing": "recognised", "accuracy_per_task": accuracy, "cases": cases}
 
     # ------------------------------------------------------------------------------------ checkpoints
+    @override
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint plus a ``versemi`` entry, written to a temporary file and renamed into place,
         so a run killed mid-write leaves the previous checkpoint intact for ``--c``."""
@@ -715,6 +729,7 @@ class VerSemiTrainer(nnUNetTrainer):
             if isfile(tmp):
                 os.remove(tmp)
 
+    @override
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         super().load_checkpoint(filename_or_checkpoint)
         checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else torch.load(
