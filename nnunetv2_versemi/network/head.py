@@ -97,6 +97,25 @@ class DynamicHead(nn.Module):
 ROUTINGS = ("recognised", "all_heads")
 
 
+class ScaledStandardize(nn.BatchNorm1d):
+    """Per-channel standardisation of (N, C) features (a batch norm without affine parameters), scaled by
+    1/sqrt(C) so the standardised vector has a norm near 1.
+
+    Without the scale, a linear layer behind it under nnU-Net's SGD (learning rate 0.01, momentum 0.99) moves its
+    logits by about C times the learning rate per step: it overshoots, and while the backbone's features
+    drift it ends confidently wrong (cross-entropy near 10, measured). With it, the logits move by about the
+    learning rate per step.
+    """
+
+    def __init__(self, num_features: int):
+        super().__init__(num_features, affine=False)
+        self.scale = num_features ** -0.5
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.scale
+
+
 class VerSemiNetwork(nn.Module):
     """nnU-Net's planned U-Net as a task-agnostic backbone plus a dynamic head at every decoder scale, and a
     task classifier on the pooled bottleneck features.
@@ -145,9 +164,8 @@ class VerSemiNetwork(nn.Module):
         )
         # which task an image (patch) comes from, from the same pooled bottleneck features as the controller.
         # Behind nnU-Net's instance norms these differ little between images (std across images ~0.03 around
-        # ~0.2-0.4): standardised first, they are linearly separable by task (docs/METHOD.md), and SGD at
-        # nnU-Net's learning rate finds the separation
-        self.task_classifier = nn.Sequential(nn.BatchNorm1d(channels[-1], affine=False),
+        # ~0.2-0.4): standardised first, they are linearly separable by task (docs/METHOD.md)
+        self.task_classifier = nn.Sequential(ScaledStandardize(channels[-1]),
                                              nn.Linear(channels[-1], self.num_tasks))
         nn.init.zeros_(self.task_classifier[1].weight)
         nn.init.zeros_(self.task_classifier[1].bias)
