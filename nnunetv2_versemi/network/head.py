@@ -250,9 +250,10 @@ class VerSemiNetwork(nn.Module):
             if result.unexpected_keys or not set(result.missing_keys) <= set(keys):
                 raise RuntimeError(f"Error loading VerSemiNetwork state: missing {result.missing_keys}, "
                                    f"unexpected {result.unexpected_keys}")
+            if self.routing != "all_heads":  # nnU-Net's predictor reloads the weights per case: say it once
+                print("VerSemi: this checkpoint has no task classifier (trained before task recognition): "
+                      "prompt-free prediction runs every task head, the most confident task wins per voxel")
             self.routing = "all_heads"
-            print("VerSemi: this checkpoint has no task classifier (trained before task recognition): "
-                  "prompt-free prediction runs every task head, the most confident task wins per voxel")
             return result
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
