@@ -85,3 +85,54 @@ def test_interrupted_merge_then_rerun_equals_uninterrupted(raw, sig):
     assert S.tree_hash(target) == reference
     assert [d for d in os.listdir(raw) if d.startswith(".")] == []  # the killed merge's temporary is gone
     assert {d: S.tree_hash(os.path.join(raw, d)) for d in sources} == sources
+
+
+PREP = ["-d", "600", "-c", "2d", "-np", "1", "-npfp", "1", "--no_pbar"]
+# the unlabeled step in a child process that waits after each case, so the signal lands mid-step
+PREP_DRIVER = """
+import sys, time
+from nnunetv2_versemi.data import preprocess as P
+one = P._preprocess_unlabeled_case
+def slow(args):
+    out = one(args)
+    time.sleep(0.5)
+    return out
+P._preprocess_unlabeled_case = slow
+P.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_interrupted_unlabeled_preprocessing_is_refused_then_finished(raw, sig):
+    """plan_and_preprocess killed in its unlabeled step: training refuses the partial set (it names the missing
+    cases), and --only-unlabeled, as the error says, gives files identical to an uninterrupted run."""
+    from nnunetv2_versemi.data.preprocess import missing_unlabeled, unlabeled_folder
+    from nnunetv2_versemi.tasktable import TaskTable
+
+    _merge()
+    pp = os.path.join(os.path.dirname(raw), "nnUNet_preprocessed", "Dataset600_VerSemiUnion")
+    subprocess.run([sys.executable, "-c", PREP_DRIVER.replace("time.sleep(0.5)", "pass"), *PREP], check=True,
+                   capture_output=True, timeout=600)
+    folder = unlabeled_folder(pp, "nnUNetPlans_2d")
+    reference = S.tree_hash(folder)
+    assert len(reference) >= 6
+    shutil.rmtree(folder)  # as on a first run: the signal must land in the step, not before it
+
+    proc = subprocess.Popen([sys.executable, "-c", PREP_DRIVER, *PREP, "--only-unlabeled"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (os.path.isdir(folder) and len(os.listdir(folder)) >= 3):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    import json
+
+    with open(os.path.join(pp, "nnUNetPlans.json")) as f:
+        table = TaskTable.from_plans(json.load(f))
+    assert missing_unlabeled(pp, "nnUNetPlans_2d", table), "the interrupted step left a complete set?"
+
+    subprocess.run([sys.executable, "-c", PREP_DRIVER.replace("time.sleep(0.5)", "pass"), *PREP,
+                    "--only-unlabeled"], check=True, capture_output=True, timeout=600)
+    assert S.tree_hash(folder) == reference
