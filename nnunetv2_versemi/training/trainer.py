@@ -127,6 +127,9 @@ class VerSemiTrainer(nnUNetTrainer):
         self.dice_present_classes_only = True
         self.allow_labeled_only = False  # True: train without unlabeled images (logged), instead of failing
         self.recognition_weight = 1.0  # w_rec
+        # None: the task classifier learns with nnU-Net's SGD like every other layer; a number: it gets its own
+        # Adam with this learning rate, outside nnU-Net's gradient clipping (only with recognition_detach)
+        self.recognition_lr: float | None = None
         # False: the recognition loss reaches the backbone too (docs/METHOD.md: measured, not needed)
         self.recognition_detach = True
         # final validation: a case whose recognised task has a mean probability below this gets a warning
@@ -134,6 +137,7 @@ class VerSemiTrainer(nnUNetTrainer):
         self.validate_prompted_too = True  # final validation also under each case's own prompt (extra entry)
 
         self.ema_network: VerSemiNetwork | None = None
+        self.recognition_optimizer: torch.optim.Optimizer | None = None
         self.dataloader_unlabeled = None
         self.global_step = 0
         self.switch_epoch: int | None = None  # first epoch with the unlabeled terms on (None: stage 1)
@@ -165,6 +169,23 @@ class VerSemiTrainer(nnUNetTrainer):
         return VerSemiNetwork(backbone, table.num_classes_per_prompt(), [t.merged_values for t in table.tasks],
                               static_head=cls.static_head)
 
+    @override
+    def configure_optimizers(self):
+        """nnU-Net's optimizer and schedule; with ``recognition_lr`` (and ``recognition_detach``) the task
+        classifier leaves them for an Adam of its own."""
+        optimizer, scheduler = super().configure_optimizers()
+        if self.recognition_lr is not None and self.recognition_detach:
+            classifier = list(self._plain_network().task_classifier.parameters())
+            ids = {id(p) for p in classifier}
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in ids]
+            self.recognition_optimizer = torch.optim.Adam(classifier, lr=self.recognition_lr)
+        return optimizer, scheduler
+
+    def _clipped_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters nnU-Net's optimizer steps (its gradient clipping applies to these)."""
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
     def _plain_network(self) -> VerSemiNetwork:
         mod = self.network.module if isinstance(self.network, DDP) else self.network
         return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
@@ -179,9 +200,11 @@ class VerSemiTrainer(nnUNetTrainer):
         if self.unsup_schedule not in ("ramp", "stage"):
             raise ValueError(f"unsup_schedule must be 'ramp' or 'stage', got {self.unsup_schedule!r}")
         self._check_schedule()
-        if not isinstance(self.recognition_weight, (int, float)) or self.recognition_weight < 0:
-            raise ValueError(f"{type(self).__name__}.recognition_weight must be a number >= 0, got "
-                             f"{self.recognition_weight!r}")
+        for name in ("recognition_weight", "recognition_lr"):
+            v = getattr(self, name)
+            if (v is not None or name == "recognition_weight") and (
+                    not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
+                raise ValueError(f"{type(self).__name__}.{name} must be a number >= 0, got {v!r}")
         if self._uses_unlabeled and not self._unlabeled_cases():
             if not self.allow_labeled_only:
                 raise FileNotFoundError(
@@ -455,6 +478,8 @@ class VerSemiTrainer(nnUNetTrainer):
                                       torch.full((u.shape[0], 1), syn_prompt, device=self.device)), dim=1))
 
         self.optimizer.zero_grad(set_to_none=True)
+        if self.recognition_optimizer is not None:
+            self.recognition_optimizer.zero_grad(set_to_none=True)
         terms, stats = {}, {}
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             outs, task_logits = self.network(torch.cat(inputs), prompts, recognition=True)
@@ -478,16 +503,22 @@ class VerSemiTrainer(nnUNetTrainer):
                            unsup=self.unsup_weight * lam, cons=self.cons_weight * lam, rec=self.recognition_weight)
             loss = sum(weights[k] * v for k, v in terms.items())
 
+        # nnU-Net's step (gradient scaler, clipping at 12), plus the task classifier's own optimizer if it has one
+        rec_opt = self.recognition_optimizer
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            torch.nn.utils.clip_grad_norm_(self._clipped_parameters(), 12)
             self.grad_scaler.step(self.optimizer)
+            if rec_opt is not None:
+                self.grad_scaler.step(rec_opt)
             self.grad_scaler.update()
         else:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            torch.nn.utils.clip_grad_norm_(self._clipped_parameters(), 12)
             self.optimizer.step()
+            if rec_opt is not None:
+                rec_opt.step()
         self.global_step += 1
         if self.ema_network is not None:
             self._update_ema()
@@ -722,6 +753,8 @@ class VerSemiTrainer(nnUNetTrainer):
                 "switch_epoch": self.switch_epoch,
                 "task_table": self.task_table.to_dict(),
                 "ema_weights": self.ema_network.state_dict() if self.ema_network is not None else None,
+                "recognition_optimizer": (self.recognition_optimizer.state_dict()
+                                          if self.recognition_optimizer is not None else None),
             }
             torch.save(checkpoint, tmp)
             os.replace(tmp, filename)
@@ -750,6 +783,8 @@ class VerSemiTrainer(nnUNetTrainer):
         vals.extend([[float("nan")] * self.task_table.num_tasks] * (self.current_epoch - len(vals)))
         if self.ema_network is not None and state["ema_weights"] is not None:
             self.ema_network.load_state_dict(state["ema_weights"])
+        if self.recognition_optimizer is not None and state.get("recognition_optimizer") is not None:
+            self.recognition_optimizer.load_state_dict(state["recognition_optimizer"])
 
 
 @contextlib.contextmanager

@@ -114,6 +114,16 @@ class VerSemiTrainer_recognitionGrad(VerSemiTrainer):
         self.recognition_detach = False
 
 
+class VerSemiTrainer_recognitionAdam(VerSemiTrainer):
+    """The task classifier learns with its own Adam (learning rate 1e-3), outside nnU-Net's SGD and its
+    gradient clipping over the whole network."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.recognition_lr = 1e-3
+
+
 class ShortRun:
     """Mixin of the short-run trainers: ``epochs`` (and ``iterations``, ``val_iterations`` per epoch, when set)
     replace nnU-Net's budget. Put it first: ``class X(ShortRun, VerSemiTrainer): epochs = 5``."""
