@@ -266,3 +266,11 @@ def test_progress_plot_draws_recognition_per_task(tmp_path, monkeypatch):
     assert "A: task recognised" in labels and "B: task recognised" in labels
     rec_b = next(line for line in figures[0].axes[1].get_lines() if line.get_label() == "B: task recognised")
     assert list(rec_b.get_ydata()) == [0.6, 0.8, 0.95]
+
+
+def test_recognition_trains_with_batch_size_one():
+    """nnU-Net plans batch size 1 (3d on small GPUs, the 3d CPU preset): the classifier must not need batch
+    statistics."""
+    net = _net().train()
+    out, logits = net(torch.randn(1, 1, 16, 16), torch.tensor([[0]]), recognition=True)
+    assert logits.shape == (1, 3) and torch.isfinite(logits).all()

@@ -247,7 +247,11 @@ class PerPromptNetwork(nn.Module):
     def task_prompts(self, batch_size: int, device: torch.device) -> torch.Tensor:
         return self.net.task_prompts(batch_size, device)
 
-    def forward(self, x: torch.Tensor, prompts=None):
+    def forward(self, x: torch.Tensor, prompts=None, recognition: bool = False):
+        if recognition:
+            # the official code has no task recognition: constant logits, so the reference's cost stays its own
+            out = self.forward(x, prompts)
+            return out, x.new_zeros((x.shape[0], self.net.num_tasks))
         if prompts is None:
             return self.net(x)
         single = isinstance(prompts, torch.Tensor)
@@ -319,7 +323,8 @@ def _prepare(c: Contender, plans: dict, configuration: str, table_for, num_chann
         import torch
 
         bu = trainer.unlabeled_batch_size or cm.batch_size
-        u = {"data": torch.randn((bu, num_channels, *cm.patch_size)).to(device)}
+        u = {"data": torch.randn((bu, num_channels, *cm.patch_size)).to(device),
+             "keys": [f"{table.tasks[i % table.num_tasks].name}_u{i:04d}" for i in range(bu)]}
         trainer.dataloader_unlabeled = itertools.repeat(u)
         # the last epoch, after the switch: lambda > 0 under either schedule, so the step runs the unlabeled
         # branch (stage 2 of the two-stage schedule; the stage-1 step has no unlabeled batch and is cheaper)

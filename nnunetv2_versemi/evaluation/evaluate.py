@@ -271,12 +271,6 @@ def evaluate_folders(
             print(
                 f"Warning: {len(extra)} prediction(s) without a reference, not evaluated: {', '.join(extra[:10])}"
             )
-        for r in records:
-            if r["unexpected_ref_values"]:
-                print(
-                    f"Warning: {r['ref_file']} holds values {r['unexpected_ref_values']} that are no {label_space} "
-                    f"label of task {r['task']}" + ("" if task else " (source-valued files need --task)")
-                )
     if output_dir is not None:
         write_outputs(results, output_dir, overlay_cases=overlay_cases, table=table, images_dir=images_dir)
     return results

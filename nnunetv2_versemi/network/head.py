@@ -113,6 +113,9 @@ class ScaledStandardize(nn.BatchNorm1d):
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] < 2:
+            # one sample (batch size 1, e.g. a 3d CPU preset): no batch statistics, use the running ones
+            return F.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps) * self.scale
         return super().forward(x) * self.scale
 
 
