@@ -212,7 +212,10 @@ class VerSemiNetwork(nn.Module):
             pass; with ``recognition_detach`` the classifier sees the features without their gradient.
         """
         feats, context = self.features(x)
-        task_logits = self.task_classifier(context.detach() if self.recognition_detach else context)
+        routed = prompts is None and self.prompt is None and self.routing == "recognised"
+        task_logits = None
+        if recognition or routed:  # the classifier runs only where its output is used
+            task_logits = self.task_classifier(context.detach() if self.recognition_detach else context)
         if prompts is None:
             out = self._prompt_free(feats, context, task_logits)
         elif isinstance(prompts, torch.Tensor):
@@ -228,7 +231,7 @@ class VerSemiNetwork(nn.Module):
                 start += n
         return (out, task_logits) if recognition else out
 
-    def _prompt_free(self, feats: list[torch.Tensor], context: torch.Tensor, task_logits: torch.Tensor):
+    def _prompt_free(self, feats: list[torch.Tensor], context: torch.Tensor, task_logits: torch.Tensor | None):
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
         tasks = None
@@ -247,7 +250,7 @@ class VerSemiNetwork(nn.Module):
     @override
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Checkpoints written before the task classifier existed load with ``routing = "all_heads"``."""
-        keys = [k for k in self.state_dict() if k.startswith("task_classifier.")]
+        keys = [f"task_classifier.{k}" for k in self.task_classifier.state_dict()]
         if strict and keys and not any(k in state_dict for k in keys):
             result = super().load_state_dict(state_dict, strict=False, assign=assign)
             if result.unexpected_keys or not set(result.missing_keys) <= set(keys):
