@@ -46,6 +46,18 @@ def aggregate_task_foreground(task_logits: torch.Tensor, num_classes: Sequence[i
     return torch.stack(fg, dim=1).max(dim=1).values
 
 
+def source_task_foreground(task_fg: torch.Tensor, outside_tasks: torch.Tensor, inside_tasks: torch.Tensor,
+                           mask: torch.Tensor) -> torch.Tensor:
+    """P_agg of a CutMix composite from each region's own task head: ``task_fg`` (B, T, *S) foreground
+    probabilities of every task head, the tasks of the images outside / inside the box (B,), the box mask
+    (B, 1, *S) -> (B, *S). A head never trained on another dataset's images has arbitrary margins there, so
+    the max over every head (the paper's P_agg) picks up its false positives."""
+    def pick(tasks: torch.Tensor) -> torch.Tensor:
+        idx = tasks.view(-1, 1, *[1] * (task_fg.ndim - 2)).expand(-1, 1, *task_fg.shape[2:])
+        return task_fg.gather(1, idx)
+    return torch.where(mask > 0.5, pick(inside_tasks), pick(outside_tasks))[:, 0]
+
+
 def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
                    smooth: float = 1e-5) -> torch.Tensor:
     """1 - soft Dice over the whole batch in VerSemi's official (squared) form,

@@ -36,7 +36,7 @@ from nnunetv2_versemi.tasktable import TaskTable, TaskTableError
 from nnunetv2_versemi.training import cutmix, losses
 from nnunetv2_versemi.training.sampling import TaskBalancedDataLoader
 
-LOSS_TERMS = ("sup", "syn", "spec", "unsup", "cons", "rec")
+LOSS_TERMS = ("sup", "syn", "spec", "unsup", "pseudo", "cons", "rec")
 STAT_KEYS = ("unsup_lambda", "unsup_kept")  # logged per epoch beside the loss terms
 REC_KEY = "recognition"  # per epoch: task recognition accuracy per task on the validation batches
 
@@ -110,6 +110,8 @@ class VerSemiTrainer(nnUNetTrainer):
         self.spec_weight = 1.0
         self.unsup_weight = 1.0
         self.cons_weight = 1.0
+        self.pseudo_weight = 1.0  # w_pseudo: unlabeled images teach their own task's head (CutMix consistency)
+        self.unsup_aggregate = "source"  # P_agg from each region's own task head; "all": max over every head
         self.labeled_box_ratio = (2 / 3, 2 / 3)
         self.unlabeled_box_ratio = (0.3, 0.6)
         self.unlabeled_mix = "unlabeled"  # or "labeled"
@@ -192,7 +194,10 @@ class VerSemiTrainer(nnUNetTrainer):
 
     @override
     def initialize(self):
-        self._uses_unlabeled = self.unsup_weight > 0 or (self.cons_weight > 0 and self.unlabeled_mix == "labeled")
+        self._uses_unlabeled = self.unsup_weight > 0 or self.pseudo_weight > 0 or (
+            self.cons_weight > 0 and self.unlabeled_mix == "labeled")
+        if self.unsup_aggregate not in ("source", "all"):
+            raise ValueError(f"unsup_aggregate must be 'source' or 'all', got {self.unsup_aggregate!r}")
         if self.unlabeled_mix not in ("unlabeled", "labeled"):
             raise ValueError(f"unlabeled_mix must be 'unlabeled' or 'labeled', got {self.unlabeled_mix!r}")
         if self.target_source not in ("detach", "ema", "gradient"):
@@ -200,9 +205,9 @@ class VerSemiTrainer(nnUNetTrainer):
         if self.unsup_schedule not in ("ramp", "stage"):
             raise ValueError(f"unsup_schedule must be 'ramp' or 'stage', got {self.unsup_schedule!r}")
         self._check_schedule()
-        for name in ("recognition_weight", "recognition_lr"):
+        for name in ("pseudo_weight", "recognition_weight", "recognition_lr"):
             v = getattr(self, name)
-            if (v is not None or name == "recognition_weight") and (
+            if (v is not None or name != "recognition_lr") and (
                     not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
                 raise ValueError(f"{type(self).__name__}.{name} must be a number >= 0, got {v!r}")
         if self._uses_unlabeled and not self._unlabeled_cases():
@@ -472,6 +477,7 @@ class VerSemiTrainer(nnUNetTrainer):
             else:
                 partner, partner_tasks = u.roll(1, dims=0), u_tasks.roll(1, dims=0)
             x_u = cutmix.mix(u, partner, mu)
+            pseudo_t = self._pseudo_targets(u, partner, u_tasks, partner_tasks, mu) if self.pseudo_weight > 0 else None
             inputs.append(x_u)
             rec_targets.append(area_mixed_tasks(u_tasks, partner_tasks, mu, T))
             prompts.append(torch.cat((self._plain_network().task_prompts(u.shape[0], self.device),
@@ -496,11 +502,13 @@ class VerSemiTrainer(nnUNetTrainer):
                         + losses.prompted_supervised_loss([o[:, 2] for o in out_mix], spec_b, tasks[b],
                                                           self._num_classes, self._hard_loss))
             if lam > 0:
-                u_terms, stats = self._unlabeled_terms(outs[-1], x_u, mu, fg, partner_idx
-                                                       if self.unlabeled_mix == "labeled" else None)
+                u_terms, stats = self._unlabeled_terms(outs[-1], x_u, mu, fg, (u_tasks, partner_tasks),
+                                                       partner_idx if self.unlabeled_mix == "labeled" else None)
                 terms.update(u_terms)
+                if pseudo_t is not None:
+                    terms["pseudo"] = self._pseudo_loss(outs[-1], pseudo_t, u_tasks, partner_tasks)
             weights = dict(sup=self.sup_weight, syn=self.syn_weight, spec=self.spec_weight,
-                           unsup=self.unsup_weight * lam, cons=self.cons_weight * lam, rec=self.recognition_weight)
+                           unsup=self.unsup_weight * lam, pseudo=self.pseudo_weight * lam, cons=self.cons_weight * lam, rec=self.recognition_weight)
             loss = sum(weights[k] * v for k, v in terms.items())
 
         # nnU-Net's step (gradient scaler, clipping at 12), plus the task classifier's own optimizer if it has one
@@ -530,10 +538,14 @@ class VerSemiTrainer(nnUNetTrainer):
         return out
 
     def _unlabeled_terms(self, out_u: list[torch.Tensor], x_u: torch.Tensor, mu: torch.Tensor,
-                         fg: list[torch.Tensor], partner_idx: torch.Tensor | None
-                         ) -> tuple[dict[str, torch.Tensor], dict]:
+                         fg: list[torch.Tensor], region_tasks: tuple[torch.Tensor, torch.Tensor],
+                         partner_idx: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], dict]:
         """L_unsup (and L_cons), plus statistics for the log: the share of unlabeled samples the guard kept
-        and, per task, the share of voxels its head calls foreground on the unlabeled mixes."""
+        and, per task, the share of voxels its head calls foreground on the unlabeled mixes.
+
+        P_agg: with ``unsup_aggregate = "source"`` each region of the mix takes the foreground of its own
+        source task's head (``region_tasks``: the tasks outside and inside the box); with "all", the max over
+        every task head, as in the paper."""
         T = self.task_table.num_tasks
         task_classes = self._num_classes[:-1]
         if self.target_source == "ema":
@@ -545,8 +557,14 @@ class VerSemiTrainer(nnUNetTrainer):
         # full resolution: per-task foreground probabilities, kept for the log; lower scales: only their max
         fg_full = torch.stack([losses.foreground_probability(task_out[0][:, t], task_classes[t])
                                for t in range(T)], dim=1)
-        agg = [fg_full.max(dim=1).values,
-               *[losses.aggregate_task_foreground(o, task_classes) for o in task_out[1:]]]
+        if self.unsup_aggregate == "source":
+            per_scale = [fg_full, *[torch.stack([losses.foreground_probability(o[:, t], task_classes[t])
+                                                 for t in range(T)], dim=1) for o in task_out[1:]]]
+            agg = [losses.source_task_foreground(f, *region_tasks, cutmix.resize_mask(mu, f.shape[2:]))
+                   for f in per_scale]
+        else:
+            agg = [fg_full.max(dim=1).values,
+                   *[losses.aggregate_task_foreground(o, task_classes) for o in task_out[1:]]]
         p_syn = [losses.foreground_probability(o[:, T], 2) for o in out_u]
         # the guard is decided once, at full resolution, and applies to every deep-supervision scale
         keep = losses.foreground_guard(agg[0], self.unsup_min_foreground)
@@ -563,6 +581,41 @@ class VerSemiTrainer(nnUNetTrainer):
                 cons.append(losses.soft_dice_loss(p, f[partner_idx][:, 0], mask=m))
             terms["cons"] = losses.deep_supervision_sum(cons, self._ds_weights)
         return terms, stats
+
+    @torch.no_grad()
+    def _pseudo_targets(self, u: torch.Tensor, partner: torch.Tensor, u_tasks: torch.Tensor,
+                        partner_tasks: torch.Tensor, mu: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Hard pseudo labels for L_pseudo: every task head's prediction on the unmixed images (the EMA
+        teacher's with ``target_source = "ema"``, else the student's without gradient), CutMixed with the
+        same box as the input. Returns, per scale, the targets under the outside image's task and under the
+        inside image's task, (B, 1, *S) each, in that task's local classes."""
+        net = self.ema_network if self.target_source == "ema" else self._plain_network()
+        unmixed = u if self.unlabeled_mix == "unlabeled" else torch.cat((u, partner))
+        T, n = self.task_table.num_tasks, u.shape[0]
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            out = net(unmixed, net.task_prompts(unmixed.shape[0], unmixed.device))
+        out = out if isinstance(out, (list, tuple)) else [out]
+        outside, inside = [], []
+        for o in out:
+            labels = torch.stack([o[:, t, :self._num_classes[t]].argmax(1) for t in range(T)], dim=1)  # (B', T, *S)
+            own, other = (labels, labels.roll(1, dims=0)) if self.unlabeled_mix == "unlabeled" \
+                else (labels[:n], labels[n:])
+            m = cutmix.resize_mask(mu, o.shape[3:])
+            for tasks, store in ((u_tasks, outside), (partner_tasks, inside)):
+                idx = tasks.view(-1, 1, *[1] * (labels.ndim - 2)).expand(-1, 1, *labels.shape[2:])
+                store.append(cutmix.mix(own.gather(1, idx), other.gather(1, idx), m))
+        return outside, inside
+
+    def _pseudo_loss(self, out_u: list[torch.Tensor], targets: tuple[list[torch.Tensor], list[torch.Tensor]],
+                     u_tasks: torch.Tensor, partner_tasks: torch.Tensor) -> torch.Tensor:
+        """L_pseudo: under the task of the image outside the box and under the task of the image inside it,
+        the head's output on the mix matches the CutMix of that head's pseudo labels on the two unmixed
+        images (nnU-Net's Dice + CE); the mean of both sides."""
+        rows = torch.arange(u_tasks.shape[0], device=u_tasks.device)
+        sides = [losses.prompted_supervised_loss([o[rows, tasks] for o in out_u], tgt, tasks, self._num_classes,
+                                                 self._hard_loss)
+                 for tasks, tgt in ((u_tasks, targets[0]), (partner_tasks, targets[1]))]
+        return 0.5 * (sides[0] + sides[1])
 
     @torch.no_grad()
     def _update_ema(self) -> None:

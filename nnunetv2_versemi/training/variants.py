@@ -32,6 +32,7 @@ class VerSemiTrainer_noUnsup(VerSemiTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.unsup_weight = 0.0
+        self.pseudo_weight = 0.0
         self.cons_weight = 0.0
 
 
@@ -44,6 +45,34 @@ class VerSemiTrainer_supOnly(VerSemiTrainer_noUnsup):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.syn_weight = 0.0
         self.spec_weight = 0.0
+
+
+class VerSemiTrainer_noPseudo(VerSemiTrainer):
+    """Without L_pseudo: the unlabeled images reach only the synthetic head (L_unsup), as in the paper."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.pseudo_weight = 0.0
+
+
+class VerSemiTrainer_allHeadsAgg(VerSemiTrainer):
+    """P_agg as in the paper: the max over every task head, also on images of other tasks."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.unsup_aggregate = "all"
+
+
+class VerSemiTrainer_paperUnlabeled(VerSemiTrainer):
+    """The unlabeled terms as in the paper: P_agg over every task head, no L_pseudo."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.unsup_aggregate = "all"
+        self.pseudo_weight = 0.0
 
 
 class VerSemiTrainer_nnunetDice(VerSemiTrainer):
