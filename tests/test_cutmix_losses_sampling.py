@@ -309,3 +309,17 @@ def test_present_class_dice_equals_nnunet_when_all_present_and_skips_absent(batc
     xg = x.clone().requires_grad_(True)
     none = losses.PresentClassDiceLoss(**kw)(xg, torch.zeros_like(y))
     assert none.item() == 0 and none.requires_grad
+
+
+def test_source_task_foreground_ignores_foreign_heads_false_positives():
+    # 2 samples, 3 task heads, 1d "images" of 6 voxels; the box covers voxels 3..5
+    fg = torch.zeros(2, 3, 6)
+    fg[:, 0, 0] = 0.9  # head 0 (sample 0's own task outside the box) finds its structure
+    fg[:, 1, 4] = 0.8  # head 1 (sample 0's task inside the box) finds its structure
+    fg[:, 2, :] = 0.7  # head 2 fires everywhere: a head on images it never saw
+    mask = torch.tensor([0, 0, 0, 1, 1, 1], dtype=torch.float32).expand(2, 1, 6)
+    out = losses.source_task_foreground(fg, torch.tensor([0, 2]), torch.tensor([1, 2]), mask)
+    assert torch.allclose(out[0], torch.tensor([0.9, 0, 0, 0, 0.8, 0]))
+    assert torch.allclose(out[1], torch.full((6,), 0.7))  # both regions from task 2: its own head counts
+    # the paper's P_agg takes head 2's false positives on sample 0
+    assert torch.allclose(fg.max(dim=1).values[0], torch.tensor([0.9, 0.7, 0.7, 0.7, 0.8, 0.7]))

@@ -260,6 +260,8 @@ def test_present_class_dice_is_built_into_the_hard_label_loss(pipeline, tmp_path
     ({"stage1_min_fraction": 0.8, "stage1_fraction": 0.5}, "must not exceed stage1_fraction"),
     ({"unsup_min_foreground": -0.1}, "unsup_min_foreground must be"),
     ({"empty_warning_epochs": 0}, "empty_warning_epochs must be a positive integer"),
+    ({"unsup_aggregate": "max"}, "unsup_aggregate must be 'source' or 'all'"),
+    ({"pseudo_weight": -1.0}, "pseudo_weight must be a number >= 0"),
 ])
 def test_ill_schedule_attributes_fail_at_initialize(pipeline, tmp_path, monkeypatch, attrs, message):
     with pytest.raises(ValueError, match=message):
@@ -483,3 +485,66 @@ def test_partial_unlabeled_set_fails_at_initialize_naming_cases(pipeline, tmp_pa
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-x", "-q"]))
+
+
+def _synthetic_batches(trainer, seed: int = 0):
+    """A labeled batch (one case of each task in turn, a square of the task's first class) and an unlabeled
+    batch, in the shapes nnU-Net's loaders give the trainer (targets per deep-supervision scale)."""
+    g = torch.Generator().manual_seed(seed)
+    table, ps, b = trainer.task_table, list(trainer.configuration_manager.patch_size), trainer.batch_size
+    keys = [table.tasks[i % table.num_tasks].labeled[0] for i in range(b)]
+    seg = torch.zeros(b, 1, *ps)
+    for i, k in enumerate(keys):
+        seg[i, 0, 4:12, 4:12] = table.tasks[table.task_of_case(k)].merged_values[0]
+    data = torch.randn(b, 1, *ps, generator=g) + seg
+    scales = trainer._get_deep_supervision_scales() or [[1.0] * len(ps)]
+    target = [torch.nn.functional.interpolate(seg, scale_factor=tuple(s), mode="nearest-exact") for s in scales]
+    unl = [table.tasks[i % table.num_tasks].unlabeled[0] for i in range(b)]
+    return {"data": data, "target": target, "keys": keys}, {"data": torch.randn(b, 1, *ps, generator=g), "keys": unl}
+
+
+@pytest.mark.parametrize("pseudo_weight", [1.0, 0.0])
+def test_pseudo_term_runs_in_stage_two_only(pipeline, tmp_path, monkeypatch, pseudo_weight):
+    trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, pseudo_weight=pseudo_weight)
+    labeled, unlabeled = _synthetic_batches(trainer)
+    trainer.dataloader_unlabeled = iter([unlabeled] * 2)
+    stage1 = trainer.train_step(labeled)
+    assert np.isnan(stage1["pseudo"]) and np.isnan(stage1["unsup"])
+    trainer.switch_epoch = 0  # stage 2 from now on
+    stage2 = trainer.train_step(labeled)
+    assert np.isfinite(stage2["unsup"])
+    if pseudo_weight > 0:
+        assert np.isfinite(stage2["pseudo"]) and stage2["pseudo"] > 0
+    else:
+        assert np.isnan(stage2["pseudo"])
+
+
+def test_pseudo_targets_mix_each_task_heads_labels_on_the_unmixed_images(pipeline, tmp_path, monkeypatch):
+    """Fake network: head t calls class 1 where the image is positive (t even) or negative (t odd). The target
+    under the outside image's task is that head's labels on both unmixed images, cut together with the box."""
+    trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch)
+    T, C = trainer.task_table.num_tasks, max(trainer._num_classes)
+
+    class Fake(torch.nn.Module):
+        def task_prompts(self, n, device):
+            return torch.arange(T, device=device)[None].expand(n, -1)
+
+        def forward(self, x, prompts):
+            sign = torch.tensor([1.0 if t % 2 == 0 else -1.0 for t in range(T)]).view(1, T, 1, 1)
+            out = torch.zeros(x.shape[0], T, C, *x.shape[2:])
+            out[:, :, 1] = 10 * sign * x
+            return [out]
+
+    monkeypatch.setattr(trainer, "_plain_network", lambda: Fake())
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(4, 1, 6, 6, generator=g)
+    mu = torch.zeros(4, 1, 6, 6)
+    mu[:, :, 2:5, 1:4] = 1
+    u_tasks, partner_tasks = torch.tensor([0, 1, 2, 1]), torch.tensor([1, 0, 1, 2])
+    outside, inside = trainer._pseudo_targets(u, u.roll(1, dims=0), u_tasks, partner_tasks, mu)
+    partner = u.roll(1, dims=0)
+    for i in range(4):
+        for tasks, got in ((u_tasks, outside[0]), (partner_tasks, inside[0])):
+            s = 1.0 if int(tasks[i]) % 2 == 0 else -1.0
+            expected = torch.where(mu[i, 0] > 0.5, (s * partner[i, 0] > 0).long(), (s * u[i, 0] > 0).long())
+            assert torch.equal(got[i, 0], expected), (i, int(tasks[i]))
