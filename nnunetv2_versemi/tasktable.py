@@ -22,11 +22,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from nnunetv2_versemi.errors import VerSemiInputError
+
 TABLE_KEY = "versemi"
 TABLE_VERSION = 1
 
 
-class TaskTableError(ValueError):
+class TaskTableError(VerSemiInputError):
     """The task table is missing or inconsistent."""
 
 

@@ -21,6 +21,7 @@ from nnunetv2_versemi.data import merge as M
 from nnunetv2_versemi.data import normalization as N
 from nnunetv2_versemi.evaluation.evaluate import EvaluationError, evaluate_folders
 from nnunetv2_versemi.inference import predict as P
+from nnunetv2_versemi.nnunet_paths import DatasetNotFoundError
 from nnunetv2_versemi.plans_presets import PlansPresetError, apply_to_plans_file
 from nnunetv2_versemi.tasktable import TABLE_KEY, Task, TaskLabel, TaskTable
 
@@ -229,7 +230,8 @@ def test_merge_refuses(sandbox, corrupt):
 def test_merge_unknown_and_repeated_datasets(sandbox):
     raw = os.path.join(sandbox, "nnUNet_raw")
     S.make_three(raw)
-    _refused(sandbox, lambda: M.merge_datasets([501, 599], 600, progress=False), M.MergeError, [r"599"])
+    _refused(sandbox, lambda: M.merge_datasets([501, 599], 600, progress=False), DatasetNotFoundError,
+             [r"Unknown dataset '599'"])
     _refused(sandbox, lambda: M.merge_datasets([501, 501], 600, progress=False), M.MergeError,
              [r"given twice: Dataset501_Liver"])
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from nnunetv2_versemi.benchmark import comparison as B
 from nnunetv2_versemi.benchmark import report, speed
-from nnunetv2_versemi.benchmark import run as B
 from nnunetv2_versemi.data import merge as M
-from nnunetv2_versemi.data import preprocess as P
-from nnunetv2_versemi.data.demo import generate_demo_datasets
+from nnunetv2_versemi.data.demo_data import generate_demo_datasets
+from nnunetv2_versemi.entrypoints.benchmark import benchmark_main, build_benchmark_parser, build_speed_parser
+from nnunetv2_versemi.entrypoints.data import plan_and_preprocess_main
 
 try:
     from tests import _synth as S
@@ -57,12 +58,12 @@ def bench(tmp_path_factory):
     raw = base / "nnUNet_raw"
     generate_demo_datasets(raw, num_labeled=3, num_unlabeled=2, num_test=1, scale=0.5)
     M.merge_datasets([901, 902, 903], UNION, num_processes=1, progress=False)
-    P.main(["-d", str(UNION), "-c", "2d", "-np", "1", "-npfp", "1", "--no_pbar"])
+    plan_and_preprocess_main(["-d", str(UNION), "-c", "2d", "-np", "1", "-npfp", "1", "--no_pbar"])
     # no data-augmentation workers (set after the union's planning: nnU-Net's planner cannot take 0; the
     # benchmark's own planning of the per-task datasets works around that)
     mp.setenv("nnUNet_n_proc_DA", "0")
     out = base / "report"
-    B.main(["-d", str(UNION), "-c", "2d", *TINY, "-o", str(out)])
+    benchmark_main(["-d", str(UNION), "-c", "2d", *TINY, "-o", str(out)])
     yield {"base": base, "out": out, "raw": raw}
     mp.undo()
 
@@ -151,7 +152,7 @@ def test_resume_skips_finished_runs(bench, capsys):
     assert len(watched) == 6 + 4 * 3
     before = {p: p.stat().st_mtime_ns for p in watched}
     capsys.readouterr()
-    B.main(["-d", str(UNION), "-c", "2d", *TINY, "-o", str(out)])
+    benchmark_main(["-d", str(UNION), "-c", "2d", *TINY, "-o", str(out)])
     log = capsys.readouterr().out
     assert log.count("Skipping ") == 6 and "Training " not in log
     assert {p: p.stat().st_mtime_ns for p in watched} == before
@@ -161,15 +162,15 @@ def test_resume_skips_finished_runs(bench, capsys):
 
 def test_bad_input_fails_before_training(bench, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        B.main(["-d", str(UNION), "-c", "2d", *TINY, "--methods", "a", "x", "-o", str(tmp_path / "r")])
+        benchmark_main(["-d", str(UNION), "-c", "2d", *TINY, "--methods", "a", "x", "-o", str(tmp_path / "r")])
     with pytest.raises(SystemExit):
-        B.main(["-d", str(UNION), "-c", "3d_lowres", *TINY, "-o", str(tmp_path / "r")])
+        benchmark_main(["-d", str(UNION), "-c", "3d_lowres", *TINY, "-o", str(tmp_path / "r")])
     assert "error" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 
 def test_budget_per_task_scales_only_the_union_runs(bench):
-    args = B.build_parser().parse_args(["-d", str(UNION), "-c", "2d", *TINY, "--budget-per", "task"])
+    args = build_benchmark_parser().parse_args(["-d", str(UNION), "-c", "2d", *TINY, "--budget-per", "task"])
     ctx = B.prepare(args)
     budget, plans = B.union_budget(ctx)
     assert budget == B.Budget(1, 2 * 3, 1) and ctx.budget == B.Budget(1, 2, 1)
@@ -182,7 +183,7 @@ def test_seeds_remerge_sources_and_aggregate(bench, capsys):
 
     out = bench["base"] / "seeds_report"
     args = ["-d", str(UNION), "-c", "2d", *TINY, "--methods", "a", "c", "--seeds", "2", "-o", str(out)]
-    B.main(args)
+    benchmark_main(args)
     agg = json.loads((out / SD.SEEDS_JSON).read_text())
     assert agg["seeds"] == 2 and agg["unions"][0].startswith(f"Dataset{UNION}_")
     seed1 = agg["unions"][1]
@@ -206,7 +207,7 @@ def test_seeds_remerge_sources_and_aggregate(bench, capsys):
     assert (out / "seed1" / "report.md").is_file()
     # a second invocation reuses the seed unions and every finished run
     capsys.readouterr()
-    B.main(args)
+    benchmark_main(args)
     log = capsys.readouterr().out
     assert "Training " not in log and "merging" not in log and log.count("Skipping ") == 2 * 4
 
@@ -365,7 +366,7 @@ def test_cpu_preset_fits_real_geometry(tmp_path, capsys):
 def test_preset_applies_what_fits_and_names_what_it_skipped(tmp_path, capsys):
     f = tmp_path / "nnUNetPlans.json"
     f.write_text(json.dumps(_real_geometry_plans(with_3d=False)))  # 2d data: no 3d_fullres planned
-    from nnunetv2_versemi.plans_presets import main as presets_main
+    from nnunetv2_versemi.entrypoints.presets import presets_main
 
     presets_main(["--plans-file", str(f), "--preset", "cpu_demo"])
     out = capsys.readouterr().out
@@ -414,7 +415,7 @@ def test_per_prompt_reference_matches_one_pass_network():
 
 
 def test_speed_ratios_are_computed_and_positive():
-    args = speed.build_parser().parse_args(
+    args = build_speed_parser().parse_args(
         [
             "-device",
             "cpu",

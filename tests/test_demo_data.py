@@ -9,8 +9,9 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from nnunetv2_versemi.data import demo
-from nnunetv2_versemi.data.demo import generate_demo_datasets, main
+from nnunetv2_versemi.data import demo_data as demo
+from nnunetv2_versemi.data.demo_data import generate_demo_datasets
+from nnunetv2_versemi.entrypoints.data import demo_data_main as main
 
 DEMO_NAMES = ["Dataset901_DemoCT", "Dataset902_DemoMR", "Dataset903_DemoMC"]
 TINY = {"num_labeled": 1, "num_unlabeled": 0, "num_test": 0}

@@ -57,7 +57,7 @@ def test_ensure_env_keeps_other_folders(monkeypatch, tmp_path):
 
 
 def test_export_command_prints_usable_line():
-    out = subprocess.run([sys.executable, "-c", "from nnunetv2_versemi.cli import ext_trainer_path_entry as e; e([])"],
+    out = subprocess.run([sys.executable, "-c", "from nnunetv2_versemi.entrypoints.training import ext_trainer_path_main as e; e([])"],
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == export_line()
     assert os.path.isfile(os.path.join(out.split("=", 1)[1], "versemi_trainers.py"))

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from nnunetv2_versemi.entrypoints.evaluation import evaluate_main as main
 from nnunetv2_versemi.evaluation.evaluate import (
     CSV_COLUMNS,
     EvaluationError,
     evaluate_folders,
     load_task_table,
-    main,
 )
 from nnunetv2_versemi.evaluation.metrics import aggregate, binary_metrics, compute_case_metrics
 from nnunetv2_versemi.tasktable import Task, TaskLabel, TaskTable, TaskTableError

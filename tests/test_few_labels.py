@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from nnunetv2_versemi.data import merge as M
-from nnunetv2_versemi.data import preprocess as P
-from nnunetv2_versemi.data.demo import generate_demo_datasets
+from nnunetv2_versemi.data.demo_data import generate_demo_datasets
 from nnunetv2_versemi.data.splits import complete_validation, describe_splits, make_stratified_splits
 from nnunetv2_versemi.discovery import ext_trainer_dir
+from nnunetv2_versemi.entrypoints.data import plan_and_preprocess_main
 from nnunetv2_versemi.tasktable import TaskTable
 
 try:
@@ -41,7 +41,7 @@ def unions(tmp_path_factory):
     for k in (1, 2, 3):
         ids[k] = 960 + k
         M.merge_datasets([901, 902, 903], ids[k], f"Few{k}", labeled_cases=k, num_processes=1, progress=False)
-        P.main(["-d", str(ids[k]), "-c", "2d", "-np", "1", "-npfp", "1", "--no_pbar"])
+        plan_and_preprocess_main(["-d", str(ids[k]), "-c", "2d", "-np", "1", "-npfp", "1", "--no_pbar"])
     yield {"base": base, "ids": ids}
     mp.undo()
 
@@ -93,11 +93,11 @@ def test_stock_training_with_one_labeled_case_per_task(unions):
 
 
 def test_benchmark_refuses_folds_plain_nnunet_cannot_train(unions, tmp_path, capsys):
-    from nnunetv2_versemi.benchmark import run as B
+    from nnunetv2_versemi.entrypoints.benchmark import benchmark_main
 
     out = tmp_path / "report"
     with pytest.raises(SystemExit):
-        B.main(["-d", str(unions["ids"][1]), "-c", "2d", "--methods", "b", "--folds", "0", "-device", "cpu",
+        benchmark_main(["-d", str(unions["ids"][1]), "-c", "2d", "--methods", "b", "--folds", "0", "-device", "cpu",
                 "-o", str(out)])
     err = capsys.readouterr().err
     assert "Fold(s) [0]" in err and "Use --folds all" in err

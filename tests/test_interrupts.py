@@ -27,7 +27,8 @@ def slow(job):
     write(job)
     time.sleep(0.3)
 M._write_case = slow
-M.main(sys.argv[1:])
+from nnunetv2_versemi.entrypoints.data import merge_main
+merge_main(sys.argv[1:])
 """
 
 
@@ -98,7 +99,8 @@ def slow(args):
     time.sleep(0.5)
     return out
 P._preprocess_unlabeled_case = slow
-P.main(sys.argv[1:])
+from nnunetv2_versemi.entrypoints.data import plan_and_preprocess_main
+plan_and_preprocess_main(sys.argv[1:])
 """
 
 

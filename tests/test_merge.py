@@ -12,6 +12,8 @@ import SimpleITK as sitk
 
 from nnunetv2_versemi.data import merge as M
 from nnunetv2_versemi.data import normalization as N
+from nnunetv2_versemi.entrypoints.data import merge_main
+from nnunetv2_versemi.nnunet_paths import DatasetNotFoundError
 from nnunetv2_versemi.tasktable import TaskTable
 
 try:
@@ -280,12 +282,12 @@ def test_labeled_fraction_cases_and_test_fraction(raw):
 def test_per_task_labeled_cases(raw, capsys):
     S.make_three(raw, n_train=(10, 5, 3), n_unlabeled=(0, 0, 0), n_test=(0, 0, 0))
     common = ["-np", "1", "--no-pbar"]
-    M.main(["-d", "501", "502", "503", "-o", "604", "--labeled-cases", "Liver=3", "Kidney=2", *common])
+    merge_main(["-d", "501", "502", "503", "-o", "604", "--labeled-cases", "Liver=3", "Kidney=2", *common])
     t = _table(os.path.join(raw, "Dataset604_VerSemiUnion"))
     assert [len(x.labeled) for x in t.tasks] == [3, 5, 2]  # Atrium not named: all its labels
     assert [len(x.unlabeled) for x in t.tasks] == [7, 0, 1]
     # a number for every task, overridden per task; the same draw as a plain number for the others
-    M.main(["-d", "501", "502", "503", "-o", "605", "--labeled-cases", "2", "Atrium=4", *common])
+    merge_main(["-d", "501", "502", "503", "-o", "605", "--labeled-cases", "2", "Atrium=4", *common])
     t2 = _table(os.path.join(raw, "Dataset605_VerSemiUnion"))
     assert [len(x.labeled) for x in t2.tasks] == [2, 4, 2]
     t3 = _table(_merge(raw, out=606, labeled_cases=2))
@@ -293,7 +295,7 @@ def test_per_task_labeled_cases(raw, capsys):
     for bad, message in ((["Spleen=3"], "--labeled-cases names unknown task"), (["Liver=x"], "N or TASK=N"),
                          (["Liver=0"], "at least 1"), (["Liver=1", "Liver=2"], "gives Liver twice")):
         with pytest.raises(SystemExit) as e:
-            M.main(["-d", "501", "502", "503", "-o", "607", "--labeled-cases", *bad, *common])
+            merge_main(["-d", "501", "502", "503", "-o", "607", "--labeled-cases", *bad, *common])
         assert e.value.code == 2 and message in capsys.readouterr().err
     assert not os.path.exists(os.path.join(raw, "Dataset607_VerSemiUnion"))
 
@@ -373,9 +375,9 @@ def test_empty_unlabeled_folder_is_no_error(raw, capsys):
 
 def test_ill_dataset_and_output(raw):
     S.make_three(raw)
-    with pytest.raises(M.MergeError, match="Unknown dataset '999'"):
+    with pytest.raises(DatasetNotFoundError, match="Unknown dataset '999': no dataset of that id or name in nnUNet_raw="):
         _merge(raw, (501, 999))
-    with pytest.raises(M.MergeError, match="Unknown dataset 'Dataset777_Nope'"):
+    with pytest.raises(DatasetNotFoundError, match="Unknown dataset 'Dataset777_Nope'"):
         _merge(raw, (501, "Dataset777_Nope"))
     with pytest.raises(M.MergeError, match="one of the source datasets"):
         _merge(raw, out=501)
@@ -386,7 +388,7 @@ def test_ill_dataset_and_output(raw):
 
 def test_cli(raw, capsys):
     S.make_three(raw, n_train=(2, 2, 2), n_unlabeled=(0, 0, 0), n_test=(0, 0, 0))
-    M.main(
+    merge_main(
         [
             "-d",
             "501",
@@ -410,14 +412,14 @@ def test_cli(raw, capsys):
     t = _table(os.path.join(raw, "Dataset610_Mix"))
     assert t.names == ["A", "B", "C"] and [len(x.labeled) for x in t.tasks] == [1, 1, 1]
     with pytest.raises(SystemExit) as e:
-        M.main(["-d", "501", "-o", "610", "-n", "Mix", "-np", "1", "--no-pbar"])
+        merge_main(["-d", "501", "-o", "610", "-n", "Mix", "-np", "1", "--no-pbar"])
     assert e.value.code == 2 and "already exists" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        M.main(["-d", "501", "-o", "611", "--labeled-fraction", "0.5", "--labeled-cases", "1"])
+        merge_main(["-d", "501", "-o", "611", "--labeled-fraction", "0.5", "--labeled-cases", "1"])
 
 
 def test_merges_the_demo_generator_output(raw):
-    from nnunetv2_versemi.data.demo import generate_demo_datasets
+    from nnunetv2_versemi.data.demo_data import generate_demo_datasets
 
     names = generate_demo_datasets(raw, num_labeled=2, num_unlabeled=1, num_test=1, scale=0.5)
     t = _table(_merge(raw, names, out=620))

@@ -11,6 +11,7 @@ import pytest
 from nnunetv2_versemi.data import merge as M
 from nnunetv2_versemi.data import preprocess as P
 from nnunetv2_versemi.data.splits import make_stratified_splits, splits_match_table
+from nnunetv2_versemi.entrypoints.data import plan_and_preprocess_main
 from nnunetv2_versemi.tasktable import Task, TaskLabel, TaskTable
 
 try:
@@ -72,7 +73,7 @@ def planned(tmp_path_factory):
     raw = str(base / "nnUNet_raw")
     S.make_three(raw)
     M.merge_datasets([501, 502, 503], 600, labeled_fraction=0.5, num_processes=1, progress=False)
-    P.main(["-d", "600", "-c", "2d", "-np", "1", "-npfp", "1", "--no_pbar"])
+    plan_and_preprocess_main(["-d", "600", "-c", "2d", "-np", "1", "-npfp", "1", "--no_pbar"])
     pp = str(base / "nnUNet_preprocessed" / "Dataset600_VerSemiUnion")
     with open(os.path.join(raw, "Dataset600_VerSemiUnion", "dataset.json")) as f:
         table = TaskTable.from_dataset_json(json.load(f))
@@ -144,7 +145,7 @@ def test_attach_only_and_unlabeled_only(planned, capsys):
     del plans["versemi"]
     with open(plans_file, "w") as f:
         json.dump(plans, f)
-    P.main(["-d", "Dataset600_VerSemiUnion", "--only-attach"])
+    plan_and_preprocess_main(["-d", "Dataset600_VerSemiUnion", "--only-attach"])
     assert _load(plans_file)["versemi"] == planned["table"].to_dict()
     assert "kept" in capsys.readouterr().out  # the splits already matched
 
@@ -154,14 +155,14 @@ def test_attach_only_and_unlabeled_only(planned, capsys):
     assert P.missing_unlabeled(pp, "nnUNetPlans_2d", planned["table"]) == [
         planned["table"].tasks[0].unlabeled[0]
     ]
-    P.main(["-d", "600", "-c", "2d", "3d_lowres", "-np", "1", "--only-unlabeled", "--no_pbar"])
+    plan_and_preprocess_main(["-d", "600", "-c", "2d", "3d_lowres", "-np", "1", "--only-unlabeled", "--no_pbar"])
     assert os.path.isfile(victim)
     assert not os.path.isdir(P.unlabeled_folder(pp, "nnUNetPlans_3d_lowres"))  # not planned, skipped
 
 
 def test_ill_not_a_union(planned, capsys):
     with pytest.raises(SystemExit) as e:
-        P.main(["-d", "501", "-c", "2d"])
+        plan_and_preprocess_main(["-d", "501", "-c", "2d"])
     assert e.value.code == 2
     assert "no 'versemi' task table" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(str(planned["base"]), "nnUNet_preprocessed", "Dataset501_Liver"))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from os.path import join
 
@@ -49,7 +48,7 @@ def run_recognition(args: argparse.Namespace) -> dict:
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
     from nnunetv2.paths import nnUNet_raw
 
-    from nnunetv2_versemi.benchmark.run import BenchmarkError, _link_or_copy, _test_cases
+    from nnunetv2_versemi.benchmark.comparison import BenchmarkError, _link_or_copy, _test_cases
     from nnunetv2_versemi.evaluation.evaluate import evaluate_folders
     from nnunetv2_versemi.inference.predict import (
         check_folds,
@@ -145,30 +144,3 @@ def recognition_markdown(result: dict) -> str:
     lines.append(f"Prediction time, recognised / all heads: median {r['median']:.2f} per case, "
                  f"{r['total']:.2f} in total ({result['n_cases']} cases, {result['device']}).")
     return "\n".join(lines) + "\n"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-d", required=True, help="union dataset id or name")
-    p.add_argument("-c", required=True, help="configuration")
-    p.add_argument("-tr", default="VerSemiTrainer", help="trainer class (default VerSemiTrainer)")
-    p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
-    p.add_argument("-f", nargs="+", default=["0"], help="fold (one; default 0)")
-    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name")
-    p.add_argument("-o", required=True, help="output folder")
-    p.add_argument("--disable_tta", action="store_true", help="no mirroring at test time")
-    p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="device")
-    return p
-
-
-def main(argv: list[str] | None = None) -> dict:
-    from nnunetv2_versemi.benchmark.run import BenchmarkError
-    from nnunetv2_versemi.inference.predict import PredictionError
-    from nnunetv2_versemi.tasktable import TaskTableError
-
-    args = build_parser().parse_args(argv)
-    try:
-        return run_recognition(args)
-    except (BenchmarkError, PredictionError, TaskTableError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None

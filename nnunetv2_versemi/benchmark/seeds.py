@@ -27,7 +27,7 @@ from os.path import isfile, join
 import numpy as np
 
 from nnunetv2_versemi.benchmark import report
-from nnunetv2_versemi.benchmark.run import (
+from nnunetv2_versemi.benchmark.comparison import (
     BASELINE,
     BenchmarkError,
     _apply_preset,
@@ -36,6 +36,7 @@ from nnunetv2_versemi.benchmark.run import (
     prepare,
     run_benchmark,
 )
+from nnunetv2_versemi.nnunet_paths import dataset_id
 from nnunetv2_versemi.tasktable import TABLE_KEY, TaskTable
 
 SEED_MARK = "versemi_benchmark_seed"
@@ -58,7 +59,7 @@ def seed_union(union: str, seed_index: int, configuration: str, plans_preset: st
         raise BenchmarkError(f"{union}/dataset.json records no merge arguments ('versemi_merge'): --seeds needs a "
                              "union written by nnUNetv2_versemi_merge")
     table = TaskTable.from_dataset_json(dj)
-    union_id = int(union[len("Dataset"):].split("_", 1)[0])
+    union_id = dataset_id(union)
     suffix = f"{union.split('_', 1)[1]}S{seed_index}"
     mark = {"union": union, "merge_seed": int(prov["seed"]) + seed_index}
     name = next((d for d in sorted(os.listdir(raw_root)) if re.fullmatch(r"Dataset\d{3}_" + re.escape(suffix), d)),
@@ -76,7 +77,7 @@ def seed_union(union: str, seed_index: int, configuration: str, plans_preset: st
             f"into {name}")
         try:
             folder = merge_datasets(
-                prov["sources"], int(name[len("Dataset"):].split("_")[0]), suffix,
+                prov["sources"], dataset_id(name), suffix,
                 task_names=[t.name for t in table.tasks], labeled_fraction=prov.get("labeled_fraction"),
                 labeled_cases=prov.get("labeled_cases"), seed=mark["merge_seed"],
                 test_fraction=prov.get("test_fraction"),

@@ -36,21 +36,26 @@ import argparse
 import contextlib
 import copy
 import itertools
-import json
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from os.path import join
 
-import numpy as np
 import torch
 from torch import nn
 
+from nnunetv2_versemi.errors import VerSemiInputError
+from nnunetv2_versemi.nnunet_paths import dataset_name
+
 PROG = "nnUNetv2_versemi_benchmark speed"
+
+
+class SpeedError(VerSemiInputError):
+    """Bad input to the speed measurement (dataset, configuration, device, synthetic plans)."""
+
 SYNTH_DATASET = "Dataset999_VerSemiSpeed"
 
 
@@ -66,12 +71,12 @@ def synthetic_plans(
     512 (2d) / 320 (3d). Returns (plans, configuration name)."""
     dim = len(patch_size)
     if dim not in (2, 3):
-        raise ValueError(f"patch_size must have 2 or 3 entries, got {patch_size}")
+        raise SpeedError(f"patch_size must have 2 or 3 entries, got {patch_size}")
     n_stages = 1
     while min(patch_size) / 2**n_stages >= 4 and n_stages < 7:
         n_stages += 1
     if any(p % 2 ** (n_stages - 1) for p in patch_size):
-        raise ValueError(f"patch_size {patch_size} must be divisible by {2 ** (n_stages - 1)}")
+        raise SpeedError(f"patch_size {patch_size} must be divisible by {2 ** (n_stages - 1)}")
     conv = "torch.nn.modules.conv.Conv2d" if dim == 2 else "torch.nn.modules.conv.Conv3d"
     norm = f"torch.nn.modules.instancenorm.InstanceNorm{dim}d"
     cap = 512 if dim == 2 else 320
@@ -150,7 +155,7 @@ def fake_table(num_tasks: int):
     from nnunetv2_versemi.tasktable import Task, TaskLabel, TaskTable
 
     if num_tasks < 1:
-        raise ValueError(f"need at least one task, got {num_tasks}")
+        raise SpeedError(f"need at least one task, got {num_tasks}")
     return TaskTable(
         [
             Task(f"Task{i}", f"Dataset{i:03d}_Task{i}", {"0": "noNorm"}, [TaskLabel("fg", 1, i + 1)])
@@ -577,15 +582,14 @@ def run_speed(args: argparse.Namespace, log=print) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("-device cuda: no CUDA device (use -device cpu)")
+        raise SpeedError("-device cuda: no CUDA device (use -device cpu)")
     if args.d is not None:
         from batchgenerators.utilities.file_and_folder_operations import load_json
         from nnunetv2.paths import nnUNet_preprocessed
-        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
         from nnunetv2_versemi.tasktable import TaskTable
 
-        name = maybe_convert_to_dataset_name(str(args.d))
+        name = dataset_name(args.d)
         pp = join(str(nnUNet_preprocessed), name)
         plans = load_json(join(pp, args.p + ".json"))
         if args.plans_preset:
@@ -594,7 +598,7 @@ def run_speed(args: argparse.Namespace, log=print) -> dict:
             plans = apply_overlay(plans, load_overlay(args.plans_preset))
         configuration = args.c
         if configuration not in plans["configurations"]:
-            raise ValueError(f"Configuration {configuration} not in {args.p}.json of {name}")
+            raise SpeedError(f"Configuration {configuration} not in {args.p}.json of {name}")
         table = TaskTable.from_plans(plans)
         table_spec = table.to_dict()
         main_tasks = table.num_tasks
@@ -708,72 +712,3 @@ def markdown(result: dict) -> str:
     for k, v in result["ratios"].items():
         lines.append(f"| {k} | {'n/a' if v is None else f'{v:.2f}'} |")
     return "\n".join(lines) + "\n"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "-d", default=None, help="union dataset (its plans and task table); default: synthetic plans"
-    )
-    p.add_argument("-c", default="2d", help="configuration with -d (default: 2d)")
-    p.add_argument("-p", default="nnUNetPlans", help="plans identifier with -d")
-    p.add_argument("--plans-preset", default=None, help="apply a plans preset to the plans of -d first")
-    p.add_argument(
-        "--patch", type=int, nargs="+", default=[64, 64], help="synthetic plans: patch (default 64 64)"
-    )
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="batch size (synthetic default 4; with -d overrides the plans' batch size)",
-    )
-    p.add_argument("--features", type=int, default=32, help="synthetic plans: features of the first stage")
-    p.add_argument("--main-tasks", type=int, default=4, help="synthetic plans: tasks of the main comparison")
-    p.add_argument(
-        "--scale-tasks", type=int, nargs="+", default=[2, 8], help="task counts for the scaling test"
-    )
-    p.add_argument(
-        "--ref-tasks", type=int, default=4, help="task count of the per-prompt reference (default 4)"
-    )
-    p.add_argument("--warmup", type=int, default=2, help="warm-up steps per contender (default 2)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per contender, interleaved (default 5)")
-    p.add_argument(
-        "--slices", type=int, default=8, help="2d: slices of the prediction test image (default 8)"
-    )
-    p.add_argument("--pred-repeats", type=int, default=3, help="timed sliding-window repeats (default 3)")
-    p.add_argument("--tta", action="store_true", help="mirroring in the prediction timing")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
-    p.add_argument("--no-prediction", action="store_true", help="skip the prediction timing")
-    p.add_argument("--no-reference", action="store_true", help="skip the per-prompt reference")
-    p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="device (default: cuda)")
-    p.add_argument("-o", default=None, help="folder for speed.json and speed.md (default: print only)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    if args.d is None and args.batch_size is None:
-        args.batch_size = 4
-    try:
-        result = run_speed(args, log=lambda m: print(f"[speed] {m}", flush=True))
-    except ValueError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    text = markdown(result)
-    print(text)
-    if args.o:
-        os.makedirs(args.o, exist_ok=True)
-        with open(join(args.o, "speed.json"), "w") as f:
-            json.dump(
-                result, f, indent=2, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o)
-            )
-        with open(join(args.o, "speed.md"), "w") as f:
-            f.write(text)
-    return result
-
-
-if __name__ == "__main__":
-    main()

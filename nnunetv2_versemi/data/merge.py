@@ -17,7 +17,6 @@ Sources are only read.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gzip
 import json
@@ -26,7 +25,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import sys
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -34,7 +32,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nnunetv2_versemi.data import normalization as norm
+from nnunetv2_versemi.errors import VerSemiInputError
 from nnunetv2_versemi.imageio import foreign_image_files
+from nnunetv2_versemi.nnunet_paths import raw_folder
 from nnunetv2_versemi.tasktable import TABLE_KEY, Task, TaskLabel, TaskTable
 
 DEFAULT_NAME = "VerSemiUnion"
@@ -45,7 +45,7 @@ MAX_LISTED_PROBLEMS = 20
 GEOMETRY_ATOL = 1e-3
 
 
-class MergeError(ValueError):
+class MergeError(VerSemiInputError):
     """Bad input to the merge. Raised before anything is written."""
 
     def __init__(self, problems: str | list[str]):
@@ -89,18 +89,8 @@ class _Source:
 
 
 def _resolve_dataset(d: str | int, raw: str) -> tuple[str, str]:
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    try:
-        name = maybe_convert_to_dataset_name(str(d))
-    except (RuntimeError, ValueError) as e:
-        raise MergeError(
-            f"Unknown dataset '{d}': not found in nnUNet_raw={raw} ({str(e).splitlines()[0]})"
-        ) from e
-    folder = os.path.join(raw, name)
-    if not os.path.isdir(folder):
-        raise MergeError(f"Unknown dataset '{d}': folder {folder} does not exist")
-    return name, folder
+    folder = raw_folder(d)
+    return os.path.basename(folder), folder
 
 
 def _read_dataset_json(name: str, folder: str) -> dict:
@@ -495,7 +485,7 @@ def _run_jobs(fn, jobs: list, pool, desc: str, progress: bool) -> list:
 # ---- merge -------------------------------------------------------------------------------------------
 
 
-def _parse_assignments(items: list[str] | None, what: str) -> dict[str, str]:
+def parse_assignments(items: list[str] | None, what: str) -> dict[str, str]:
     out = {}
     for it in items or []:
         if "=" not in it:
@@ -903,105 +893,3 @@ def merge_datasets(
             f"{n['test']} test cases, {table.num_merged_labels - 1} foreground labels ({time.time() - t0:.1f} s)"
         )
     return final
-
-
-def main(argv: list[str] | None = None) -> None:
-    from nnunetv2.configuration import default_num_processes
-
-    p = argparse.ArgumentParser(
-        prog="nnUNetv2_versemi_merge",
-        description="Merge nnU-Net raw datasets (one task each) into one VerSemi union dataset in $nnUNet_raw.",
-    )
-    p.add_argument("-d", nargs="+", required=True, help="source dataset ids or full names (DatasetXXX_Name)")
-    p.add_argument("-o", type=int, required=True, help="id of the union dataset to create")
-    p.add_argument("-n", default=DEFAULT_NAME, help=f"name of the union dataset (default: {DEFAULT_NAME})")
-    p.add_argument(
-        "--task-names",
-        nargs="+",
-        default=None,
-        help="one task name per source, in -d order (default: dataset name without DatasetXXX_; "
-        "letters, digits, '-')",
-    )
-    g = p.add_mutually_exclusive_group()
-    g.add_argument(
-        "--labeled-fraction",
-        type=float,
-        default=None,
-        help="keep labels for this fraction of each task's training cases (at least one); "
-        "the rest become unlabeled images",
-    )
-    g.add_argument(
-        "--labeled-cases",
-        nargs="+",
-        default=None,
-        metavar="N|TASK=N",
-        help="keep labels for this many training cases per task (N: every task; TASK=N: that task, e.g. "
-        "Spleen=3 LA=8; with only TASK=N entries, tasks not named keep all their labels); the rest become "
-        "unlabeled",
-    )
-    p.add_argument(
-        "--seed", type=int, default=12345, help="seed of the labeled/test selection (default: 12345)"
-    )
-    p.add_argument(
-        "--test-fraction",
-        type=float,
-        default=None,
-        help="hold out this fraction of each task's training cases as test cases (in addition to "
-        "the source's imagesTs)",
-    )
-    p.add_argument(
-        "--unlabeled-dir",
-        nargs="+",
-        default=None,
-        metavar="TASK=DIR",
-        help="folder of unlabeled images (CASE_0000<ending>) of a task; default: the source's "
-        f"{UNLABELED_DIR}/ if present",
-    )
-    p.add_argument(
-        "--channel",
-        nargs="+",
-        default=None,
-        metavar="TASK=IDX",
-        help="use only this channel of a multi-channel task (when tasks differ in channel count)",
-    )
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace an existing union dataset of the same name"
-    )
-    p.add_argument(
-        "-np",
-        type=int,
-        default=min(default_num_processes, os.cpu_count() or 1),
-        help="worker processes for reading/writing (default: nnU-Net's default, at most the CPU count; "
-        "1 = no workers)",
-    )
-    p.add_argument("--no-pbar", action="store_true", help="no progress bars")
-    a = p.parse_args(argv)
-    try:
-        labeled_cases = parse_labeled_cases(a.labeled_cases)
-        chans = _parse_assignments(a.channel, "--channel")
-        try:
-            chans_int = {k: int(v) for k, v in chans.items()}
-        except ValueError as e:
-            raise MergeError(f"--channel expects TASK=INTEGER, got {a.channel}") from e
-        merge_datasets(
-            a.d,
-            a.o,
-            a.n,
-            task_names=a.task_names,
-            labeled_fraction=a.labeled_fraction,
-            labeled_cases=labeled_cases,
-            seed=a.seed,
-            test_fraction=a.test_fraction,
-            unlabeled_dirs=_parse_assignments(a.unlabeled_dir, "--unlabeled-dir"),
-            channels=chans_int,
-            overwrite=a.overwrite,
-            num_processes=a.np,
-            progress=not a.no_pbar,
-        )
-    except MergeError as e:
-        print(f"nnUNetv2_versemi_merge: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()

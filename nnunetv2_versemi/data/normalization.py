@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from nnunetv2_versemi.errors import VerSemiInputError
+
 if TYPE_CHECKING:
     from nnunetv2_versemi.tasktable import Task
 
@@ -50,7 +52,7 @@ _SCHEME_BY_CLASS = {
 }
 
 
-class NormalizationError(ValueError):
+class NormalizationError(VerSemiInputError):
     """A normalization dict is malformed or does not fit the image."""
 
 

@@ -16,17 +16,17 @@ If you ran ``nnUNetv2_plan_and_preprocess`` yourself, ``--only-attach`` adds the
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import multiprocessing
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
 
 from nnunetv2_versemi.data.splits import SPLITS_FILE, describe_splits, splits_match_table, write_splits
+from nnunetv2_versemi.errors import VerSemiInputError
+from nnunetv2_versemi.nnunet_paths import dataset_name
 from nnunetv2_versemi.tasktable import TABLE_KEY, TaskTable, TaskTableError
 
 UNLABELED_SUFFIX = "_unlabeled"
@@ -34,7 +34,7 @@ DEFAULT_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
 DEFAULT_NP = {"2d": 8, "3d_fullres": 4, "3d_lowres": 8}  # nnU-Net's defaults per configuration
 
 
-class PreprocessError(ValueError):
+class PreprocessError(VerSemiInputError):
     """The dataset or plans are not what VerSemi preprocessing needs."""
 
 
@@ -45,12 +45,7 @@ def unlabeled_folder(preprocessed_dataset_folder_base: str, data_identifier: str
 
 def _names(dataset_name_or_id: str | int) -> tuple[str, str, str]:
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    try:
-        name = maybe_convert_to_dataset_name(str(dataset_name_or_id))
-    except (RuntimeError, ValueError) as e:
-        raise PreprocessError(f"Unknown dataset '{dataset_name_or_id}': {str(e).splitlines()[0]}") from e
+    name = dataset_name(dataset_name_or_id)
     raw = os.path.join(str(nnUNet_raw), name) if nnUNet_raw.is_set() else ""
     return name, raw, os.path.join(str(nnUNet_preprocessed), name)
 
@@ -316,88 +311,3 @@ def plan_and_preprocess(
     timings["unlabeled"] = time.time() - t
     print("Done: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     return plans_identifier
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="nnUNetv2_versemi_plan_and_preprocess",
-        description="nnU-Net fingerprint, planning and preprocessing of a VerSemi union dataset, plus task table "
-        "in the plans, task-stratified splits and preprocessed unlabeled images.",
-    )
-    p.add_argument("-d", nargs="+", required=True, help="union dataset id(s) or name(s)")
-    p.add_argument(
-        "-c",
-        nargs="+",
-        default=list(DEFAULT_CONFIGURATIONS),
-        help="configurations to preprocess (default: 2d 3d_fullres 3d_lowres; missing ones are skipped)",
-    )
-    p.add_argument(
-        "-np",
-        type=int,
-        nargs="+",
-        default=None,
-        help="processes per configuration (one number for all, or one per -c; default 8/4/8 as nnU-Net)",
-    )
-    p.add_argument("-npfp", type=int, default=8, help="processes for fingerprint extraction (default: 8)")
-    p.add_argument(
-        "-pl",
-        default="ExperimentPlanner",
-        help="experiment planner class, e.g. nnUNetPlannerResEncM (default: ExperimentPlanner)",
-    )
-    p.add_argument("-gpu_memory_target", type=float, default=None, help="passed to the nnU-Net planner")
-    p.add_argument("-overwrite_plans_name", default=None, help="passed to the nnU-Net planner")
-    p.add_argument(
-        "-p",
-        default="nnUNetPlans",
-        help="plans identifier for --only-attach/--only-unlabeled (default: nnUNetPlans)",
-    )
-    p.add_argument(
-        "--verify_dataset_integrity", action="store_true", help="run nnU-Net's integrity check first"
-    )
-    g = p.add_mutually_exclusive_group()
-    g.add_argument(
-        "--only-unlabeled",
-        action="store_true",
-        help="only preprocess the unlabeled images (plans from -p must exist); also attaches the table",
-    )
-    g.add_argument(
-        "--only-attach",
-        action="store_true",
-        help="only store the task table in existing plans (-p) and write the splits",
-    )
-    p.add_argument("--no_pbar", action="store_true", help="no progress bars")
-    p.add_argument("--verbose", action="store_true")
-    a = p.parse_args(argv)
-    if a.np is not None and len(a.np) not in (1, len(a.c)):
-        p.error(f"-np takes one number or one per configuration ({len(a.c)})")
-    try:
-        for d in a.d:
-            if a.only_attach or a.only_unlabeled:
-                table = attach_task_table(d, a.p)
-                name, _, pp = _names(d)
-                path, written = write_splits(pp, table)
-                print(f"Task table stored in {a.p}.json; {'wrote' if written else 'kept'} {path}")
-                if a.only_unlabeled:
-                    preprocess_unlabeled(
-                        d, a.p, a.c, a.np or [DEFAULT_NP.get(c, 4) for c in a.c], not a.no_pbar
-                    )
-            else:
-                plan_and_preprocess(
-                    d,
-                    a.c,
-                    a.np,
-                    a.npfp,
-                    a.pl,
-                    a.gpu_memory_target,
-                    a.overwrite_plans_name,
-                    a.verify_dataset_integrity,
-                    not a.no_pbar,
-                    a.verbose,
-                )
-    except PreprocessError as e:
-        print(f"nnUNetv2_versemi_plan_and_preprocess: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()

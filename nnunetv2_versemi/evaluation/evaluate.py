@@ -13,13 +13,11 @@ shape/spacing mismatch) runs before anything is written.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 import multiprocessing
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,7 @@ from nnunetv2_versemi.evaluation.labelio import (
     reader_for,
 )
 from nnunetv2_versemi.evaluation.metrics import METRICS, aggregate, compute_case_metrics
+from nnunetv2_versemi.nnunet_paths import dataset_name
 from nnunetv2_versemi.tasktable import TABLE_KEY, TaskTable, TaskTableError
 
 PROG = "nnUNetv2_versemi_evaluate"
@@ -76,12 +75,7 @@ def load_task_table(dataset: str | None = None, dataset_json: str | os.PathLike 
     if Path(dataset).exists():
         return load_task_table(dataset_json=dataset)
 
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    try:
-        name = maybe_convert_to_dataset_name(dataset)
-    except (RuntimeError, ValueError) as e:
-        raise EvaluationError(f"Cannot find dataset '{dataset}': {e}") from e
+    name = dataset_name(dataset)
     folders = []
     for var in ("nnUNet_raw", "nnUNet_preprocessed"):
         if os.environ.get(var):
@@ -395,73 +389,3 @@ def write_outputs(
 
 
 # ---- CLI --------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    from nnunetv2.configuration import default_num_processes
-
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Per-task Dice, IoU, HD95 and ASD of VerSemi predictions. Without --task the files are "
-        "union-format (merged labels) and each case is scored on its own task's classes; with --task NAME "
-        "they hold that task's source labels.",
-    )
-    p.add_argument("-ref", required=True, help="folder of reference label files")
-    p.add_argument("-pred", required=True, help="folder of predicted label files (same case names)")
-    p.add_argument(
-        "-d", dest="dataset", help="union dataset id or name (or a folder holding its dataset.json)"
-    )
-    p.add_argument(
-        "--dataset-json", help="dataset.json (or plans.json / model folder) holding the task table"
-    )
-    p.add_argument("--task", help="evaluate files in this task's source label values")
-    p.add_argument("-o", dest="output_dir", help="output folder (default: PRED/evaluation)")
-    p.add_argument(
-        "--png",
-        nargs="?",
-        type=int,
-        const=3,
-        default=None,
-        metavar="N",
-        help="render overlays of the first N cases per task (default N: 3)",
-    )
-    p.add_argument("--images", help="images folder (CASE_0000.<ending>) for the overlays; implies --png")
-    p.add_argument("--file-ending", help="label file ending when a folder mixes formats (e.g. .nii.gz)")
-    p.add_argument(
-        "-np", dest="num_processes", type=int, default=default_num_processes, help="worker processes"
-    )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
-    return p
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    if args.dataset is None and args.dataset_json is None:
-        build_parser().error("give the union dataset with -d ID/NAME or --dataset-json PATH")
-    png = args.png if args.png is not None else (3 if args.images else 0)
-    if png < 0:
-        build_parser().error("--png N must be >= 0")
-    out = args.output_dir or os.path.join(args.pred, "evaluation")
-    try:
-        table = load_task_table(args.dataset, args.dataset_json)
-        results = evaluate_folders(
-            args.ref,
-            args.pred,
-            table,
-            task=args.task,
-            num_processes=max(1, args.num_processes),
-            file_ending=args.file_ending,
-            output_dir=out,
-            png=png,
-            images_dir=args.images,
-            verbose=not args.quiet,
-        )
-    except (EvaluationError, TaskTableError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from e
-    if not args.quiet:
-        print(summary_markdown(results))
-        print(f"Wrote {out}")
-    return results
-
-
-if __name__ == "__main__":
-    main()

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunetv2_versemi.errors import VerSemiInputError
 from nnunetv2_versemi.imageio import supported_endings
 
 _NOT_LABEL_FILES = {"dataset.json", "plans.json", "predict_from_raw_data_args.json"}
 
 
-class EvaluationError(ValueError):
+class EvaluationError(VerSemiInputError):
     """Bad input to the evaluation: missing or mismatched files, unknown task or case."""
 
 

@@ -13,7 +13,6 @@ per case goes to ``recognised_tasks.json`` in the output folder.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
@@ -25,6 +24,9 @@ from batchgenerators.utilities.file_and_folder_operations import load_json, save
 from tqdm import tqdm
 
 from nnunetv2_versemi.discovery import ensure_ext_trainer_env
+from nnunetv2_versemi.errors import VerSemiInputError
+from nnunetv2_versemi.inference.prompted import plain_network, prompted
+from nnunetv2_versemi.nnunet_paths import dataset_name
 from nnunetv2_versemi.tasktable import Task, TaskTable, TaskTableError
 
 ALL = "all"
@@ -32,19 +34,14 @@ AUTO = "auto"
 RECOGNISED_JSON = "recognised_tasks.json"
 
 
-class PredictionError(ValueError):
+class PredictionError(VerSemiInputError):
     """Bad input to the predictor (unknown task, wrong channels, unusable model folder)."""
 
 
 def resolve_model_folder(dataset: str, configuration: str, trainer: str, plans: str) -> str:
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
-    try:
-        name = maybe_convert_to_dataset_name(dataset)
-    except RuntimeError as e:
-        raise PredictionError(str(e)) from e
-    return get_output_folder(name, trainer, plans, configuration)
+    return get_output_folder(dataset_name(dataset), trainer, plans, configuration)
 
 
 def load_model_table(model_folder: str) -> TaskTable:
@@ -127,7 +124,7 @@ def make_predictor(model_folder: str, folds: list[str], checkpoint: str, step_si
         model_folder, [f if f == "all" else int(f) for f in folds], checkpoint)
     from nnunetv2_versemi.network.head import VerSemiNetwork
 
-    net = getattr(predictor.network, "_orig_mod", predictor.network)
+    net = plain_network(predictor)
     if not isinstance(net, VerSemiNetwork):
         raise PredictionError(f"The model in {model_folder} was not trained with a VerSemi trainer")
     return predictor, net
@@ -147,10 +144,9 @@ def predict_task(predictor, net, task_index: int, task: Task, cases: dict[str, l
     for lab in task.labels:
         lut[lab.merged] = lab.source
     out_dtype = np.uint8 if max(task.source_values) < 256 else np.uint16
-    net.prompt = task_index
     written = []
     names = sorted(cases)
-    try:
+    with prompted(net, task_index):
         with tqdm(total=len(names), desc=f"Predicting task {task.name}") as bar:
             for start in range(0, len(names), chunk):
                 batch = names[start:start + chunk]
@@ -170,8 +166,6 @@ def predict_task(predictor, net, task_index: int, task: Task, cases: dict[str, l
                     rw.write_seg(lut[np.asarray(seg)].astype(out_dtype), out_file, p)
                     written.append(out_file)
                     bar.update()
-    finally:
-        net.prompt = None
     return written
 
 
@@ -305,7 +299,6 @@ def run(input_folder: str, output_folder: str, dataset: str, configuration: str,
     tmp = tempfile.mkdtemp(prefix=".versemi_predict_", dir=parent)
     try:
         if task == ALL:
-            net.prompt = None
             predictor.predict_from_files([cases[c] for c in sorted(cases)], tmp, save_probabilities=False,
                                          overwrite=True, num_processes_preprocessing=npp,
                                          num_processes_segmentation_export=nps)
@@ -322,31 +315,3 @@ def run(input_folder: str, output_folder: str, dataset: str, configuration: str,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return written
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-i", required=True, help="input folder (CASE_0000.ext files)")
-    parser.add_argument("-o", required=True, help="output folder")
-    parser.add_argument("-d", required=True, help="union dataset id or name")
-    parser.add_argument("-c", required=True, help="configuration, e.g. 2d or 3d_fullres")
-    parser.add_argument("-f", nargs="+", default=["0"], help="folds to ensemble (default 0)")
-    parser.add_argument("--task", default=AUTO,
-                        help="task name (its source-format images), 'auto' (default: source-format images of any "
-                             "task, each case's task recognised, written to recognised_tasks.json) or 'all' "
-                             "(union-format images, merged labels)")
-    parser.add_argument("-tr", default="VerSemiTrainer", help="trainer class (default VerSemiTrainer)")
-    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier")
-    parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name")
-    parser.add_argument("-step_size", type=float, default=0.5, help="sliding window step size (default 0.5)")
-    parser.add_argument("--disable_tta", action="store_true", help="no mirroring at test time")
-    parser.add_argument("-npp", type=int, default=3, help="preprocessing processes")
-    parser.add_argument("-nps", type=int, default=3, help="segmentation export processes")
-    parser.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="device")
-    args = parser.parse_args(argv)
-    try:
-        written = run(args.i, args.o, args.d, args.c, args.f, args.task, args.tr, args.p, args.chk,
-                      args.step_size, not args.disable_tta, args.npp, args.nps, args.device)
-    except (PredictionError, TaskTableError) as e:
-        parser.exit(2, f"nnUNetv2_versemi_predict: error: {e}\n")
-    print(f"Wrote {len(written)} prediction(s) to {args.o}")

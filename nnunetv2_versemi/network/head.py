@@ -8,7 +8,8 @@ whole network once per prompt.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -262,6 +263,17 @@ class VerSemiNetwork(nn.Module):
             self.routing = "all_heads"
             return result
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @contextlib.contextmanager
+    def prompted(self, prompt: int | None) -> Iterator[None]:
+        """Within the block the prompt-free forward (what nnU-Net's predictors call) answers for task
+        ``prompt`` only (None: every task, routed by recognition); the prompt is cleared afterwards, also on
+        error. The one way callers predict "each case under its own prompt"."""
+        self.prompt = prompt
+        try:
+            yield
+        finally:
+            self.prompt = None
 
     def task_prompts(self, batch_size: int, device: torch.device) -> torch.Tensor:
         return torch.arange(self.num_tasks, device=device)[None].expand(batch_size, -1)

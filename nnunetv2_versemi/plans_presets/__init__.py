@@ -12,7 +12,7 @@ Presets shipped with the package (``nnunetv2_versemi/plans_presets/*.json``, sam
 ``plans/``): ``paper_96`` (the VerSemi paper's 96^3 patch, batch 2) and ``cpu_demo`` (small CPU setting for
 the demo data). Apply one to a plans file::
 
-    python -m nnunetv2_versemi.plans_presets -d 950 --preset paper_96        # adds 3d_fullres_paper96
+    nnUNetv2_versemi_plans_preset -d 950 --preset paper_96        # adds 3d_fullres_paper96
     nnUNetv2_versemi_benchmark plans -d 950 --preset cpu_demo               # same, via the benchmark CLI
 
 Every resulting configuration is checked (patch divisible by the network's total stride per axis, one
@@ -25,18 +25,19 @@ data) or that fails the checks is skipped and named; only a preset of which noth
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
-import sys
 from pathlib import Path
+
+from nnunetv2_versemi.errors import VerSemiInputError
+from nnunetv2_versemi.nnunet_paths import preprocessed_folder
 
 PRESET_DIR = Path(__file__).resolve().parent
 _ALLOWED_TOP = {"description", "configurations"}
 
 
-class PlansPresetError(ValueError):
+class PlansPresetError(VerSemiInputError):
     """The overlay is malformed or produces an unusable configuration."""
 
 
@@ -203,11 +204,7 @@ def _apply_entry(configs: dict, name: str, entry: dict) -> None:
 
 def plans_file(dataset: str | int, plans_identifier: str = "nnUNetPlans") -> str:
     """``$nnUNet_preprocessed/<dataset>/<plans_identifier>.json``."""
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    name = maybe_convert_to_dataset_name(str(dataset))
-    return os.path.join(str(nnUNet_preprocessed), name, plans_identifier + ".json")
+    return os.path.join(preprocessed_folder(dataset), plans_identifier + ".json")
 
 
 def apply_to_plans_file(
@@ -242,51 +239,3 @@ def apply_to_plans_file(
     os.replace(tmp, target)
     applied = [n for n in overlay["configurations"] if not any(r.startswith(f"{n}: ") for r in reasons)]
     return str(target), applied
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-d", help="dataset id or name (its plans file in $nnUNet_preprocessed)")
-    p.add_argument("-p", default="nnUNetPlans", help="plans identifier to read (default: nnUNetPlans)")
-    p.add_argument("--plans-file", help="a plans JSON file instead of -d/-p")
-    p.add_argument("--preset", help=f"preset name ({', '.join(list_presets())}) or overlay JSON path")
-    p.add_argument(
-        "-o",
-        dest="output_identifier",
-        default=None,
-        help="write a copy under this plans identifier instead of updating the file in place",
-    )
-    p.add_argument("--list", action="store_true", help="list the shipped presets and exit")
-
-
-def run_cli(a: argparse.Namespace, prog: str) -> None:
-    if a.list:
-        for name in list_presets():
-            print(f"{name}: {load_overlay(name).get('description', '')}")
-        return
-    try:
-        if a.preset is None:
-            raise PlansPresetError("give --preset NAME_OR_FILE (see --list)")
-        if a.plans_file is None and a.d is None:
-            raise PlansPresetError("give the dataset (-d) or --plans-file")
-        path = a.plans_file or plans_file(a.d, a.p)
-        skipped: list[str] = []
-        written, names = apply_to_plans_file(path, a.preset, a.output_identifier, skipped)
-    except (PlansPresetError, RuntimeError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"Wrote {written}: configuration(s) {', '.join(names)}")
-    for reason in skipped:
-        print(f"Skipped {reason}")
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="python -m nnunetv2_versemi.plans_presets",
-        description="Apply a plans preset (JSON overlay) to an nnU-Net plans file.",
-    )
-    add_arguments(p)
-    run_cli(p.parse_args(argv), p.prog)
-
-
-if __name__ == "__main__":
-    main()

@@ -7,6 +7,7 @@ import copy
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from os.path import isdir, isfile, join
 
 import numpy as np
@@ -54,6 +55,41 @@ def sigmoid_rampup(progress: float) -> float:
     return float(np.exp(-5.0 * (1.0 - t) ** 2))
 
 
+@dataclass
+class _LabeledMix:
+    """Targets of the labeled CutMix, per deep-supervision scale: L_syn's and L_spec's (a side, b side)."""
+    half: int
+    syn: list[torch.Tensor]
+    spec_a: list[torch.Tensor]
+    spec_b: list[torch.Tensor]
+
+
+@dataclass
+class _UnlabeledMix:
+    """The unlabeled CutMix: input, box mask, tasks outside / inside the box, labeled partners (official
+    mixing) and the pseudo labels of L_pseudo."""
+    x: torch.Tensor
+    mask: torch.Tensor
+    tasks: torch.Tensor
+    partner_tasks: torch.Tensor
+    partner_idx: torch.Tensor | None
+    pseudo: tuple[list[torch.Tensor], list[torch.Tensor]] | None
+
+
+@dataclass
+class _StepInputs:
+    """The input groups of one backbone pass (labeled batch, labeled mix, unlabeled mix), their prompts and
+    task-recognition targets, and the labeled batch's targets per scale (local classes, any foreground)."""
+    inputs: list[torch.Tensor]
+    prompts: list[torch.Tensor]
+    rec_targets: list[torch.Tensor]
+    tasks: torch.Tensor
+    local: list[torch.Tensor]
+    fg: list[torch.Tensor]
+    mix: _LabeledMix | None = None
+    unlabeled: _UnlabeledMix | None = None
+
+
 class VerSemiTrainer(nnUNetTrainer):
     """VerSemi (Lu et al., "Segment Together", IEEE TMI 2025) on nnU-Net's planned U-Net.
 
@@ -62,14 +98,19 @@ class VerSemiTrainer(nnUNetTrainer):
       L_sup   Dice+CE of each labeled case under its own task prompt (nnU-Net's loss, deep supervision)
       L_syn   Dice+CE of the synthetic prompt on the labeled mix vs the union foreground of both parts
       L_spec  Dice+CE of a's / b's prompt on the labeled mix vs a's foreground outside / b's inside the box
-      L_unsup squared soft Dice of the synthetic prompt on the unlabeled mix vs P_agg = max over task
-              prompts of the task foreground probability, on the samples whose P_agg holds foreground
+      L_unsup squared soft Dice of the synthetic prompt on the unlabeled mix vs P_agg, the task heads'
+              foreground probability (each region of the mix from its own source task's head; the paper's
+              max over every task head with ``unsup_aggregate = "all"``), on the samples whose P_agg holds
+              foreground
+      L_pseudo (off by default, ``pseudo_weight``) Dice+CE of each region's own task head on the unlabeled
+              mix vs that head's hard pseudo labels on the unmixed images
       L_cons  soft Dice of the synthetic prompt vs the known foreground on the labeled part of an
               unlabeled+labeled mix (only with ``unlabeled_mix = "labeled"``)
       L_rec   cross-entropy of the task classifier (which task an image comes from) on every image of the
               pass; a CutMix composite's target shares its tasks by area. Not part of the paper: it lets the
               prompt-free forward (stock nnUNetv2_predict) route each patch to its own task's head
-    loss = w_sup L_sup + w_syn L_syn + w_spec L_spec + lambda(epoch) (w_unsup L_unsup + w_cons L_cons)
+    loss = w_sup L_sup + w_syn L_syn + w_spec L_spec + lambda(epoch) (w_unsup L_unsup + w_pseudo L_pseudo
+           + w_cons L_cons)
            + w_rec L_rec.
 
     Paper/official code: Adam 1e-3, batch 8+8, 96^3, no augmentation, stage 1 (labeled only, r = 2/3)
@@ -85,6 +126,9 @@ class VerSemiTrainer(nnUNetTrainer):
         ``stage1_min_fraction`` of the epochs), at the latest after ``stage1_fraction`` of them
         ("ramp": sigmoid ramp-up of lambda over ``rampup_fraction`` of the epochs from that same switch,
         L_spec kept); the switch epoch is logged and stored in the checkpoint;
+      - ``unsup_aggregate = "source"``: P_agg takes each region's own task head; a head never trained on another
+        dataset's images has arbitrary margins there, and the paper's max over every head picked up its false
+        positives (measured in docs/METHOD.md);
       - ``unsup_min_foreground``: L_unsup skips samples whose P_agg has fewer confidently foreground voxels
         (0: no guard, the official behaviour);
       - ``static_head`` (class attribute): a static per-prompt output layer beside the dynamic convs;
@@ -110,7 +154,7 @@ class VerSemiTrainer(nnUNetTrainer):
         self.spec_weight = 1.0
         self.unsup_weight = 1.0
         self.cons_weight = 1.0
-        self.pseudo_weight = 1.0  # w_pseudo: unlabeled images teach their own task's head (CutMix consistency)
+        self.pseudo_weight = 0.0  # w_pseudo: CutMix self-training of each region's own task head (off: it hurt)
         self.unsup_aggregate = "source"  # P_agg from each region's own task head; "all": max over every head
         self.labeled_box_ratio = (2 / 3, 2 / 3)
         self.unlabeled_box_ratio = (0.3, 0.6)
@@ -436,82 +480,118 @@ class VerSemiTrainer(nnUNetTrainer):
 
     @override
     def train_step(self, batch: dict) -> dict:
+        """One VerSemi step: assemble the inputs of the one backbone pass (labeled batch, labeled CutMix,
+        unlabeled CutMix), compute the loss terms from its outputs, and take nnU-Net's optimizer step."""
         data, target, tasks = self._to_device(batch)
         lam = self.unlabeled_weight()
-        syn_prompt = self.task_table.synthetic_prompt
-        local = [self._merged_to_local[t.long()] for t in target]
-        fg = [(t > 0).long() for t in target]
-        spatial = data.shape[2:]
-
-        T = self.task_table.num_tasks
-        inputs, prompts = [data], [tasks[:, None]]
-        rec_targets = [F.one_hot(tasks, T).float()]  # task recognition: one target distribution per input
-        half = data.shape[0] // 2
-        if half > 0 and (self.syn_weight > 0 or self.spec_weight > 0):
-            a, b = slice(0, half), slice(half, 2 * half)
-            ratio = self.unlabeled_box_ratio if self._in_stage_two() else self.labeled_box_ratio
-            m = cutmix.box_masks(cutmix.draw_boxes(half, spatial, ratio), spatial, self.device)
-            ms = [cutmix.resize_mask(m, t.shape[2:]) for t in target]
-            inputs.append(cutmix.mix(data[a], data[b], m))
-            rec_targets.append(area_mixed_tasks(tasks[a], tasks[b], m, T))
-            prompts.append(torch.stack((torch.full_like(tasks[a], syn_prompt), tasks[a], tasks[b]), dim=1))
-            same = (tasks[a] == tasks[b]).view(-1, *[1] * (data.ndim - 1))
-            syn_t = [cutmix.mix(f[a], f[b], mm) for f, mm in zip(fg, ms)]
-            both = [cutmix.mix(lc[a], lc[b], mm) for lc, mm in zip(local, ms)]
-            spec_a = [torch.where(same, y, cutmix.mix(lc[a], torch.zeros_like(lc[a]), mm))
-                      for y, lc, mm in zip(both, local, ms)]
-            spec_b = [torch.where(same, y, cutmix.mix(torch.zeros_like(lc[b]), lc[b], mm))
-                      for y, lc, mm in zip(both, local, ms)]
-        else:
-            half = 0
-
+        step = _StepInputs(inputs=[data], prompts=[tasks[:, None]],
+                           rec_targets=[F.one_hot(tasks, self.task_table.num_tasks).float()],
+                           tasks=tasks, local=[self._merged_to_local[t.long()] for t in target],
+                           fg=[(t > 0).long() for t in target])
+        self._add_labeled_mix(step, data)
         if lam > 0:
-            batch_u = next(self.dataloader_unlabeled)
-            u = batch_u["data"].to(self.device, non_blocking=True)
-            u_tasks = self._task_ids(batch_u["keys"])
-            mu = cutmix.box_masks(cutmix.draw_boxes(u.shape[0], spatial, self.unlabeled_box_ratio), spatial,
-                                  self.device)
-            if self.unlabeled_mix == "labeled":
-                partner_idx = torch.randint(0, data.shape[0], (u.shape[0],), device=self.device)
-                partner, partner_tasks = data[partner_idx], tasks[partner_idx]
-            else:
-                partner, partner_tasks = u.roll(1, dims=0), u_tasks.roll(1, dims=0)
-            x_u = cutmix.mix(u, partner, mu)
-            pseudo_t = self._pseudo_targets(u, partner, u_tasks, partner_tasks, mu) if self.pseudo_weight > 0 else None
-            inputs.append(x_u)
-            rec_targets.append(area_mixed_tasks(u_tasks, partner_tasks, mu, T))
-            prompts.append(torch.cat((self._plain_network().task_prompts(u.shape[0], self.device),
-                                      torch.full((u.shape[0], 1), syn_prompt, device=self.device)), dim=1))
+            self._add_unlabeled_mix(step, data, tasks)
 
         self.optimizer.zero_grad(set_to_none=True)
         if self.recognition_optimizer is not None:
             self.recognition_optimizer.zero_grad(set_to_none=True)
-        terms, stats = {}, {}
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            outs, task_logits = self.network(torch.cat(inputs), prompts, recognition=True)
-            terms["rec"] = losses.soft_cross_entropy(task_logits, torch.cat(rec_targets))
-            terms["sup"] = losses.prompted_supervised_loss([o[:, 0] for o in outs[0]], local, tasks,
-                                                           self._num_classes, self._hard_loss)
-            if half > 0:
-                out_mix = outs[1]
-                terms["syn"] = self._hard_loss([o[:, 0, :2] for o in out_mix], syn_t)
-                if not self._in_stage_two():
-                    terms["spec"] = 0.5 * (
-                        losses.prompted_supervised_loss([o[:, 1] for o in out_mix], spec_a, tasks[a],
-                                                        self._num_classes, self._hard_loss)
-                        + losses.prompted_supervised_loss([o[:, 2] for o in out_mix], spec_b, tasks[b],
-                                                          self._num_classes, self._hard_loss))
-            if lam > 0:
-                u_terms, stats = self._unlabeled_terms(outs[-1], x_u, mu, fg, (u_tasks, partner_tasks),
-                                                       partner_idx if self.unlabeled_mix == "labeled" else None)
-                terms.update(u_terms)
-                if pseudo_t is not None:
-                    terms["pseudo"] = self._pseudo_loss(outs[-1], pseudo_t, u_tasks, partner_tasks)
+            outs, task_logits = self.network(torch.cat(step.inputs), step.prompts, recognition=True)
+            terms, stats = self._loss_terms(step, outs, task_logits, lam)
             weights = dict(sup=self.sup_weight, syn=self.syn_weight, spec=self.spec_weight,
-                           unsup=self.unsup_weight * lam, pseudo=self.pseudo_weight * lam, cons=self.cons_weight * lam, rec=self.recognition_weight)
+                           unsup=self.unsup_weight * lam, pseudo=self.pseudo_weight * lam, cons=self.cons_weight * lam,
+                           rec=self.recognition_weight)
             loss = sum(weights[k] * v for k, v in terms.items())
+        self._optimizer_step(loss)
 
-        # nnU-Net's step (gradient scaler, clipping at 12), plus the task classifier's own optimizer if it has one
+        out = {"loss": loss.detach().cpu().numpy(), "unsup_lambda": np.array(lam),
+               "unsup_kept": np.array(stats.get("unsup_kept", np.nan)),
+               "task_fg": stats.get("task_fg", np.full(self.task_table.num_tasks, np.nan))}
+        for k in LOSS_TERMS:
+            out[k] = terms[k].detach().cpu().numpy() if k in terms else np.array(np.nan)
+        return out
+
+    def _add_labeled_mix(self, step: _StepInputs, data: torch.Tensor) -> None:
+        """The labeled CutMix: halves a and b of the batch, a outside the box, b inside; prompts (synthetic,
+        a's task, b's task) and the targets of L_syn and L_spec, per deep-supervision scale."""
+        half = data.shape[0] // 2
+        if half == 0 or (self.syn_weight <= 0 and self.spec_weight <= 0):
+            return
+        tasks, T = step.tasks, self.task_table.num_tasks
+        a, b = slice(0, half), slice(half, 2 * half)
+        spatial = data.shape[2:]
+        ratio = self.unlabeled_box_ratio if self._in_stage_two() else self.labeled_box_ratio
+        m = cutmix.box_masks(cutmix.draw_boxes(half, spatial, ratio), spatial, self.device)
+        ms = [cutmix.resize_mask(m, f.shape[2:]) for f in step.fg]
+        step.inputs.append(cutmix.mix(data[a], data[b], m))
+        step.rec_targets.append(area_mixed_tasks(tasks[a], tasks[b], m, T))
+        step.prompts.append(torch.stack((torch.full_like(tasks[a], self.task_table.synthetic_prompt), tasks[a],
+                                         tasks[b]), dim=1))
+        same = (tasks[a] == tasks[b]).view(-1, *[1] * (data.ndim - 1))
+        both = [cutmix.mix(lc[a], lc[b], mm) for lc, mm in zip(step.local, ms)]
+        step.mix = _LabeledMix(
+            half=half,
+            syn=[cutmix.mix(f[a], f[b], mm) for f, mm in zip(step.fg, ms)],
+            spec_a=[torch.where(same, y, cutmix.mix(lc[a], torch.zeros_like(lc[a]), mm))
+                    for y, lc, mm in zip(both, step.local, ms)],
+            spec_b=[torch.where(same, y, cutmix.mix(torch.zeros_like(lc[b]), lc[b], mm))
+                    for y, lc, mm in zip(both, step.local, ms)])
+
+    def _add_unlabeled_mix(self, step: _StepInputs, data: torch.Tensor, tasks: torch.Tensor) -> None:
+        """The unlabeled CutMix (with another unlabeled image, or a labeled one with ``unlabeled_mix =
+        "labeled"``), prompted with every task and the synthetic task, and the pseudo labels of L_pseudo."""
+        batch_u = next(self.dataloader_unlabeled)
+        u = batch_u["data"].to(self.device, non_blocking=True)
+        u_tasks = self._task_ids(batch_u["keys"])
+        spatial = data.shape[2:]
+        mu = cutmix.box_masks(cutmix.draw_boxes(u.shape[0], spatial, self.unlabeled_box_ratio), spatial, self.device)
+        partner_idx = None
+        if self.unlabeled_mix == "labeled":
+            partner_idx = torch.randint(0, data.shape[0], (u.shape[0],), device=self.device)
+            partner, partner_tasks = data[partner_idx], tasks[partner_idx]
+        else:
+            partner, partner_tasks = u.roll(1, dims=0), u_tasks.roll(1, dims=0)
+        x_u = cutmix.mix(u, partner, mu)
+        step.inputs.append(x_u)
+        step.rec_targets.append(area_mixed_tasks(u_tasks, partner_tasks, mu, self.task_table.num_tasks))
+        step.prompts.append(torch.cat((self._plain_network().task_prompts(u.shape[0], self.device),
+                                       torch.full((u.shape[0], 1), self.task_table.synthetic_prompt,
+                                                  device=self.device)), dim=1))
+        pseudo = self._pseudo_targets(u, partner, u_tasks, partner_tasks, mu) if self.pseudo_weight > 0 else None
+        step.unlabeled = _UnlabeledMix(x=x_u, mask=mu, tasks=u_tasks, partner_tasks=partner_tasks,
+                                       partner_idx=partner_idx, pseudo=pseudo)
+
+    def _loss_terms(self, step: _StepInputs, outs: list, task_logits: torch.Tensor, lam: float
+                    ) -> tuple[dict[str, torch.Tensor], dict]:
+        """Every loss term the step's inputs allow (outs: per input group, per scale), and the unlabeled
+        statistics for the log."""
+        terms, stats = {}, {}
+        terms["rec"] = losses.soft_cross_entropy(task_logits, torch.cat(step.rec_targets))
+        terms["sup"] = losses.prompted_supervised_loss([o[:, 0] for o in outs[0]], step.local, step.tasks,
+                                                       self._num_classes, self._hard_loss)
+        if step.mix is not None:
+            mix, out_mix, tasks = step.mix, outs[1], step.tasks
+            a, b = slice(0, mix.half), slice(mix.half, 2 * mix.half)
+            terms["syn"] = self._hard_loss([o[:, 0, :2] for o in out_mix], mix.syn)
+            if not self._in_stage_two():
+                terms["spec"] = 0.5 * (
+                    losses.prompted_supervised_loss([o[:, 1] for o in out_mix], mix.spec_a, tasks[a],
+                                                    self._num_classes, self._hard_loss)
+                    + losses.prompted_supervised_loss([o[:, 2] for o in out_mix], mix.spec_b, tasks[b],
+                                                      self._num_classes, self._hard_loss))
+        if lam > 0 and step.unlabeled is not None:
+            un = step.unlabeled
+            u_terms, stats = self._unlabeled_terms(outs[-1], un.x, un.mask, step.fg, (un.tasks, un.partner_tasks),
+                                                   un.partner_idx)
+            terms.update(u_terms)
+            if un.pseudo is not None:
+                terms["pseudo"] = self._pseudo_loss(outs[-1], un.pseudo, un.tasks, un.partner_tasks)
+        return terms, stats
+
+    def _optimizer_step(self, loss: torch.Tensor) -> None:
+        """nnU-Net's step, written out here because its own lives inside nnUNetTrainer.train_step with the
+        forward pass: gradient scaler, clipping at 12 (of the parameters nnU-Net's optimizer owns), then the
+        task classifier's own optimizer if it has one (``recognition_lr``), and the EMA teacher."""
         rec_opt = self.recognition_optimizer
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
@@ -530,12 +610,6 @@ class VerSemiTrainer(nnUNetTrainer):
         self.global_step += 1
         if self.ema_network is not None:
             self._update_ema()
-        out = {"loss": loss.detach().cpu().numpy(), "unsup_lambda": np.array(lam),
-               "unsup_kept": np.array(stats.get("unsup_kept", np.nan)),
-               "task_fg": stats.get("task_fg", np.full(self.task_table.num_tasks, np.nan))}
-        for k in LOSS_TERMS:
-            out[k] = terms[k].detach().cpu().numpy() if k in terms else np.array(np.nan)
-        return out
 
     def _unlabeled_terms(self, out_u: list[torch.Tensor], x_u: torch.Tensor, mu: torch.Tensor,
                          fg: list[torch.Tensor], region_tasks: tuple[torch.Tensor, torch.Tensor],
@@ -720,9 +794,10 @@ class VerSemiTrainer(nnUNetTrainer):
                                                                                "validation_prompted")
         prompted = None
         if self.validate_prompted_too:
-            with _dataset_hook(self, base, lambda case: setattr(net, "prompt", table.task_of_case(case))):
+            # nnU-Net loads each case right before predicting it: switch to the case's prompt there
+            with net.prompted(None), _dataset_hook(self, base,
+                                                    lambda case: setattr(net, "prompt", table.task_of_case(case))):
                 super().perform_actual_validation(False)
-            net.prompt = None
             if self.local_rank == 0 and isdir(folder):
                 shutil.rmtree(prompted_folder, ignore_errors=True)
                 os.replace(folder, prompted_folder)

@@ -47,32 +47,25 @@ class VerSemiTrainer_supOnly(VerSemiTrainer_noUnsup):
         self.spec_weight = 0.0
 
 
-class VerSemiTrainer_noPseudo(VerSemiTrainer):
-    """Without L_pseudo: the unlabeled images reach only the synthetic head (L_unsup), as in the paper."""
+class VerSemiTrainer_pseudo(VerSemiTrainer):
+    """With L_pseudo: each region of an unlabeled mix also trains its own task's head, on that head's hard
+    pseudo labels from the unmixed images. Off by default: on the demo union it made the heads over-segment
+    (docs/METHOD.md)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.pseudo_weight = 0.0
+        self.pseudo_weight = 1.0
 
 
 class VerSemiTrainer_allHeadsAgg(VerSemiTrainer):
-    """P_agg as in the paper: the max over every task head, also on images of other tasks."""
+    """P_agg as in the paper: the max over every task head, also on images of other tasks (see
+    ``unsup_aggregate``)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.unsup_aggregate = "all"
-
-
-class VerSemiTrainer_paperUnlabeled(VerSemiTrainer):
-    """The unlabeled terms as in the paper: P_agg over every task head, no L_pseudo."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.unsup_aggregate = "all"
-        self.pseudo_weight = 0.0
 
 
 class VerSemiTrainer_nnunetDice(VerSemiTrainer):

@@ -13,7 +13,6 @@ paper's Pancreas-CT, LA, Spleen and Lung tumour datasets, scaled down for CPU, i
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -510,44 +509,3 @@ def _check_targets(output: Path, names: list[str], overwrite: bool) -> None:
             )
         if name in existing and not overwrite:
             raise FileExistsError(f"{output / name} already exists; pass --overwrite to replace it")
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command line: ``nnUNetv2_versemi_demo_data``."""
-    parser = argparse.ArgumentParser(
-        prog="nnUNetv2_versemi_demo_data",
-        description="Write synthetic tasks as nnU-Net v2 raw datasets (imagesTr/labelsTr, imagesUnlabeled, "
-        "imagesTs/labelsTs) into $nnUNet_raw or --output.",
-    )
-    parser.add_argument(
-        "--preset", choices=sorted(PRESETS), default="demo", help="demo: ids 901-903; paper: 911-914"
-    )
-    parser.add_argument("--output", "-o", help="target folder (default: $nnUNet_raw)")
-    parser.add_argument("--seed", type=int, default=0, help="same seed, same data (default 0)")
-    parser.add_argument("--num-labeled", type=int, help="labeled training cases per task (preset default)")
-    parser.add_argument("--num-unlabeled", type=int, help="unlabeled images per task (preset default)")
-    parser.add_argument("--num-test", type=int, help="labeled held-out test cases per task (preset default)")
-    parser.add_argument("--scale", type=float, default=1.0, help="voxels per axis multiplier (default 1)")
-    parser.add_argument("--first-id", type=int, help="dataset id of the first task (preset default)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing dataset folders")
-    args = parser.parse_args(argv)
-
-    output = args.output or os.environ.get("nnUNet_raw")
-    if not output:
-        parser.error("nnUNet_raw is not set: export nnUNet_raw=/path/to/nnUNet_raw or pass --output DIR")
-    try:
-        names = generate_demo_datasets(
-            output,
-            preset=args.preset,
-            seed=args.seed,
-            num_labeled=args.num_labeled,
-            num_unlabeled=args.num_unlabeled,
-            num_test=args.num_test,
-            scale=args.scale,
-            first_id=args.first_id,
-            overwrite=args.overwrite,
-        )
-    except (FileExistsError, ValueError) as e:
-        parser.error(str(e))
-    for name in names:
-        print(Path(output) / name)

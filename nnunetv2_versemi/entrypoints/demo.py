@@ -11,11 +11,11 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 from os.path import join
 
 from nnunetv2_versemi.discovery import ensure_ext_trainer_env
+from nnunetv2_versemi.entrypoints.common import add_device
 
 UNION_ID = 950
 UNION = f"Dataset{UNION_ID}_VerSemiUnion"
@@ -29,11 +29,11 @@ def _step(title: str, cmd: list[str], env: dict) -> None:
     print(f"--- {title}: {time.time() - t0:.0f} s", flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def demo_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="nnUNetv2_versemi_demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="demo_workdir", help="folder for raw, preprocessed and results data")
     p.add_argument("-tr", default="VerSemiTrainer_demo", help="trainer (default: VerSemiTrainer_demo, 8x20 steps)")
-    p.add_argument("-device", default="cpu", choices=["cpu", "cuda", "mps"])
+    add_device(p, default="cpu")
     p.add_argument("--labeled-fraction", type=float, default=0.5, help="labels kept per task (default 0.5)")
     p.add_argument("--overwrite", action="store_true", help="start again in an existing workdir")
     a = p.parse_args(argv)
@@ -76,6 +76,3 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {task:8s} Dice {m['dice']:.3f}  HD95 {hd}")
     print(f"Model: {join(work, 'results', UNION)}")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

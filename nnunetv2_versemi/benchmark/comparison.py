@@ -53,6 +53,9 @@ from os.path import isdir, isfile, join
 
 import numpy as np
 
+from nnunetv2_versemi.errors import VerSemiInputError
+from nnunetv2_versemi.inference.prompted import predict_files_under_prompts
+from nnunetv2_versemi.nnunet_paths import dataset_id, dataset_name
 from nnunetv2_versemi.tasktable import TABLE_KEY, Task, TaskTable, TaskTableError
 
 PROG = "nnUNetv2_versemi_benchmark"
@@ -65,7 +68,7 @@ LOG_FILE = "benchmark.log"
 CHECKPOINT = "checkpoint_final.pth"
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(VerSemiInputError):
     """Bad input to the benchmark; raised before anything is trained."""
 
 
@@ -214,13 +217,8 @@ def _require_env() -> None:
 
 
 def _union(dataset: str) -> tuple[str, int]:
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    try:
-        name = maybe_convert_to_dataset_name(str(dataset))
-    except (RuntimeError, ValueError) as e:
-        raise BenchmarkError(f"Unknown dataset '{dataset}': {str(e).splitlines()[0]}") from e
-    return name, int(name[len("Dataset") : len("Dataset") + 3])
+    name = dataset_name(dataset)
+    return name, dataset_id(name)
 
 
 def _test_cases(raw: str, table: TaskTable, file_ending: str, num_channels: int) -> dict[str, list[str]]:
@@ -544,7 +542,7 @@ def _plan_and_preprocess_alone(ctx: Context, name: str, task: Task) -> None:
 
     pp = join(os.environ["nnUNet_preprocessed"], name)
     plans_file = join(pp, ctx.plans + ".json")
-    dataset_id = int(name[7:10])
+    alone_id = dataset_id(name)
     if not isfile(plans_file):
         from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import (
             DatasetFingerprintExtractor,
@@ -552,7 +550,7 @@ def _plan_and_preprocess_alone(ctx: Context, name: str, task: Task) -> None:
         from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset
 
         ctx.log(f"Planning {name} (stock nnU-Net fingerprint + ExperimentPlanner)")
-        fpe = DatasetFingerprintExtractor(dataset_id, max(1, ctx.npp), verbose=False)
+        fpe = DatasetFingerprintExtractor(alone_id, max(1, ctx.npp), verbose=False)
         # the channel is noNorm, so the foreground intensity statistics feed no normalization: sample 10^5
         # voxels instead of nnU-Net's 10^8 (everything else in the fingerprint is unchanged)
         fpe.num_foreground_voxels_for_intensitystats = 1e5
@@ -562,7 +560,7 @@ def _plan_and_preprocess_alone(ctx: Context, name: str, task: Task) -> None:
         from nnunetv2_versemi.data.preprocess import planner_safe_da_env
 
         with planner_safe_da_env():
-            _, identifier = plan_experiment_dataset(dataset_id)
+            _, identifier = plan_experiment_dataset(alone_id)
         if identifier != ctx.plans:
             raise BenchmarkError(
                 f"The stock planner wrote {identifier}.json for {name}, expected {ctx.plans}.json"
@@ -578,7 +576,7 @@ def _plan_and_preprocess_alone(ctx: Context, name: str, task: Task) -> None:
 
         ctx.log(f"Preprocessing {name} ({base})")
         preprocess_dataset(
-            dataset_id, ctx.plans, [base], [max(1, ctx.npp)], verbose=False, show_progress_bar=False
+            alone_id, ctx.plans, [base], [max(1, ctx.npp)], verbose=False, show_progress_bar=False
         )
     _write_json_if_changed(
         join(pp, ctx.bench_plans + ".json"), _bench_plans(plans, ctx.bench_plans, ctx.preset)
@@ -710,42 +708,12 @@ def predict_run(ctx: Context, run: Run) -> float:
         allow_tqdm=False,
     )
     predictor.initialize_from_trained_model_folder(run.model_folder(), run.folds, CHECKPOINT)
-    net = getattr(predictor.network, "_orig_mod", predictor.network)
-    if run.method.prompted:
-        groups = [
-            (ti, [c for c in todo if ctx.table.task_of_case(c) == ti]) for ti in range(ctx.table.num_tasks)
-        ]
-    else:
-        groups = [(None, todo)]
     os.makedirs(out, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".predict_", dir=out)
     fe = ctx.file_ending
     try:
-        if ctx.npp <= 1:
-            for prompt, cases in groups:
-                if not cases:
-                    continue
-                if run.method.prompted:
-                    net.prompt = prompt  # each case under its own task's prompt (VerSemiNetwork)
-                predictor.predict_from_files_sequential(
-                    _image_lists(ctx, cases), [join(tmp, c) for c in cases], False, True
-                )
-        else:
-            # one preprocessing/export pool for all cases (spawning one per task costs minutes on a busy CPU);
-            # nnU-Net's iterator keeps the input order and predicts each item as it is yielded, so the prompt
-            # can be switched right there
-            cases = [c for _, group in groups for c in group]
-            items = predictor._internal_get_data_iterator_from_lists_of_filenames(
-                _image_lists(ctx, cases), None, [join(tmp, c) for c in cases], ctx.npp
-            )
-
-            def prompted(items):
-                for item in items:
-                    if run.method.prompted:
-                        net.prompt = ctx.table.task_of_case(os.path.basename(item["ofile"]))
-                    yield item
-
-            predictor.predict_from_data_iterator(prompted(items), False, ctx.npp)
+        predict_files_under_prompts(predictor, _image_lists(ctx, todo), [join(tmp, c) for c in todo],
+                                    ctx.table.task_of_case if run.method.prompted else None, ctx.npp)
         for c in todo:
             src = join(tmp, c + fe)
             if run.local_to_merged is not None:  # per-task model: its classes 1..K -> the union's values
@@ -757,8 +725,6 @@ def predict_run(ctx: Context, run: Run) -> float:
                 sitk.WriteImage(res, src, True)
             os.replace(src, join(out, c + fe))
     finally:
-        if run.method.prompted:
-            net.prompt = None
         shutil.rmtree(tmp, ignore_errors=True)
     return time.time() - t0
 
@@ -914,113 +880,3 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="VerSemi vs nnU-Net baselines on one union dataset: same labeled cases, test cases and "
-        "budget for every method. Subcommands: 'speed' (step time/memory), 'plans' (apply a plans preset).",
-    )
-    p.add_argument(
-        "-d", required=True, help="union dataset id or name (nnUNetv2_versemi_merge + plan_and_preprocess)"
-    )
-    p.add_argument("-c", required=True, help="configuration, e.g. 2d (or one a --plans-preset adds)")
-    p.add_argument("-p", default="nnUNetPlans", help="plans identifier of the union (default: nnUNetPlans)")
-    p.add_argument(
-        "--epochs", type=int, default=1000, help="epochs per trained model (default: 1000, nnU-Net's)"
-    )
-    p.add_argument("--iterations", type=int, default=250, help="training iterations per epoch (default: 250)")
-    p.add_argument(
-        "--val-iterations", type=int, default=50, help="validation iterations per epoch (default: 50)"
-    )
-    p.add_argument(
-        "--budget-per",
-        choices=["model", "task"],
-        default="model",
-        help="model (default): every trained model gets the budget; task: the runs on the union get T times "
-        "the iterations per epoch (T tasks), as many labeled batches per task as each per-task model",
-    )
-    p.add_argument(
-        "--folds",
-        nargs="+",
-        default=["0"],
-        help="folds of the union's split to train (ensembled at test time), or 'all' (default: 0)",
-    )
-    p.add_argument(
-        "--methods",
-        nargs="+",
-        default=[m.letter for m in METHODS],
-        help="a/alone b/union c/noUnsup d/versemi (default: all four), or trainer class names (ablations, "
-        "trained on the union)",
-    )
-    p.add_argument(
-        "-o",
-        default=None,
-        help="report folder (default: $nnUNet_results/<union>/benchmark__<benchmark plans>__<c>)",
-    )
-    p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="device (default: cuda)")
-    p.add_argument(
-        "--npp",
-        type=int,
-        default=2,
-        help="processes for preprocessing, prediction and nnU-Net's validation export (default: 2; "
-        "1 = no worker processes)",
-    )
-    p.add_argument(
-        "--plans-preset",
-        default=None,
-        help="apply a plans preset (e.g. cpu_demo, paper_96, or a JSON path) to every plans file",
-    )
-    p.add_argument(
-        "--seeds",
-        type=int,
-        default=1,
-        help="repeat the benchmark over N seeds: seed s > 0 re-merges the union's sources with merge seed + s "
-        "(new labeled subset, same test cases when they come from the sources' imagesTs) and retrains; "
-        "seeds.json/seeds.md give mean ± std over seeds and paired differences to (a) with 95%% CIs (default: 1)",
-    )
-    p.add_argument("--disable_tta", action="store_true", help="no mirroring at test time")
-    p.add_argument(
-        "--skip-val",
-        action="store_true",
-        help="skip nnU-Net's final validation of each model (the report uses the test cases only)",
-    )
-    return p
-
-
-def main(argv: list[str] | None = None) -> dict | None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "recognition":
-        from nnunetv2_versemi.benchmark import recognition
-
-        return recognition.main(argv[1:])
-    if argv and argv[0] == "speed":
-        from nnunetv2_versemi.benchmark import speed
-
-        return speed.main(argv[1:])
-    if argv and argv[0] == "plans":
-        from nnunetv2_versemi import plans_presets
-
-        p = argparse.ArgumentParser(prog=f"{PROG} plans", description="Apply a plans preset to a plans file.")
-        plans_presets.add_arguments(p)
-        plans_presets.run_cli(p.parse_args(argv[1:]), p.prog)
-        return None
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    # nnU-Net reads its worker count once, at import; the final validation spawns that many exporters
-    os.environ.setdefault("nnUNet_def_n_proc", str(max(1, args.npp)))
-    if args.seeds < 1:
-        print(f"{PROG}: error: --seeds must be at least 1, got {args.seeds}", file=sys.stderr)
-        raise SystemExit(2)
-    try:
-        if args.seeds > 1:
-            from nnunetv2_versemi.benchmark.seeds import run_seeds
-
-            return run_seeds(args)
-        return run_benchmark(args)
-    except (BenchmarkError, TaskTableError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()

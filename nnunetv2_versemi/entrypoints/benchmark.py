@@ -1,0 +1,209 @@
+"""``nnUNetv2_versemi_benchmark`` and its subcommands ``speed``, ``recognition`` and ``plans``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from nnunetv2_versemi.entrypoints.common import add_device, input_errors_exit
+
+PROG = "nnUNetv2_versemi_benchmark"
+
+
+def benchmark_main(argv: list[str] | None = None) -> dict | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    subcommands = {"speed": speed_main, "recognition": recognition_main, "plans": plans_main}
+    if argv and argv[0] in subcommands:
+        return subcommands[argv[0]](argv[1:])
+    args = build_benchmark_parser().parse_args(argv)
+    args.argv = argv
+    # nnU-Net reads its worker count once, at import; the final validation spawns that many exporters
+    os.environ.setdefault("nnUNet_def_n_proc", str(max(1, args.npp)))
+    if args.seeds < 1:
+        build_benchmark_parser().error(f"--seeds must be at least 1, got {args.seeds}")
+    with input_errors_exit(PROG):
+        if args.seeds > 1:
+            from nnunetv2_versemi.benchmark.seeds import run_seeds
+
+            return run_seeds(args)
+        from nnunetv2_versemi.benchmark.comparison import run_benchmark
+
+        return run_benchmark(args)
+
+
+def speed_main(argv: list[str] | None = None) -> dict:
+    import numpy as np
+
+    from nnunetv2_versemi.benchmark import speed
+
+    args = build_speed_parser().parse_args(argv)
+    if args.d is None and args.batch_size is None:
+        args.batch_size = 4
+    with input_errors_exit(speed.PROG):
+        result = speed.run_speed(args, log=lambda m: print(f"[speed] {m}", flush=True))
+    text = speed.markdown(result)
+    print(text)
+    if args.o:
+        os.makedirs(args.o, exist_ok=True)
+        with open(os.path.join(args.o, "speed.json"), "w") as f:
+            json.dump(result, f, indent=2,
+                      default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o))
+        with open(os.path.join(args.o, "speed.md"), "w") as f:
+            f.write(text)
+    return result
+
+
+def recognition_main(argv: list[str] | None = None) -> dict:
+    from nnunetv2_versemi.benchmark import recognition
+
+    args = build_recognition_parser().parse_args(argv)
+    with input_errors_exit(recognition.PROG):
+        return recognition.run_recognition(args)
+
+
+def plans_main(argv: list[str] | None = None) -> None:
+    from nnunetv2_versemi.entrypoints.presets import add_preset_arguments, run_preset_command
+
+    p = argparse.ArgumentParser(prog=f"{PROG} plans", description="Apply a plans preset to a plans file.")
+    add_preset_arguments(p)
+    run_preset_command(p.parse_args(argv), p.prog)
+
+
+def build_benchmark_parser() -> argparse.ArgumentParser:
+    from nnunetv2_versemi.benchmark import comparison
+
+    p = argparse.ArgumentParser(
+        prog=comparison.PROG,
+        description="VerSemi vs nnU-Net baselines on one union dataset: same labeled cases, test cases and "
+        "budget for every method. Subcommands: 'speed' (step time/memory), 'plans' (apply a plans preset).",
+    )
+    p.add_argument(
+        "-d", required=True, help="union dataset id or name (nnUNetv2_versemi_merge + plan_and_preprocess)"
+    )
+    p.add_argument("-c", required=True, help="configuration, e.g. 2d (or one a --plans-preset adds)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier of the union (default: nnUNetPlans)")
+    p.add_argument(
+        "--epochs", type=int, default=1000, help="epochs per trained model (default: 1000, nnU-Net's)"
+    )
+    p.add_argument("--iterations", type=int, default=250, help="training iterations per epoch (default: 250)")
+    p.add_argument(
+        "--val-iterations", type=int, default=50, help="validation iterations per epoch (default: 50)"
+    )
+    p.add_argument(
+        "--budget-per",
+        choices=["model", "task"],
+        default="model",
+        help="model (default): every trained model gets the budget; task: the runs on the union get T times "
+        "the iterations per epoch (T tasks), as many labeled batches per task as each per-task model",
+    )
+    p.add_argument(
+        "--folds",
+        nargs="+",
+        default=["0"],
+        help="folds of the union's split to train (ensembled at test time), or 'all' (default: 0)",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=[m.letter for m in comparison.METHODS],
+        help="a/alone b/union c/noUnsup d/versemi (default: all four), or trainer class names (ablations, "
+        "trained on the union)",
+    )
+    p.add_argument(
+        "-o",
+        default=None,
+        help="report folder (default: $nnUNet_results/<union>/benchmark__<benchmark plans>__<c>)",
+    )
+    add_device(p)
+    p.add_argument(
+        "--npp",
+        type=int,
+        default=2,
+        help="processes for preprocessing, prediction and nnU-Net's validation export (default: 2; "
+        "1 = no worker processes)",
+    )
+    p.add_argument(
+        "--plans-preset",
+        default=None,
+        help="apply a plans preset (e.g. cpu_demo, paper_96, or a JSON path) to every plans file",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="repeat the benchmark over N seeds: seed s > 0 re-merges the union's sources with merge seed + s "
+        "(new labeled subset, same test cases when they come from the sources' imagesTs) and retrains; "
+        "seeds.json/seeds.md give mean ± std over seeds and paired differences to (a) with 95%% CIs (default: 1)",
+    )
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring at test time")
+    p.add_argument(
+        "--skip-val",
+        action="store_true",
+        help="skip nnU-Net's final validation of each model (the report uses the test cases only)",
+    )
+    return p
+
+
+def build_speed_parser() -> argparse.ArgumentParser:
+    from nnunetv2_versemi.benchmark import speed
+
+    p = argparse.ArgumentParser(
+        prog=speed.PROG, description=speed.__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "-d", default=None, help="union dataset (its plans and task table); default: synthetic plans"
+    )
+    p.add_argument("-c", default="2d", help="configuration with -d (default: 2d)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier with -d")
+    p.add_argument("--plans-preset", default=None, help="apply a plans preset to the plans of -d first")
+    p.add_argument(
+        "--patch", type=int, nargs="+", default=[64, 64], help="synthetic plans: patch (default 64 64)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="batch size (synthetic default 4; with -d overrides the plans' batch size)",
+    )
+    p.add_argument("--features", type=int, default=32, help="synthetic plans: features of the first stage")
+    p.add_argument("--main-tasks", type=int, default=4, help="synthetic plans: tasks of the main comparison")
+    p.add_argument(
+        "--scale-tasks", type=int, nargs="+", default=[2, 8], help="task counts for the scaling test"
+    )
+    p.add_argument(
+        "--ref-tasks", type=int, default=4, help="task count of the per-prompt reference (default 4)"
+    )
+    p.add_argument("--warmup", type=int, default=2, help="warm-up steps per contender (default 2)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per contender, interleaved (default 5)")
+    p.add_argument(
+        "--slices", type=int, default=8, help="2d: slices of the prediction test image (default 8)"
+    )
+    p.add_argument("--pred-repeats", type=int, default=3, help="timed sliding-window repeats (default 3)")
+    p.add_argument("--tta", action="store_true", help="mirroring in the prediction timing")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    p.add_argument("--no-prediction", action="store_true", help="skip the prediction timing")
+    p.add_argument("--no-reference", action="store_true", help="skip the per-prompt reference")
+    add_device(p)
+    p.add_argument("-o", default=None, help="folder for speed.json and speed.md (default: print only)")
+    return p
+
+
+def build_recognition_parser() -> argparse.ArgumentParser:
+    from nnunetv2_versemi.benchmark import recognition
+
+    p = argparse.ArgumentParser(prog=recognition.PROG, description=recognition.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-d", required=True, help="union dataset id or name")
+    p.add_argument("-c", required=True, help="configuration")
+    p.add_argument("-tr", default="VerSemiTrainer", help="trainer class (default VerSemiTrainer)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
+    p.add_argument("-f", nargs="+", default=["0"], help="fold (one; default 0)")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name")
+    p.add_argument("-o", required=True, help="output folder")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring at test time")
+    add_device(p)
+    return p

@@ -1,0 +1,66 @@
+"""The one place that turns a dataset id or name into nnU-Net's dataset name and folders.
+
+nnU-Net resolves ``-d 950`` / ``-d Dataset950_X`` by looking in nnUNet_raw, nnUNet_preprocessed and
+nnUNet_results (``maybe_convert_to_dataset_name``); every command here goes through :func:`dataset_name`, so
+an unknown dataset fails the same way everywhere: :class:`DatasetNotFoundError`, naming what was given and
+the folders that were searched.
+"""
+
+from __future__ import annotations
+
+import os
+
+from nnunetv2_versemi.errors import VerSemiInputError
+
+
+class DatasetNotFoundError(VerSemiInputError):
+    """A dataset id or name that nnU-Net's folders do not hold (or a name not in nnU-Net's form)."""
+
+
+def _roots() -> str:
+    return ", ".join(f"{v}={os.environ.get(v) or '(not set)'}"
+                     for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))
+
+
+def dataset_name(dataset: str | int) -> str:
+    """``950``, ``"950"`` or ``"Dataset950_X"`` -> ``"Dataset950_X"`` (nnU-Net's lookup)."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        return maybe_convert_to_dataset_name(str(dataset))
+    except (RuntimeError, ValueError) as e:
+        raise DatasetNotFoundError(f"Unknown dataset '{dataset}': no dataset of that id or name in {_roots()}") from e
+
+
+def dataset_id(name: str) -> int:
+    """``"Dataset950_X"`` -> 950."""
+    head = name[len("Dataset"):].split("_", 1)[0] if name.startswith("Dataset") else ""
+    if not head.isdigit():
+        raise DatasetNotFoundError(f"'{name}' is not an nnU-Net dataset name (DatasetXXX_Name)")
+    return int(head)
+
+
+def _root(var: str) -> str:
+    value = os.environ.get(var)
+    if not value:
+        raise DatasetNotFoundError(f"{var} is not set")
+    return value
+
+
+def raw_folder(dataset: str | int) -> str:
+    """``$nnUNet_raw/<name>``; the folder must exist."""
+    name = dataset_name(dataset)
+    folder = os.path.join(_root("nnUNet_raw"), name)
+    if not os.path.isdir(folder):
+        raise DatasetNotFoundError(f"Unknown dataset '{dataset}': folder {folder} does not exist")
+    return folder
+
+
+def preprocessed_folder(dataset: str | int) -> str:
+    """``$nnUNet_preprocessed/<name>`` (not checked: planning creates it)."""
+    return os.path.join(_root("nnUNet_preprocessed"), dataset_name(dataset))
+
+
+def results_folder(dataset: str | int) -> str:
+    """``$nnUNet_results/<name>`` (not checked: training creates it)."""
+    return os.path.join(_root("nnUNet_results"), dataset_name(dataset))

@@ -1,3 +1,0 @@
-from nnunetv2_versemi.plans_presets import main
-
-main()
