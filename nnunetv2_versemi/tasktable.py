@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from nnunetv2_versemi.errors import VerSemiInputError
 
 TABLE_KEY = "versemi"
@@ -64,6 +66,28 @@ class Task:
     @property
     def source_values(self) -> list[int]:
         return [lab.source for lab in self.labels]
+
+    def source_to_merged_lut(self, size: int | None = None) -> np.ndarray:
+        """Source label value -> merged value (values this task does not declare -> 0); ``size`` entries
+        (default: the largest source value + 1)."""
+        lut = np.zeros(size or max(self.source_values) + 1, dtype=np.int64)
+        for lab in self.labels:
+            lut[lab.source] = lab.merged
+        return lut
+
+    def merged_to_source_lut(self) -> np.ndarray:
+        """Merged value -> this task's source label value (other tasks' values -> 0)."""
+        lut = np.zeros(max(self.merged_values) + 1, dtype=np.int64)
+        for lab in self.labels:
+            lut[lab.merged] = lab.source
+        return lut
+
+    def merged_to_local_lut(self, num_merged_labels: int) -> np.ndarray:
+        """Merged value -> class index of this task's head (1..K; other tasks' values and background -> 0)."""
+        lut = np.zeros(num_merged_labels, dtype=np.int64)
+        for ci, v in enumerate(self.merged_values, start=1):
+            lut[v] = ci
+        return lut
 
     def source_label_dict(self) -> dict[str, int]:
         """The ``labels`` entry of the source dataset.json (background first)."""
@@ -128,12 +152,16 @@ class TaskTable:
                 out[f"{t.name}_{lab.name}"] = lab.merged
         return out
 
-    def merged_to_task_lut(self) -> list[tuple[int, int]]:
-        """For merged value v: (task index, class index within that task's head); background -> (-1, 0)."""
-        lut = [(-1, 0)] * self.num_merged_labels
+    def merged_to_local_lut(self) -> np.ndarray:
+        """Merged value -> class index within its own task's head (background -> 0)."""
+        return sum(t.merged_to_local_lut(self.num_merged_labels) for t in self.tasks)
+
+    def local_to_merged_lut(self) -> np.ndarray:
+        """(task, class index of its head) -> merged value, shape (T, max classes); background and the padding
+        of tasks with fewer classes -> 0."""
+        lut = np.zeros((self.num_tasks, max(self.num_classes_per_prompt())), dtype=np.int64)
         for ti, t in enumerate(self.tasks):
-            for ci, lab in enumerate(t.labels, start=1):
-                lut[lab.merged] = (ti, ci)
+            lut[ti, 1:t.num_classes] = t.merged_values
         return lut
 
     def task_of_case(self, case_id: str) -> int:

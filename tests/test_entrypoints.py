@@ -4,10 +4,10 @@ the same way (``<prog>: error: ...`` and exit code 2); an unknown dataset is the
 from __future__ import annotations
 
 import importlib
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from nnunetv2_versemi.entrypoints.common import input_errors_exit
 from nnunetv2_versemi.errors import VerSemiInputError

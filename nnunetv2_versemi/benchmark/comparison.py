@@ -492,9 +492,7 @@ def ensure_alone_dataset(ctx: Context, task: Task) -> str:
         try:
             os.makedirs(join(tmp, "imagesTr"))
             os.makedirs(join(tmp, "labelsTr"))
-            lut = np.zeros(ctx.table.num_merged_labels, dtype=np.uint8)
-            for ci, lab in enumerate(task.labels, start=1):
-                lut[lab.merged] = ci
+            lut = task.merged_to_local_lut(ctx.table.num_merged_labels).astype(np.uint8)
             fe = ctx.file_ending
             for c in task.labeled:
                 for k in range(ctx.num_channels):

@@ -755,9 +755,7 @@ def _assign_outputs(jobs: list[_Job], table: TaskTable, tmp: str, num_channels: 
         ]
         if lab_dir is not None and j.label is not None:
             j.out_label = os.path.join(tmp, lab_dir, j.case_id + OUT_FILE_ENDING)
-            j.lut = [0] * (max(j.declared_labels) + 1)
-            for lab in task.labels:
-                j.lut[lab.source] = lab.merged
+            j.lut = task.source_to_merged_lut(max(j.declared_labels) + 1).tolist()
         else:
             j.label = None
 

@@ -140,9 +140,7 @@ def predict_task(predictor, net, task_index: int, task: Task, cases: dict[str, l
     first = next(iter(cases.values()))[0]
     rw = determine_reader_writer_from_file_ending(task.file_ending, first, allow_nonmatching_filename=True,
                                                   verbose=False)()
-    lut = np.zeros(max(task.merged_values) + 1, dtype=np.uint16)
-    for lab in task.labels:
-        lut[lab.merged] = lab.source
+    lut = task.merged_to_source_lut()
     out_dtype = np.uint8 if max(task.source_values) < 256 else np.uint16
     written = []
     names = sorted(cases)

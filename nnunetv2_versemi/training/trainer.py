@@ -281,16 +281,11 @@ class VerSemiTrainer(nnUNetTrainer):
         device = self.device
         n_max = max(tables.num_classes_per_prompt())
         self._num_classes = tables.num_classes_per_prompt()
-        merged_to_local = torch.zeros(tables.num_merged_labels, dtype=torch.long)
-        local_to_merged = torch.zeros((tables.num_tasks, n_max), dtype=torch.long)
         class_valid = torch.zeros((tables.num_tasks, n_max), dtype=torch.bool)
         for ti, t in enumerate(tables.tasks):
             class_valid[ti, :t.num_classes] = True
-            for ci, v in enumerate(t.merged_values, start=1):
-                merged_to_local[v] = ci
-                local_to_merged[ti, ci] = v
-        self._merged_to_local = merged_to_local.to(device)
-        self._local_to_merged = local_to_merged.to(device)
+        self._merged_to_local = torch.from_numpy(tables.merged_to_local_lut()).to(device)
+        self._local_to_merged = torch.from_numpy(tables.local_to_merged_lut()).to(device)
         self._class_valid = class_valid.to(device)
         self._ds_weights = losses.deep_supervision_weights(
             len(self._get_deep_supervision_scales()) if self.enable_deep_supervision else 1)
