@@ -20,7 +20,10 @@ foreground statistics) or ``"zscore"`` (per image, per channel).
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -245,3 +248,63 @@ class TaskTable:
             return [(t.name, [(lab.name, lab.source, lab.merged) for lab in t.labels]) for t in tt.tasks]
 
         return key(self) == key(other)
+
+
+# ---- finding the table of a dataset, a preprocessed folder or a model folder -----------------------------
+def table_from_folder(folder: str | os.PathLike) -> TaskTable | None:
+    """The task table of a folder's dataset.json, else of its plans.json (model folders hold both); None when
+    neither holds one."""
+    folder = Path(folder)
+    for name, loader in (("dataset.json", TaskTable.from_dataset_json), ("plans.json", TaskTable.from_plans)):
+        f = folder / name
+        if f.is_file():
+            content = json.loads(f.read_text())
+            if TABLE_KEY in content:
+                return loader(content, where=str(f))
+    return None
+
+
+def find_task_table(dataset: str | int | None = None, path: str | os.PathLike | None = None) -> TaskTable:
+    """The task table of a union dataset, from one of:
+
+    - ``path``: a dataset.json or plans.json file, or a folder holding one (a raw or preprocessed dataset
+      folder, a trained model folder);
+    - ``dataset``: an id or name, looked up in $nnUNet_raw, then $nnUNet_preprocessed, then the model folders
+      under $nnUNet_results (an existing path is accepted as well).
+    """
+    if path is not None:
+        p = Path(path)
+        if p.is_dir():
+            table = table_from_folder(p)
+            if table is None:
+                raise TaskTableError(f"{p} holds no dataset.json or plans.json with a '{TABLE_KEY}' task table")
+            return table
+        if not p.is_file():
+            raise TaskTableError(f"{p} does not exist")
+        content = json.loads(p.read_text())
+        if p.name == "plans.json" or (TABLE_KEY not in content and "plans_name" in content):
+            return TaskTable.from_plans(content, where=str(p))
+        return TaskTable.from_dataset_json(content, where=str(p))
+    if dataset is None:
+        raise TaskTableError("Give the union dataset (an id or name) or a path to its dataset.json")
+    if Path(str(dataset)).exists():
+        return find_task_table(path=dataset)
+
+    from nnunetv2_versemi.nnunet_paths import dataset_name
+
+    name = dataset_name(dataset)
+    folders = [Path(os.environ[v]) / name for v in ("nnUNet_raw", "nnUNet_preprocessed") if os.environ.get(v)]
+    if os.environ.get("nnUNet_results"):
+        folders.extend(sorted(p for p in (Path(os.environ["nnUNet_results"]) / name).glob("*") if p.is_dir()))
+    seen = []
+    for folder in folders:
+        if (folder / "dataset.json").is_file() or (folder / "plans.json").is_file():
+            seen.append(str(folder))
+            table = table_from_folder(folder)
+            if table is not None:
+                return table
+    if not seen:
+        raise TaskTableError(f"No dataset.json for {name} in $nnUNet_raw, $nnUNet_preprocessed or $nnUNet_results; "
+                             "give the path of its dataset.json")
+    raise TaskTableError(f"{name} has no '{TABLE_KEY}' task table (looked in {', '.join(seen)}): not a union "
+                         "dataset made by nnUNetv2_versemi_merge")

@@ -15,10 +15,9 @@ from nnunetv2_versemi.evaluation.evaluate import (
     CSV_COLUMNS,
     EvaluationError,
     evaluate_folders,
-    load_task_table,
 )
 from nnunetv2_versemi.evaluation.metrics import aggregate, binary_metrics, compute_case_metrics
-from nnunetv2_versemi.tasktable import Task, TaskLabel, TaskTable, TaskTableError
+from nnunetv2_versemi.tasktable import Task, TaskLabel, TaskTable, TaskTableError, find_task_table
 
 
 # ---- metrics on constructed masks ------------------------------------------------------------------
@@ -343,13 +342,13 @@ def test_extra_prediction_is_reported_not_scored(union):
     assert res["extra_predictions"] == ["CT_0099"] and "CT_0099" not in res["cases"]
 
 
-def test_load_task_table_from_dataset_json_and_model_folder(union):
-    assert load_task_table(dataset_json=union["ds"] / "dataset.json").same_structure(union["table"])
+def test_find_task_table_from_dataset_json_and_model_folder(union):
+    assert find_task_table(path=union["ds"] / "dataset.json").same_structure(union["table"])
     model = union["tmp"] / "model"
     model.mkdir()
     (model / "dataset.json").write_text(json.dumps({"labels": {}, "file_ending": ".nii.gz"}))
     (model / "plans.json").write_text(json.dumps({"plans_name": "p", "versemi": union["table"].to_dict()}))
-    assert load_task_table(str(model)).same_structure(union["table"])
+    assert find_task_table(str(model)).same_structure(union["table"])
 
 
 # ---- bad input -------------------------------------------------------------------------------------
@@ -387,7 +386,7 @@ def test_ill_dataset_without_task_table(tmp_path):
     f = tmp_path / "dataset.json"
     f.write_text(json.dumps({"labels": {"background": 0, "a": 1}, "file_ending": ".nii.gz"}))
     with pytest.raises(TaskTableError, match="no 'versemi' task table"):
-        load_task_table(dataset_json=f)
+        find_task_table(path=f)
 
 
 def test_ill_cli_errors_before_writing(union, capsys):

@@ -27,7 +27,7 @@ import numpy as np
 from nnunetv2_versemi.data.splits import SPLITS_FILE, describe_splits, splits_match_table, write_splits
 from nnunetv2_versemi.errors import VerSemiInputError
 from nnunetv2_versemi.nnunet_paths import dataset_name
-from nnunetv2_versemi.tasktable import TABLE_KEY, TaskTable, TaskTableError
+from nnunetv2_versemi.tasktable import TABLE_KEY, TaskTable, find_task_table
 
 UNLABELED_SUFFIX = "_unlabeled"
 DEFAULT_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
@@ -50,21 +50,6 @@ def _names(dataset_name_or_id: str | int) -> tuple[str, str, str]:
     return name, raw, os.path.join(str(nnUNet_preprocessed), name)
 
 
-def load_task_table(dataset_name_or_id: str | int) -> TaskTable:
-    """The task table of a union dataset, from its raw dataset.json (else the copy in nnUNet_preprocessed)."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-
-    name, raw, pp = _names(dataset_name_or_id)
-    for folder in (raw, pp):
-        path = os.path.join(folder, "dataset.json") if folder else ""
-        if path and os.path.isfile(path):
-            try:
-                return TaskTable.from_dataset_json(load_json(path), where=path)
-            except TaskTableError as e:
-                raise PreprocessError(str(e)) from e
-    raise PreprocessError(f"Dataset {name}: no dataset.json in nnUNet_raw or nnUNet_preprocessed")
-
-
 def attach_task_table(dataset_id: str | int, plans_identifier: str = "nnUNetPlans") -> TaskTable:
     """Store the union's task table in ``nnUNet_preprocessed/<dataset>/<plans_identifier>.json``.
 
@@ -73,7 +58,7 @@ def attach_task_table(dataset_id: str | int, plans_identifier: str = "nnUNetPlan
     from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 
     name, _, pp = _names(dataset_id)
-    table = load_task_table(name)
+    table = find_task_table(name)
     plans_file = os.path.join(pp, plans_identifier + ".json")
     if not os.path.isfile(plans_file):
         raise PreprocessError(f"Plans file {plans_file} not found; run the planning first")
@@ -159,7 +144,7 @@ def preprocess_unlabeled(
     # the preprocessed copy of dataset.json, as nnU-Net's preprocessor reads it
     dj_file = os.path.join(pp, "dataset.json")
     dataset_json = load_json(dj_file if os.path.isfile(dj_file) else os.path.join(raw, "dataset.json"))
-    table = load_task_table(name)
+    table = find_task_table(name)
     files = _unlabeled_files(
         name, raw, table, dataset_json["file_ending"], len(dataset_json["channel_names"])
     )
@@ -271,7 +256,7 @@ def plan_and_preprocess(
     from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
 
     name, raw, pp = _names(dataset_name_or_id)
-    table = load_task_table(name)  # fail early when this is not a union dataset
+    table = find_task_table(name)  # fail early when this is not a union dataset
     dataset_id = convert_dataset_name_to_id(name)
     nps = num_processes or [DEFAULT_NP.get(c, 4) for c in configurations]
     _drop_stale_splits(name, raw, pp, table)

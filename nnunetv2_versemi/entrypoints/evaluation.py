@@ -44,7 +44,8 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
     return p
 
 def evaluate_main(argv: list[str] | None = None) -> dict:
-    from nnunetv2_versemi.evaluation.evaluate import evaluate_folders, load_task_table, summary_markdown
+    from nnunetv2_versemi.evaluation.evaluate import evaluate_folders, summary_markdown
+    from nnunetv2_versemi.tasktable import find_task_table
 
     args = build_evaluate_parser().parse_args(argv)
     if args.dataset is None and args.dataset_json is None:
@@ -54,7 +55,7 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
         build_evaluate_parser().error("--png N must be >= 0")
     out = args.output_dir or os.path.join(args.pred, "evaluation")
     with input_errors_exit(PROG):
-        table = load_task_table(args.dataset, args.dataset_json)
+        table = find_task_table(args.dataset, args.dataset_json)
         results = evaluate_folders(
             args.ref,
             args.pred,

@@ -31,75 +31,10 @@ from nnunetv2_versemi.evaluation.labelio import (
     reader_for,
 )
 from nnunetv2_versemi.evaluation.metrics import METRICS, aggregate, compute_case_metrics
-from nnunetv2_versemi.nnunet_paths import dataset_name
-from nnunetv2_versemi.tasktable import TABLE_KEY, TaskTable, TaskTableError
+from nnunetv2_versemi.tasktable import TaskTable, TaskTableError
 
 PROG = "nnUNetv2_versemi_evaluate"
 # files nnU-Net writes next to predictions; never label maps
-# ---- dataset / task table ------------------------------------------------------------------------
-def _table_from_folder(folder: Path) -> TaskTable | None:
-    """The task table of a folder's dataset.json, else of its plans.json (model folders hold both)."""
-    for name, loader in (("dataset.json", TaskTable.from_dataset_json), ("plans.json", TaskTable.from_plans)):
-        f = folder / name
-        if f.is_file():
-            content = json.loads(f.read_text())
-            if TABLE_KEY in content:
-                return loader(content, where=str(f))
-    return None
-
-
-def load_task_table(dataset: str | None = None, dataset_json: str | os.PathLike | None = None) -> TaskTable:
-    """Task table of a union dataset.
-
-    ``dataset_json``: a dataset.json (or plans.json) file, or a folder holding one (e.g. a trained model
-    folder). ``dataset``: a dataset id or name, looked up in $nnUNet_raw, then $nnUNet_preprocessed, then
-    the model folders under $nnUNet_results; a path is accepted as well.
-    """
-    if dataset_json is not None:
-        p = Path(dataset_json)
-        if p.is_dir():
-            table = _table_from_folder(p)
-            if table is None:
-                raise TaskTableError(
-                    f"{p} holds no dataset.json or plans.json with a '{TABLE_KEY}' task table"
-                )
-            return table
-        if not p.is_file():
-            raise EvaluationError(f"--dataset-json {p} does not exist")
-        content = json.loads(p.read_text())
-        if p.name == "plans.json" or (TABLE_KEY not in content and "plans_name" in content):
-            return TaskTable.from_plans(content, where=str(p))
-        return TaskTable.from_dataset_json(content, where=str(p))
-    if dataset is None:
-        raise EvaluationError("Give the union dataset with -d ID/NAME or --dataset-json PATH")
-    if Path(dataset).exists():
-        return load_task_table(dataset_json=dataset)
-
-    name = dataset_name(dataset)
-    folders = []
-    for var in ("nnUNet_raw", "nnUNet_preprocessed"):
-        if os.environ.get(var):
-            folders.append(Path(os.environ[var]) / name)
-    if os.environ.get("nnUNet_results"):
-        folders.extend(sorted(p for p in (Path(os.environ["nnUNet_results"]) / name).glob("*") if p.is_dir()))
-    seen = []
-    for folder in folders:
-        if (folder / "dataset.json").is_file() or (folder / "plans.json").is_file():
-            seen.append(str(folder))
-            table = _table_from_folder(folder)
-            if table is not None:
-                return table
-    if not seen:
-        raise EvaluationError(
-            f"No dataset.json for {name} in $nnUNet_raw, $nnUNet_preprocessed or $nnUNet_results; "
-            "pass --dataset-json PATH"
-        )
-    raise TaskTableError(
-        f"{name} has no '{TABLE_KEY}' task table (looked in {', '.join(seen)}). Evaluate predictions of a "
-        "union dataset made by nnUNetv2_versemi_merge."
-    )
-
-
 # ---- evaluation -------------------------------------------------------------------------------------
 def _evaluate_case(job: dict) -> dict:
     """Worker: read one reference/prediction pair, check they match, compute the metrics."""
@@ -386,6 +321,3 @@ def write_outputs(
                 title=f"{case} ({r['task']})",
                 dice={n: m["dice"] for n, m in r["metrics"].items()},
             )
-
-
-# ---- CLI --------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from nnunetv2_versemi.discovery import ensure_ext_trainer_env
 from nnunetv2_versemi.errors import VerSemiInputError
 from nnunetv2_versemi.inference.prompted import plain_network, prompted
 from nnunetv2_versemi.nnunet_paths import dataset_name
-from nnunetv2_versemi.tasktable import Task, TaskTable, TaskTableError
+from nnunetv2_versemi.tasktable import Task, TaskTable, TaskTableError, find_task_table
 
 ALL = "all"
 AUTO = "auto"
@@ -49,7 +49,7 @@ def load_model_table(model_folder: str) -> TaskTable:
     if not isfile(plans_file):
         raise PredictionError(f"{model_folder} is not a trained model folder (no plans.json)")
     try:
-        return TaskTable.from_plans(load_json(plans_file), where=plans_file)
+        return find_task_table(path=plans_file)
     except TaskTableError as e:
         raise PredictionError(f"{e} (model folder {model_folder}: not a VerSemi model?)") from e
 
