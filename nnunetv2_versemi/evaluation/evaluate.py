@@ -109,11 +109,26 @@ def evaluate_folders(
     ``png`` overlays per task (see ``write_outputs``). Raises ``EvaluationError``/``TaskTableError``
     before writing anything when inputs are inconsistent.
     """
-    if task is not None:
-        task_idx = table.index(task)  # TaskTableError listing the valid tasks
-        label_space = "source"
-    else:
-        label_space = "merged"
+    task_idx = table.index(task) if task is not None else None  # TaskTableError listing the valid tasks
+    jobs, extra = _case_jobs(ref_dir, pred_dir, table, task_idx, file_ending)
+    overlay_cases = select_overlay_cases(jobs, png)
+    if images_dir is not None:
+        for case in overlay_cases:
+            if find_image(images_dir, case) is None:
+                raise EvaluationError(f"No image {case}_0000.<ending> in {images_dir} for the overlay of case {case}")
+    records = _run_jobs(jobs, num_processes, verbose)
+    results = _aggregate_results(records, table, task, ref_dir, pred_dir, extra)
+    if verbose and extra:
+        print(f"Warning: {len(extra)} prediction(s) without a reference, not evaluated: {', '.join(extra[:10])}")
+    if output_dir is not None:
+        write_outputs(results, output_dir, overlay_cases=overlay_cases, table=table, images_dir=images_dir)
+    return results
+
+
+def _case_jobs(ref_dir, pred_dir, table: TaskTable, task_idx: int | None, file_ending: str | None
+               ) -> tuple[list[dict], list[str]]:
+    """Pair reference and prediction files, give each case its task's classes in the files' label space
+    (merged without ``task_idx``, that task's source values with it); the predictions without reference."""
     ref_files, ref_ending = list_label_files(ref_dir, file_ending)
     pred_files, pred_ending = list_label_files(pred_dir, file_ending)
     missing = sorted(set(ref_files) - set(pred_files))
@@ -123,50 +138,39 @@ def evaluate_folders(
             f"{len(missing)} reference case(s) have no prediction in {pred_dir}: {shown} "
             f"(expected e.g. {Path(pred_dir) / (missing[0] + pred_ending)})"
         )
-    extra = sorted(set(pred_files) - set(ref_files))
-
+    source = task_idx is not None
     jobs = []
     for case, ref_file in sorted(ref_files.items()):
-        if task is None:
+        if source:
+            ti = task_idx
+        else:
             try:
                 ti = table.task_of_case(case)
             except TaskTableError as e:
                 raise EvaluationError(f"Reference file {ref_file}: {e}") from e
-        else:
-            ti = task_idx
         t = table.tasks[ti]
-        labels = [(lab.name, lab.source if task is not None else lab.merged) for lab in t.labels]
-        jobs.append(
-            {
-                "case": case,
-                "task": t.name,
-                "ref_file": ref_file,
-                "pred_file": pred_files[case],
-                "labels": labels,
-                "label_space": label_space,
-                "pred_values": t.source_values if task is not None else range(1, table.num_merged_labels),
-            }
-        )
-
-    overlay_cases = select_overlay_cases(jobs, png)
-    if images_dir is not None and overlay_cases:
-        for case in overlay_cases:
-            if find_image(images_dir, case) is None:
-                raise EvaluationError(
-                    f"No image {case}_0000.<ending> in {images_dir} for the overlay of case {case}"
-                )
-
+        jobs.append({
+            "case": case, "task": t.name, "ref_file": ref_file, "pred_file": pred_files[case],
+            "labels": [(lab.name, lab.source if source else lab.merged) for lab in t.labels],
+            "label_space": "source" if source else "merged",
+            "pred_values": t.source_values if source else range(1, table.num_merged_labels),
+        })
     ref_reader = reader_for(ref_ending, jobs[0]["ref_file"])
     pred_reader = reader_for(pred_ending, jobs[0]["pred_file"])
     for j in jobs:
         j["ref_reader"], j["pred_reader"] = ref_reader, pred_reader
-    records = _run_jobs(jobs, num_processes, verbose)
+    return jobs, sorted(set(pred_files) - set(ref_files))
 
+
+def _aggregate_results(records: list[dict], table: TaskTable, task: str | None, ref_dir, pred_dir,
+                       extra: list[str]) -> dict:
+    """Per-case records -> the results dict: per task the mean/std over cases of each class and of the
+    mean over classes, and the mean over tasks."""
     results = {
         "ref_dir": str(ref_dir),
         "pred_dir": str(pred_dir),
         "task": task,
-        "label_space": label_space,
+        "label_space": "source" if task is not None else "merged",
         "distance_unit": "mm",
         "conventions": {
             "both_empty": "dice = iou = 1, hd95 = asd = 0 (counted in means)",
@@ -184,24 +188,12 @@ def evaluate_folders(
             continue
         agg = aggregate([r["metrics"] for r in task_records])
         for name, lab in zip(agg["classes"], t.labels):
-            agg["classes"][name] = {
-                "label": lab.source if task is not None else lab.merged,
-                **agg["classes"][name],
-            }
+            agg["classes"][name] = {"label": lab.source if task is not None else lab.merged, **agg["classes"][name]}
         results["tasks"][t.name] = agg
     results["overall"] = {
-        m: _mean_of([agg["mean_over_classes"][m]["mean"] for agg in results["tasks"].values()])
-        for m in METRICS
+        m: _mean_of([agg["mean_over_classes"][m]["mean"] for agg in results["tasks"].values()]) for m in METRICS
     }
     results["overall"]["n_tasks"] = len(results["tasks"])
-
-    if verbose:
-        if extra:
-            print(
-                f"Warning: {len(extra)} prediction(s) without a reference, not evaluated: {', '.join(extra[:10])}"
-            )
-    if output_dir is not None:
-        write_outputs(results, output_dir, overlay_cases=overlay_cases, table=table, images_dir=images_dir)
     return results
 
 
