@@ -796,10 +796,7 @@ def merge_datasets(
     See the module docstring and docs/DATA.md for the layout. Raises :class:`MergeError` on bad input, before
     anything is written. ``num_processes`` > 1 reads and writes cases in that many spawned workers.
     """
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
     from nnunetv2.paths import nnUNet_raw
-
-    from nnunetv2_versemi.data.splits import write_splits
 
     t0 = time.time()
     if not nnUNet_raw.is_set():
@@ -808,7 +805,6 @@ def merge_datasets(
     if not sources:
         raise MergeError("No source datasets given")
     _check_arguments(labeled_fraction, labeled_cases, test_fraction)
-
     resolved = [_resolve_dataset(s, raw) for s in sources]
     names = [n for n, _ in resolved]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -818,35 +814,15 @@ def merge_datasets(
     target = _check_output(raw, output_id, output_name, names, overwrite)
     unlabeled_dirs = dict(unlabeled_dirs or {})
     channels = {k: int(v) for k, v in (channels or {}).items()}
-    per_task_cases = {k: v for k, v in labeled_cases.items() if k != "*"} if isinstance(labeled_cases, dict) else {}
-    for what, d in (("--unlabeled-dir", unlabeled_dirs), ("--channel", channels),
-                    ("--labeled-cases", per_task_cases)):
-        unknown = sorted(set(d) - set(tasks))
-        if unknown:
-            raise MergeError(f"{what} names unknown task(s) {unknown}; tasks are {tasks}")
+    _check_task_options(tasks, unlabeled_dirs, channels, labeled_cases)
 
-    srcs = _load_sources(resolved, tasks, channels)
+    srcs = _checked_sources(resolved, tasks, channels, unlabeled_dirs, progress)
     num_channels = len(srcs[0].used_channels)
-    problems = [p for s in srcs for p in _scan_source(s, unlabeled_dirs.get(s.task))]
-    if problems:
-        raise MergeError(problems)
-    if progress:
-        for note in (n for s in srcs for n in s.notes):
-            print(note)
-    for s in srcs:
-        # the reader nnU-Net picks for this dataset.json and file ending (chosen without probing a file, so a
-        # corrupt first file is reported by the checks below instead of silently switching readers)
-        try:
-            s.reader = determine_reader_writer_from_dataset_json(s.dataset_json, None, verbose=False)
-        except RuntimeError as e:
-            raise MergeError(
-                f"Dataset {s.dataset}: no nnU-Net reader for file ending {s.file_ending}: {e}"
-            ) from e
     jobs, table_tasks = _build_jobs(srcs, labeled_fraction, labeled_cases, test_fraction, seed)
-
+    provenance = {"sources": names, "seed": seed, "labeled_fraction": labeled_fraction,
+                  "labeled_cases": labeled_cases, "test_fraction": test_fraction}
     final = os.path.join(raw, target)
     remove_stale_temporaries(raw)
-    tmp = os.path.join(raw, f".{target}.tmp-{os.getpid()}")
     with _worker_pool(num_processes, len(jobs)) as pool:
         # pass 1: read and check every file; collect the CT foreground samples of labeled cases
         results = _run_jobs(_validate_case, jobs, pool, "Checking cases", progress)
@@ -856,34 +832,8 @@ def merge_datasets(
         for ti, (src, task) in enumerate(zip(srcs, table_tasks)):
             task.normalization = _task_normalization(src, [r for j, r in zip(jobs, results) if j.task == ti])
         table = TaskTable(table_tasks)
-
         # pass 2: write into a hidden temporary folder next to the target, then rename it into place
-        _assign_outputs(jobs, table, tmp, num_channels)
-        try:
-            for d in {tmp} | {os.path.dirname(p) for j in jobs for p in [*j.out_images, j.out_label] if p}:
-                os.makedirs(d, exist_ok=True)
-            _run_jobs(_write_case, jobs, pool, "Writing union", progress)
-            provenance = {
-                "sources": names,
-                "seed": seed,
-                "labeled_fraction": labeled_fraction,
-                "labeled_cases": labeled_cases,
-                "test_fraction": test_fraction,
-            }
-            with open(os.path.join(tmp, "dataset.json"), "w") as f:
-                json.dump(_union_dataset_json(table, num_channels, output_name, provenance), f, indent=2)
-            # stock nnU-Net planning copies a raw splits_final.json into the preprocessed folder
-            write_splits(tmp, table)
-            if os.path.exists(final):
-                old = os.path.join(raw, f".{target}.old-{os.getpid()}")
-                os.rename(final, old)
-                os.rename(tmp, final)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, final)
-        finally:
-            if os.path.isdir(tmp):
-                shutil.rmtree(tmp)
+        _write_union(jobs, table, pool, raw, target, num_channels, output_name, provenance, progress)
     if progress:
         n = {k: sum(len(getattr(t, k)) for t in table.tasks) for k in ("labeled", "unlabeled", "test")}
         print(
@@ -891,3 +841,64 @@ def merge_datasets(
             f"{n['test']} test cases, {table.num_merged_labels - 1} foreground labels ({time.time() - t0:.1f} s)"
         )
     return final
+
+
+def _check_task_options(tasks: list[str], unlabeled_dirs: dict, channels: dict, labeled_cases) -> None:
+    """Per-task options must name tasks of this merge."""
+    per_task_cases = {k: v for k, v in labeled_cases.items() if k != "*"} if isinstance(labeled_cases, dict) else {}
+    for what, d in (("--unlabeled-dir", unlabeled_dirs), ("--channel", channels),
+                    ("--labeled-cases", per_task_cases)):
+        unknown = sorted(set(d) - set(tasks))
+        if unknown:
+            raise MergeError(f"{what} names unknown task(s) {unknown}; tasks are {tasks}")
+
+
+def _checked_sources(resolved: list[tuple[str, str]], tasks: list[str], channels: dict, unlabeled_dirs: dict,
+                     progress: bool) -> list:
+    """Load and scan every source dataset (all problems at once), and give each the reader nnU-Net picks."""
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+    srcs = _load_sources(resolved, tasks, channels)
+    problems = [p for s in srcs for p in _scan_source(s, unlabeled_dirs.get(s.task))]
+    if problems:
+        raise MergeError(problems)
+    if progress:
+        for note in (n for s in srcs for n in s.notes):
+            print(note)
+    for s in srcs:
+        # the reader nnU-Net picks for this dataset.json and file ending (chosen without probing a file, so a
+        # corrupt first file is reported by the checks instead of silently switching readers)
+        try:
+            s.reader = determine_reader_writer_from_dataset_json(s.dataset_json, None, verbose=False)
+        except RuntimeError as e:
+            raise MergeError(f"Dataset {s.dataset}: no nnU-Net reader for file ending {s.file_ending}: {e}") from e
+    return srcs
+
+
+def _write_union(jobs: list, table: TaskTable, pool, raw: str, target: str, num_channels: int, output_name: str,
+                 provenance: dict, progress: bool) -> None:
+    """Write every case, dataset.json and splits into a hidden folder beside the target, then rename it into
+    place (replacing an existing union only at that last step)."""
+    from nnunetv2_versemi.data.splits import write_splits
+
+    final = os.path.join(raw, target)
+    tmp = os.path.join(raw, f".{target}.tmp-{os.getpid()}")
+    _assign_outputs(jobs, table, tmp, num_channels)
+    try:
+        for d in {tmp} | {os.path.dirname(p) for j in jobs for p in [*j.out_images, j.out_label] if p}:
+            os.makedirs(d, exist_ok=True)
+        _run_jobs(_write_case, jobs, pool, "Writing union", progress)
+        with open(os.path.join(tmp, "dataset.json"), "w") as f:
+            json.dump(_union_dataset_json(table, num_channels, output_name, provenance), f, indent=2)
+        # stock nnU-Net planning copies a raw splits_final.json into the preprocessed folder
+        write_splits(tmp, table)
+        if os.path.exists(final):
+            old = os.path.join(raw, f".{target}.old-{os.getpid()}")
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
