@@ -285,7 +285,8 @@ def test_task_option_uses_source_values(union):
 
 def test_main_writes_json_csv_markdown(union, monkeypatch):
     monkeypatch.setenv("nnUNet_raw", str(union["raw"]))
-    main(["-ref", str(union["ref"]), "-pred", str(union["pred"]), "-d", "950", "-np", "1", "-q"])
+    # console scripts run sys.exit(main()): anything but None returned would be exit code 1
+    assert main(["-ref", str(union["ref"]), "-pred", str(union["pred"]), "-d", "950", "-np", "1", "-q"]) is None
     out = union["pred"] / "evaluation"
 
     with open(out / "metrics.csv") as fh:

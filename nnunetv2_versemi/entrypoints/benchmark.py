@@ -12,11 +12,12 @@ from nnunetv2_versemi.entrypoints.common import add_device, input_errors_exit
 PROG = "nnUNetv2_versemi_benchmark"
 
 
-def benchmark_main(argv: list[str] | None = None) -> dict | None:
+def benchmark_main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     subcommands = {"speed": speed_main, "recognition": recognition_main, "plans": plans_main}
     if argv and argv[0] in subcommands:
-        return subcommands[argv[0]](argv[1:])
+        subcommands[argv[0]](argv[1:])
+        return
     args = build_benchmark_parser().parse_args(argv)
     args.argv = argv
     # nnU-Net reads its worker count once, at import; the final validation spawns that many exporters
@@ -27,13 +28,14 @@ def benchmark_main(argv: list[str] | None = None) -> dict | None:
         if args.seeds > 1:
             from nnunetv2_versemi.benchmark.seeds import run_seeds
 
-            return run_seeds(args)
+            run_seeds(args)
+            return
         from nnunetv2_versemi.benchmark.comparison import run_benchmark
 
-        return run_benchmark(args)
+        run_benchmark(args)
 
 
-def speed_main(argv: list[str] | None = None) -> dict:
+def speed_main(argv: list[str] | None = None) -> None:
     import numpy as np
 
     from nnunetv2_versemi.benchmark import speed
@@ -52,15 +54,14 @@ def speed_main(argv: list[str] | None = None) -> dict:
                       default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o))
         with open(os.path.join(args.o, "speed.md"), "w") as f:
             f.write(text)
-    return result
 
 
-def recognition_main(argv: list[str] | None = None) -> dict:
+def recognition_main(argv: list[str] | None = None) -> None:
     from nnunetv2_versemi.benchmark import recognition
 
     args = build_recognition_parser().parse_args(argv)
     with input_errors_exit(recognition.PROG):
-        return recognition.run_recognition(args)
+        recognition.run_recognition(args)
 
 
 def plans_main(argv: list[str] | None = None) -> None:

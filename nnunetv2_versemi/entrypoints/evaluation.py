@@ -43,7 +43,7 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     return p
 
-def evaluate_main(argv: list[str] | None = None) -> dict:
+def evaluate_main(argv: list[str] | None = None) -> None:
     from nnunetv2_versemi.evaluation.evaluate import evaluate_folders, summary_markdown
     from nnunetv2_versemi.tasktable import find_task_table
 
@@ -71,4 +71,3 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
     if not args.quiet:
         print(summary_markdown(results))
         print(f"Wrote {out}")
-    return results
