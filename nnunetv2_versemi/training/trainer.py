@@ -98,10 +98,9 @@ class VerSemiTrainer(nnUNetTrainer):
       L_sup   Dice+CE of each labeled case under its own task prompt (nnU-Net's loss, deep supervision)
       L_syn   Dice+CE of the synthetic prompt on the labeled mix vs the union foreground of both parts
       L_spec  Dice+CE of a's / b's prompt on the labeled mix vs a's foreground outside / b's inside the box
-      L_unsup squared soft Dice of the synthetic prompt on the unlabeled mix vs P_agg, the task heads'
-              foreground probability (each region of the mix from its own source task's head; the paper's
-              max over every task head with ``unsup_aggregate = "all"``), on the samples whose P_agg holds
-              foreground
+      L_unsup squared soft Dice of the synthetic prompt on the unlabeled mix vs P_agg, the max over every
+              task head of its foreground probability (with ``unsup_aggregate = "source"``: each region of
+              the mix from its own source task's head), on the samples whose P_agg holds foreground
       L_pseudo (off by default, ``pseudo_weight``) Dice+CE of each region's own task head on the unlabeled
               mix vs that head's hard pseudo labels on the unmixed images
       L_cons  soft Dice of the synthetic prompt vs the known foreground on the labeled part of an
@@ -126,9 +125,9 @@ class VerSemiTrainer(nnUNetTrainer):
         ``stage1_min_fraction`` of the epochs), at the latest after ``stage1_fraction`` of them
         ("ramp": sigmoid ramp-up of lambda over ``rampup_fraction`` of the epochs from that same switch,
         L_spec kept); the switch epoch is logged and stored in the checkpoint;
-      - ``unsup_aggregate = "source"``: P_agg takes each region's own task head; a head never trained on another
-        dataset's images has arbitrary margins there, and the paper's max over every head picked up its false
-        positives (measured in docs/METHOD.md);
+      - ``unsup_aggregate = "source"`` (an option; default "all" as in the paper): P_agg takes each region's own
+        task head; a head never trained on another dataset's images has arbitrary margins there, and the
+        paper's max over every head passes its false positives on (measured in docs/METHOD.md);
       - ``unsup_min_foreground``: L_unsup skips samples whose P_agg has fewer confidently foreground voxels
         (0: no guard, the official behaviour);
       - ``static_head`` (class attribute): a static per-prompt output layer beside the dynamic convs;
@@ -155,7 +154,7 @@ class VerSemiTrainer(nnUNetTrainer):
         self.unsup_weight = 1.0
         self.cons_weight = 1.0
         self.pseudo_weight = 0.0  # w_pseudo: CutMix self-training of each region's own task head (off: it hurt)
-        self.unsup_aggregate = "source"  # P_agg from each region's own task head; "all": max over every head
+        self.unsup_aggregate = "all"  # P_agg: max over every task head (paper); "source": each region's own head
         self.labeled_box_ratio = (2 / 3, 2 / 3)
         self.unlabeled_box_ratio = (0.3, 0.6)
         self.unlabeled_mix = "unlabeled"  # or "labeled"

@@ -58,14 +58,14 @@ class VerSemiTrainer_pseudo(VerSemiTrainer):
         self.pseudo_weight = 1.0
 
 
-class VerSemiTrainer_allHeadsAgg(VerSemiTrainer):
-    """P_agg as in the paper: the max over every task head, also on images of other tasks (see
+class VerSemiTrainer_sourceAgg(VerSemiTrainer):
+    """P_agg from each region's own source task head instead of the max over every task head (see
     ``unsup_aggregate``)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.unsup_aggregate = "all"
+        self.unsup_aggregate = "source"
 
 
 class VerSemiTrainer_nnunetDice(VerSemiTrainer):
