@@ -95,6 +95,16 @@ class VerSemiTrainer_EMA(VerSemiTrainer):
         self.target_source = "ema"
 
 
+class VerSemiTrainer_gradientTarget(VerSemiTrainer):
+    """Consistency target with gradient, as in the official code: L_unsup also trains the task heads (through
+    P_agg) toward the synthetic head's prediction, so unlabeled images reach them directly."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.target_source = "gradient"
+
+
 class VerSemiTrainer_officialMix(VerSemiTrainer):
     """Unlabeled images CutMixed with labeled ones, as in the official code; enables L_cons."""
 
