@@ -69,3 +69,13 @@ def test_trainer_folders_hold_only_reexports():
         assert files == ["versemi_trainers.py"]
         code = [ln for ln in open(os.path.join(folder, files[0])) if ln.strip() and not ln.startswith("#")]
         assert code == ["from nnunetv2_versemi.training.variants import *  # noqa: F401,F403\n"]
+
+
+def test_top_level_trainer_reexport_is_a_copy_of_the_package_one():
+    """The source is nnunetv2_versemi/_ext/versemi_trainers.py (installed, what nnUNet_extTrainer points at);
+    trainers/versemi_trainers.py is the copy the repository layout asks for."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    source = (root / "nnunetv2_versemi" / "_ext" / "versemi_trainers.py").read_text()
+    assert (root / "trainers" / "versemi_trainers.py").read_text() == source
