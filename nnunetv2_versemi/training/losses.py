@@ -46,16 +46,19 @@ def aggregate_task_foreground(task_logits: torch.Tensor, num_classes: Sequence[i
     return torch.stack(fg, dim=1).max(dim=1).values
 
 
+def pick_task(per_task: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
+    """(B, T, *S) maps of every task, (B,) task per sample -> (B, 1, *S): each sample's own task's map."""
+    idx = tasks.view(-1, 1, *[1] * (per_task.ndim - 2)).expand(-1, 1, *per_task.shape[2:])
+    return per_task.gather(1, idx)
+
+
 def source_task_foreground(task_fg: torch.Tensor, outside_tasks: torch.Tensor, inside_tasks: torch.Tensor,
                            mask: torch.Tensor) -> torch.Tensor:
     """P_agg of a CutMix composite from each region's own task head: ``task_fg`` (B, T, *S) foreground
     probabilities of every task head, the tasks of the images outside / inside the box (B,), the box mask
     (B, 1, *S) -> (B, *S). A head never trained on another dataset's images has arbitrary margins there, so
     the max over every head (the paper's P_agg) picks up its false positives."""
-    def pick(tasks: torch.Tensor) -> torch.Tensor:
-        idx = tasks.view(-1, 1, *[1] * (task_fg.ndim - 2)).expand(-1, 1, *task_fg.shape[2:])
-        return task_fg.gather(1, idx)
-    return torch.where(mask > 0.5, pick(inside_tasks), pick(outside_tasks))[:, 0]
+    return torch.where(mask > 0.5, pick_task(task_fg, inside_tasks), pick_task(task_fg, outside_tasks))[:, 0]
 
 
 def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,

@@ -670,8 +670,7 @@ class VerSemiTrainer(nnUNetTrainer):
                 else (labels[:n], labels[n:])
             m = cutmix.resize_mask(mu, o.shape[3:])
             for tasks, store in ((u_tasks, outside), (partner_tasks, inside)):
-                idx = tasks.view(-1, 1, *[1] * (labels.ndim - 2)).expand(-1, 1, *labels.shape[2:])
-                store.append(cutmix.mix(own.gather(1, idx), other.gather(1, idx), m))
+                store.append(cutmix.mix(losses.pick_task(own, tasks), losses.pick_task(other, tasks), m))
         return outside, inside
 
     def _pseudo_loss(self, out_u: list[torch.Tensor], targets: tuple[list[torch.Tensor], list[torch.Tensor]],
