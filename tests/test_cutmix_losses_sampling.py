@@ -323,3 +323,21 @@ def test_source_task_foreground_ignores_foreign_heads_false_positives():
     assert torch.allclose(out[1], torch.full((6,), 0.7))  # both regions from task 2: its own head counts
     # the paper's P_agg takes head 2's false positives on sample 0
     assert torch.allclose(fg.max(dim=1).values[0], torch.tensor([0.9, 0.7, 0.7, 0.7, 0.8, 0.7]))
+
+
+def test_masked_cross_entropy_counts_only_labeled_voxels():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5, 5, generator=g, requires_grad=True)
+    target = torch.randint(0, 3, (2, 5, 5), generator=g)
+    full = losses.masked_cross_entropy(logits, target)
+    assert torch.allclose(full, torch.nn.functional.cross_entropy(logits, target))
+    part = target.clone()
+    part[:, :, 2:] = -1  # ignored voxels: changing the logits there changes nothing
+    ref = torch.nn.functional.cross_entropy(logits[:, :, :, :2], target[:, :, :2])
+    assert torch.allclose(losses.masked_cross_entropy(logits, part), ref)
+    bumped = logits.detach().clone()
+    bumped[:, :, :, 2:] += 5 * torch.randn(2, 3, 5, 3, generator=g)
+    assert torch.allclose(losses.masked_cross_entropy(bumped, part), ref)
+    none = losses.masked_cross_entropy(logits, torch.full_like(target, -1))
+    none.backward()
+    assert none.item() == 0.0 and logits.grad is not None

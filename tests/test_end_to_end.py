@@ -222,6 +222,14 @@ def test_switch_forced_at_epoch_limit_names_weak_tasks_and_ramp_starts_there(pip
     assert trainer.switch_epoch == 3
     text = _log_text(trainer)
     assert "epoch limit stage1_fraction=0.3" in text and "DemoCT, DemoMC" in text
+    # with a threshold, labels whose probability is below it become -1 (ignored); the logits are 10 * x
+    trainer.pseudo_threshold = 0.9
+    outside_t, _ = trainer._pseudo_targets(u, u.roll(1, dims=0), u_tasks, partner_tasks, mu)
+    x_out = torch.where(mu[:, 0] > 0.5, partner[:, 0], u[:, 0])
+    unsure = torch.sigmoid(10 * x_out.abs()) < 0.9
+    assert unsure.any() and (~unsure).any()
+    assert torch.equal(outside_t[0][:, 0] == -1, unsure)
+    assert torch.equal(outside_t[0][:, 0][~unsure], outside[0][:, 0][~unsure])
     lam = [trainer.unlabeled_weight(e) for e in range(2, 9)]
     assert lam[0] == 0 and 0 < lam[1] < 0.01 and lam[1] < lam[2] < lam[3] < lam[4] and lam[-1] == 1.0
 
@@ -262,6 +270,7 @@ def test_present_class_dice_is_built_into_the_hard_label_loss(pipeline, tmp_path
     ({"empty_warning_epochs": 0}, "empty_warning_epochs must be a positive integer"),
     ({"unsup_aggregate": "max"}, "unsup_aggregate must be 'source' or 'all'"),
     ({"pseudo_weight": -1.0}, "pseudo_weight must be a number >= 0"),
+    ({"pseudo_threshold": 1.0}, "pseudo_threshold must be None or a number in"),
 ])
 def test_ill_schedule_attributes_fail_at_initialize(pipeline, tmp_path, monkeypatch, attrs, message):
     with pytest.raises(ValueError, match=message):
@@ -517,6 +526,18 @@ def test_pseudo_term_runs_in_stage_two_only(pipeline, tmp_path, monkeypatch, pse
         assert np.isfinite(stage2["pseudo"]) and stage2["pseudo"] > 0
     else:
         assert np.isnan(stage2["pseudo"])
+
+
+def test_pseudo_teacher_variant_trains_on_confident_teacher_labels(pipeline, tmp_path, monkeypatch):
+    trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, name="VerSemiTrainer_pseudoTeacher")
+    assert trainer.ema_network is not None and trainer.pseudo_threshold == 0.9
+    labeled, unlabeled = _synthetic_batches(trainer)
+    trainer.dataloader_unlabeled = iter([unlabeled] * 2)
+    trainer.switch_epoch = 0
+    before = {k: v.clone() for k, v in trainer.ema_network.state_dict().items()}
+    out = trainer.train_step(labeled)
+    assert np.isfinite(out["pseudo"]) and np.isfinite(out["unsup"])
+    assert any(not torch.equal(before[k], v) for k, v in trainer.ema_network.state_dict().items())
 
 
 def test_pseudo_targets_mix_each_task_heads_labels_on_the_unmixed_images(pipeline, tmp_path, monkeypatch):

@@ -168,6 +168,14 @@ class PresentClassDiceLoss(torch.nn.Module):
         return -dc[present].mean()
 
 
+def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits (B, C, *S) against class indices (B, *S), averaged over the voxels whose target
+    is >= 0 (-1: no label); 0, with gradient, when no voxel has one."""
+    valid = target >= 0
+    ce = torch.nn.functional.cross_entropy(logits.float(), target.clamp(min=0).long(), reduction="none")
+    return (ce * valid).sum() / valid.sum().clamp(min=1)
+
+
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of (N, C) logits against (N, C) target distributions (one-hot or mixed), mean over N."""
     return -(target * torch.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()

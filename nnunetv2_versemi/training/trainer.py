@@ -102,7 +102,8 @@ class VerSemiTrainer(nnUNetTrainer):
               task head of its foreground probability (with ``unsup_aggregate = "source"``: each region of
               the mix from its own source task's head), on the samples whose P_agg holds foreground
       L_pseudo (off by default, ``pseudo_weight``) Dice+CE of each region's own task head on the unlabeled
-              mix vs that head's hard pseudo labels on the unmixed images
+              mix vs that head's hard pseudo labels on the unmixed images (with ``pseudo_threshold``: a
+              cross-entropy over the voxels whose pseudo label is that confident)
       L_cons  soft Dice of the synthetic prompt vs the known foreground on the labeled part of an
               unlabeled+labeled mix (only with ``unlabeled_mix = "labeled"``)
       L_rec   cross-entropy of the task classifier (which task an image comes from) on every image of the
@@ -154,6 +155,9 @@ class VerSemiTrainer(nnUNetTrainer):
         self.unsup_weight = 1.0
         self.cons_weight = 1.0
         self.pseudo_weight = 0.0  # w_pseudo: CutMix self-training of each region's own task head (off: it hurt)
+        # None: every voxel's hard pseudo label counts (Dice + CE); a number: only voxels whose pseudo label has at
+        # least this probability count, in a cross-entropy (the voxels below are ignored)
+        self.pseudo_threshold: float | None = None
         self.unsup_aggregate = "all"  # P_agg: max over every task head (paper); "source": each region's own head
         self.labeled_box_ratio = (2 / 3, 2 / 3)
         self.unlabeled_box_ratio = (0.3, 0.6)
@@ -248,6 +252,9 @@ class VerSemiTrainer(nnUNetTrainer):
         if self.unsup_schedule not in ("ramp", "stage"):
             raise ValueError(f"unsup_schedule must be 'ramp' or 'stage', got {self.unsup_schedule!r}")
         self._check_schedule()
+        t = self.pseudo_threshold
+        if t is not None and (not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 < t < 1):
+            raise ValueError(f"{type(self).__name__}.pseudo_threshold must be None or a number in (0, 1), got {t!r}")
         for name in ("pseudo_weight", "recognition_weight", "recognition_lr"):
             v = getattr(self, name)
             if (v is not None or name != "recognition_lr") and (
@@ -656,7 +663,8 @@ class VerSemiTrainer(nnUNetTrainer):
         """Hard pseudo labels for L_pseudo: every task head's prediction on the unmixed images (the EMA
         teacher's with ``target_source = "ema"``, else the student's without gradient), CutMixed with the
         same box as the input. Returns, per scale, the targets under the outside image's task and under the
-        inside image's task, (B, 1, *S) each, in that task's local classes."""
+        inside image's task, (B, 1, *S) each, in that task's local classes (-1 where the label's probability is
+        below ``pseudo_threshold``)."""
         net = self.ema_network if self.target_source == "ema" else self._plain_network()
         unmixed = u if self.unlabeled_mix == "unlabeled" else torch.cat((u, partner))
         T, n = self.task_table.num_tasks, u.shape[0]
@@ -665,7 +673,8 @@ class VerSemiTrainer(nnUNetTrainer):
         out = out if isinstance(out, (list, tuple)) else [out]
         outside, inside = [], []
         for o in out:
-            labels = torch.stack([o[:, t, :self._num_classes[t]].argmax(1) for t in range(T)], dim=1)  # (B', T, *S)
+            labels = torch.stack([self._confident_labels(o[:, t, :self._num_classes[t]]) for t in range(T)],
+                                 dim=1)  # (B', T, *S)
             own, other = (labels, labels.roll(1, dims=0)) if self.unlabeled_mix == "unlabeled" \
                 else (labels[:n], labels[n:])
             m = cutmix.resize_mask(mu, o.shape[3:])
@@ -673,16 +682,31 @@ class VerSemiTrainer(nnUNetTrainer):
                 store.append(cutmix.mix(losses.pick_task(own, tasks), losses.pick_task(other, tasks), m))
         return outside, inside
 
+    def _confident_labels(self, logits: torch.Tensor) -> torch.Tensor:
+        """Hard labels of one head's logits (B, C, *S); -1 where their probability is below
+        ``pseudo_threshold``."""
+        if self.pseudo_threshold is None:
+            return logits.argmax(1)
+        conf, labels = torch.softmax(logits.float(), 1).max(1)
+        return torch.where(conf >= self.pseudo_threshold, labels, torch.full_like(labels, -1))
+
     def _pseudo_loss(self, out_u: list[torch.Tensor], targets: tuple[list[torch.Tensor], list[torch.Tensor]],
                      u_tasks: torch.Tensor, partner_tasks: torch.Tensor) -> torch.Tensor:
         """L_pseudo: under the task of the image outside the box and under the task of the image inside it,
         the head's output on the mix matches the CutMix of that head's pseudo labels on the two unmixed
-        images (nnU-Net's Dice + CE); the mean of both sides."""
+        images (nnU-Net's Dice + CE; with ``pseudo_threshold``, a cross-entropy over the confident voxels); the
+        mean of both sides."""
         rows = torch.arange(u_tasks.shape[0], device=u_tasks.device)
-        sides = [losses.prompted_supervised_loss([o[rows, tasks] for o in out_u], tgt, tasks, self._num_classes,
-                                                 self._hard_loss)
+        loss = self._hard_loss if self.pseudo_threshold is None else self._confident_ce
+        sides = [losses.prompted_supervised_loss([o[rows, tasks] for o in out_u], tgt, tasks, self._num_classes, loss)
                  for tasks, tgt in ((u_tasks, targets[0]), (partner_tasks, targets[1]))]
         return 0.5 * (sides[0] + sides[1])
+
+    def _confident_ce(self, logits: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy per deep-supervision scale over the voxels with a pseudo label (target >= 0); a scale
+        without any counts 0."""
+        return losses.deep_supervision_sum(
+            [losses.masked_cross_entropy(lg, tg[:, 0]) for lg, tg in zip(logits, targets)], self._ds_weights)
 
     @torch.no_grad()
     def _update_ema(self) -> None:

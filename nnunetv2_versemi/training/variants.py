@@ -58,6 +58,19 @@ class VerSemiTrainer_pseudo(VerSemiTrainer):
         self.pseudo_weight = 1.0
 
 
+class VerSemiTrainer_pseudoTeacher(VerSemiTrainer):
+    """L_pseudo from an EMA teacher (its predictions on the unmixed images, also the P_agg of L_unsup), on the
+    voxels whose pseudo label has probability >= 0.9 only, in a cross-entropy: the guarded form of
+    ``VerSemiTrainer_pseudo`` (docs/METHOD.md)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.pseudo_weight = 1.0
+        self.pseudo_threshold = 0.9
+        self.target_source = "ema"
+
+
 class VerSemiTrainer_sourceAgg(VerSemiTrainer):
     """P_agg from each region's own source task head instead of the max over every task head (see
     ``unsup_aggregate``)."""
