@@ -9,6 +9,8 @@ the folders that were searched.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 
 from nnunetv2_versemi.errors import VerSemiInputError
 
@@ -64,3 +66,35 @@ def preprocessed_folder(dataset: str | int) -> str:
 def results_folder(dataset: str | int) -> str:
     """``$nnUNet_results/<name>`` (not checked: training creates it)."""
     return os.path.join(_root("nnUNet_results"), dataset_name(dataset))
+
+
+def used_dataset_ids() -> set[int]:
+    """The dataset ids of every ``DatasetXXX_*`` folder in nnUNet_raw, nnUNet_preprocessed and nnUNet_results."""
+    ids = set()
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        folder = os.environ.get(var)
+        if folder and os.path.isdir(folder):
+            for d in os.listdir(folder):
+                m = re.match(r"Dataset(\d{3})_", d)
+                if m:
+                    ids.add(int(m.group(1)))
+    return ids
+
+
+def free_dataset_id(after: int, claimed: set[int]) -> int:
+    """The first dataset id after ``after`` (wrapping around) used in none of nnU-Net's folders nor in
+    ``claimed``; it is added to ``claimed``."""
+    used = used_dataset_ids() | claimed
+    for i in [*range(after + 1, 1000), *range(1, after)]:
+        if i not in used:
+            claimed.add(i)
+            return i
+    raise DatasetNotFoundError("No free nnU-Net dataset id (001-999) left")
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    """Hard-link ``src`` to ``dst`` where the file system allows, else copy it."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

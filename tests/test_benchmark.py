@@ -141,7 +141,7 @@ def test_runs_are_real_nnunet_model_folders(bench):
     mc = json.loads(
         (Path(os.environ["nnUNet_raw"]) / by_run["alone-DemoMC"]["dataset"] / "dataset.json").read_text()
     )
-    assert mc["labels"] == {"background": 0, "organ": 1, "lesion": 2}
+    assert mc["labels"] == {"background": 0, "DemoMC_organ": 1, "DemoMC_lesion": 2}
     assert mc["channel_names"] == {"0": "noNorm"}
 
 
@@ -171,7 +171,7 @@ def test_bad_input_fails_before_training(bench, tmp_path, capsys):
 
 def test_budget_per_task_scales_only_the_union_runs(bench):
     args = build_benchmark_parser().parse_args(["-d", str(UNION), "-c", "2d", *TINY, "--budget-per", "task"])
-    ctx = B.prepare(args)
+    ctx = B.prepare_benchmark(args)
     budget, plans = B.union_budget(ctx)
     assert budget == B.Budget(1, 2 * 3, 1) and ctx.budget == B.Budget(1, 2, 1)
     # another budget, another plans identifier: finished runs of the per-model budget are not reused
@@ -278,7 +278,7 @@ def test_overlay_inherits_and_merges_nested_keys():
             "3d_small": {
                 "inherits_from": "3d_fullres",
                 "batch_size": 1,
-                "architecture": {"arch_kwargs": {"features_per_stage": [8, 16, 32, 64]}},
+                "architecture": {"arch_kwargs": {"features_per_stage": [8, 16, 32, 64, 128]}},
             }
         }
     }
@@ -286,9 +286,11 @@ def test_overlay_inherits_and_merges_nested_keys():
     assert "3d_small" not in plans["configurations"]  # the input is not modified
     cm = PlansManager(new).get_configuration("3d_small")
     assert cm.batch_size == 1 and list(cm.patch_size) == [32, 64, 64]
-    assert list(cm.network_arch_init_kwargs["features_per_stage"]) == [8, 16, 32, 64]
-    # everything else of the parent's architecture is kept, and its data are reused
-    assert cm.network_arch_init_kwargs["n_stages"] == 4
+    assert list(cm.network_arch_init_kwargs["features_per_stage"]) == [8, 16, 32, 64, 128]
+    # everything else of the parent's architecture is kept (nnU-Net's topology for 32x64x64: pooling 3x in z and
+    # 4x in-plane, 5 stages), and its data are reused
+    assert cm.network_arch_init_kwargs["n_stages"] == 5
+    assert [list(s) for s in cm.network_arch_init_kwargs["strides"]][-1] == [1, 2, 2]
     assert cm.data_identifier == "nnUNetPlans_3d_fullres"
 
 
@@ -300,7 +302,7 @@ def test_overlay_inherits_and_merges_nested_keys():
         ({"inherits_from": "2d", "batch_size": 2}, "inherits from '2d'"),
         (
             {"inherits_from": "3d_fullres", "architecture": {"arch_kwargs": {"features_per_stage": [8, 16]}}},
-            "4 stages",
+            "5 stages",
         ),
     ],
 )
@@ -340,7 +342,11 @@ def _real_geometry_plans(with_3d: bool = True) -> dict:
 
     plans = _plans()
     c3 = plans["configurations"]["3d_fullres"]
-    c3["architecture"]["arch_kwargs"]["strides"] = [[1, 1, 1], [1, 4, 4], [2, 4, 4], [2, 4, 4]]
+    arch = c3["architecture"]["arch_kwargs"]
+    arch.update(n_stages=4, strides=[[1, 1, 1], [1, 4, 4], [2, 4, 4], [2, 4, 4]],
+                features_per_stage=arch["features_per_stage"][:4], kernel_sizes=arch["kernel_sizes"][:4],
+                n_conv_per_stage=arch["n_conv_per_stage"][:4],
+                n_conv_per_stage_decoder=arch["n_conv_per_stage_decoder"][:3])
     c2 = copy.deepcopy(c3)
     c2["patch_size"] = [64, 64]
     c2["data_identifier"] = "nnUNetPlans_2d"

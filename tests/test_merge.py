@@ -426,3 +426,55 @@ def test_merges_the_demo_generator_output(raw):
     assert [x.source_dataset for x in t.tasks] == names
     assert [len(x.labeled) for x in t.tasks] == [2, 2, 2] and t.tasks[0].normalization["scheme"] == "CT"
     assert t.num_merged_labels == 1 + sum(len(x.labels) for x in t.tasks)
+
+
+def test_task_dataset_is_one_task_of_the_union(raw):
+    from nnunetv2_versemi.data.task_dataset import SOURCE_KEY, TaskDatasetError, write_task_dataset
+
+    S.make_three(raw, n_train=(4, 4, 3))
+    _merge(raw, labeled_cases={"Kidney": 2})
+    union = os.path.join(raw, "Dataset600_VerSemiUnion")
+    table = _table(union)
+    kidney = table.tasks[table.index("Kidney")]
+    before = S.tree_hash(union)
+    name, written = write_task_dataset(600, "Kidney", "Dataset610_Kidney")
+    assert (name, written) == ("Dataset610_Kidney", True)
+    folder = os.path.join(raw, name)
+    with open(os.path.join(folder, "dataset.json")) as f:
+        dj = json.load(f)
+    assert dj["labels"] == {"background": 0, **{f"Kidney_{lab.name}": i for i, lab in enumerate(kidney.labels, 1)}}
+    assert dj["channel_names"] == {"0": "noNorm"} and dj["numTraining"] == 2
+    one = TaskTable.from_dataset_json(dj)
+    assert one.names == ["Kidney"] and one.tasks[0].labeled == sorted(kidney.labeled) and not one.tasks[0].unlabeled
+    assert [lab.merged for lab in one.tasks[0].labels] == [1, 2]
+    fe = dj["file_ending"]
+    assert sorted(os.listdir(os.path.join(folder, "labelsTr"))) == sorted(c + fe for c in kidney.labeled)
+    for c in kidney.labeled:
+        merged = S.read(os.path.join(union, "labelsTr", c + fe))
+        local = S.read(os.path.join(folder, "labelsTr", c + fe))
+        # merged values of Kidney -> 1..K; the image is the union's file
+        np.testing.assert_array_equal(local, table.tasks[table.index("Kidney")].merged_to_local_lut(
+            table.num_merged_labels)[merged])
+        assert local.max() == 2
+        np.testing.assert_array_equal(S.read(os.path.join(folder, "imagesTr", f"{c}_0000{fe}")),
+                                      S.read(os.path.join(union, "imagesTr", f"{c}_0000{fe}")))
+    with open(os.path.join(folder, "splits_final.json")) as f:
+        splits = json.load(f)
+    assert all(set(s["train"]) | set(s["val"]) == set(kidney.labeled) for s in splits)
+    assert S.tree_hash(union) == before  # the union is only read
+    # unchanged union: kept as is; after a re-merge with other labeled cases: refused, or rebuilt on request
+    assert write_task_dataset(600, "Kidney", name) == (name, False)
+    _merge(raw, labeled_cases={"Kidney": 1}, overwrite=True)
+    with pytest.raises(TaskDatasetError, match="other labeled cases"):
+        write_task_dataset(600, "Kidney", name)
+    assert write_task_dataset(600, "Kidney", name, replace=True) == (name, True)
+    with open(os.path.join(folder, "dataset.json")) as f:
+        assert len(json.load(f)[SOURCE_KEY]["labeled"]) == 1
+    with pytest.raises(TaskDatasetError, match="no task 'Spleen'"):
+        write_task_dataset(600, "Spleen", "Dataset611_Spleen")
+    os.makedirs(os.path.join(raw, "Dataset612_Mine"))
+    with open(os.path.join(raw, "Dataset612_Mine", "dataset.json"), "w") as f:
+        json.dump({"name": "mine"}, f)
+    with pytest.raises(TaskDatasetError, match="not a task dataset written by"):
+        write_task_dataset(600, "Kidney", "Dataset612_Mine")
+    assert not [d for d in os.listdir(raw) if d.startswith(".")]  # no temporary folder left behind

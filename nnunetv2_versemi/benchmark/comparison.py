@@ -52,15 +52,36 @@ from datetime import datetime
 from os.path import isdir, isfile, join
 
 import numpy as np
+import SimpleITK as sitk
+import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+from nnunetv2.utilities.file_path_utilities import get_output_folder
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from tqdm import tqdm
 
+from nnunetv2_versemi.benchmark import report
+from nnunetv2_versemi.data.preprocess import missing_unlabeled, plan_and_preprocess
+from nnunetv2_versemi.data.task_dataset import write_task_dataset
+from nnunetv2_versemi.discovery import ensure_ext_trainer_env
 from nnunetv2_versemi.errors import VerSemiInputError
+from nnunetv2_versemi.evaluation.evaluate import evaluate_folders
 from nnunetv2_versemi.inference.prompted import predict_files_under_prompts
-from nnunetv2_versemi.nnunet_paths import dataset_id, dataset_name
+from nnunetv2_versemi.nnunet_paths import (
+    dataset_id,
+    dataset_name,
+    free_dataset_id,
+    link_or_copy,
+    preprocessed_folder,
+)
+from nnunetv2_versemi.plans_presets import PlansPresetError, apply_overlay, load_overlay
 from nnunetv2_versemi.tasktable import TABLE_KEY, Task, TaskTable, TaskTableError
+from nnunetv2_versemi.training.trainer import VerSemiTrainer
 
 PROG = "nnUNetv2_versemi_benchmark"
 BENCH_TAG = "vsbench"
-ALONE_MARK = "versemi_benchmark"
 STATE_DIR = "runs"
 PRED_DIR = "predictions"
 EVAL_DIR = "evaluation"
@@ -97,9 +118,7 @@ def method_by_name(name: str) -> Method:
     for m in METHODS:
         if name in (m.key, m.letter):
             return m
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    from nnunetv2_versemi.training.trainer import VerSemiTrainer
 
     cls = None
     if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
@@ -135,7 +154,7 @@ def bench_plans_identifier(plans: str, budget: Budget, preset: str | None = None
 
 
 @dataclass
-class Run:
+class TrainingRun:
     """One method on one dataset (each task is its own run for method a), all requested folds."""
 
     method: Method
@@ -158,7 +177,6 @@ class Run:
         return self.method.trainer
 
     def model_folder(self) -> str:
-        from nnunetv2.utilities.file_path_utilities import get_output_folder
 
         return get_output_folder(self.dataset, self.trainer, self.plans, self.configuration)
 
@@ -167,7 +185,7 @@ class Run:
 
 
 @dataclass
-class Context:
+class BenchmarkContext:
     union: str
     union_id: int
     table: TaskTable
@@ -189,6 +207,8 @@ class Context:
     num_channels: int
     methods: list[Method] = field(default_factory=list)
     preset: str | None = None
+    base_configuration: str = ""  # the configuration whose preprocessed data ``configuration`` uses
+    data_identifier: str = ""
     plans_content: dict = field(default_factory=dict)
     claimed_ids: set[int] = field(default_factory=set)
 
@@ -248,7 +268,6 @@ def _test_cases(raw: str, table: TaskTable, file_ending: str, num_channels: int)
 def _apply_preset(plans: dict, preset: str | None) -> dict:
     if preset is None:
         return plans
-    from nnunetv2_versemi.plans_presets import PlansPresetError, apply_overlay, load_overlay
 
     skipped: list[str] = []
     try:
@@ -290,7 +309,6 @@ def _bench_plans(plans: dict, identifier: str, preset: str | None) -> dict:
 def _check_plain_nnunet_folds(pp: str, folds: list, methods: list[Method]) -> None:
     """Stock nnUNetTrainer on the union (method b) cannot train a fold without validation cases (VerSemi
     trainers validate such tasks on their training cases, and the per-task datasets of (a) do the same)."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
 
     path = join(pp, "splits_final.json")
     if not any(m.key == "union" for m in methods) or not isfile(path):
@@ -303,14 +321,12 @@ def _check_plain_nnunet_folds(pp: str, folds: list, methods: list[Method]) -> No
             "union (method b) cannot train them. Use --folds all, or merge more labeled cases")
 
 
-def prepare(args: argparse.Namespace) -> Context:
+def prepare_benchmark(args: argparse.Namespace) -> BenchmarkContext:
     """Every check that can fail, before anything is written or trained."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
 
     _require_env()
     union, union_id = _union(args.d)
-    raw, pp = join(str(nnUNet_raw), union), join(str(nnUNet_preprocessed), union)
+    raw, pp = join(os.environ["nnUNet_raw"], union), preprocessed_folder(union)
     plans_file = join(pp, args.p + ".json")
     if not isfile(plans_file):
         raise BenchmarkError(
@@ -329,7 +345,6 @@ def prepare(args: argparse.Namespace) -> Context:
             + (f" (with preset {args.plans_preset})" if args.plans_preset else "")
             + f"; it has {', '.join(plans_eff['configurations'])}"
         )
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     data_id = PlansManager(plans_eff).get_configuration(args.c).data_identifier
     if not isdir(join(pp, data_id)):
@@ -349,7 +364,6 @@ def prepare(args: argparse.Namespace) -> Context:
     if len({m.key for m in methods}) != len(methods):
         raise BenchmarkError(f"--methods lists a method twice: {args.methods}")
     if any(m.key == "versemi" for m in methods):
-        from nnunetv2_versemi.data.preprocess import missing_unlabeled
 
         missing = missing_unlabeled(pp, data_id, table)
         if missing:
@@ -363,7 +377,7 @@ def prepare(args: argparse.Namespace) -> Context:
     bench = bench_plans_identifier(args.p, budget, args.plans_preset)
     out = args.o or join(os.environ["nnUNet_results"], union, f"benchmark__{bench}__{args.c}")
     n_ch = len(dj["channel_names"])
-    ctx = Context(
+    ctx = BenchmarkContext(
         union=union,
         union_id=union_id,
         table=table,
@@ -385,25 +399,15 @@ def prepare(args: argparse.Namespace) -> Context:
         num_channels=n_ch,
         methods=methods,
         preset=args.plans_preset,
+        base_configuration=_base_configuration(plans_eff, args.c),
+        data_identifier=data_id,
         plans_content=plans,
     )
     return ctx
 
 
 # ---- per-task datasets (method a) -----------------------------------------------------------------------
-def _used_ids() -> set[int]:
-    ids = set()
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        folder = os.environ.get(var)
-        if folder and isdir(folder):
-            for d in os.listdir(folder):
-                m = re.match(r"Dataset(\d{3})_", d)
-                if m:
-                    ids.add(int(m.group(1)))
-    return ids
-
-
-def alone_dataset_name(ctx: Context, task: Task) -> str:
+def alone_dataset_name(ctx: BenchmarkContext, task: Task) -> str:
     """The per-task dataset of ``task``: reused when present, else under the first free id after the union."""
     suffix = f"VSBench{ctx.union_id:03d}_{task.name}"
     raw_root = os.environ["nnUNet_raw"]
@@ -413,182 +417,42 @@ def alone_dataset_name(ctx: Context, task: Task) -> str:
     return f"Dataset{free_dataset_id(ctx.union_id, ctx.claimed_ids):03d}_{suffix}"
 
 
-def free_dataset_id(after: int, claimed: set[int]) -> int:
-    """The first dataset id after ``after`` (wrapping around) used in none of nnU-Net's folders nor in
-    ``claimed``; it is added to ``claimed``."""
-    used = _used_ids() | claimed
-    for i in [*range(after + 1, 1000), *range(1, after)]:
-        if i not in used:
-            claimed.add(i)
-            return i
-    raise BenchmarkError("No free nnU-Net dataset id (001-999) left for the benchmark's datasets")
+def ensure_alone_dataset(ctx: BenchmarkContext, task: Task) -> str:
+    """The per-task dataset of baseline (a): written by :func:`write_task_dataset` (again, with its models
+    removed, when the union was merged again), planned and preprocessed by the package's plan-and-preprocess
+    (stock nnU-Net planning); returns its name."""
 
+    name, written = write_task_dataset(ctx.union, task.name, alone_dataset_name(ctx, task), replace=True)
+    pp = join(os.environ["nnUNet_preprocessed"], name)
+    if written:
+        ctx.log(f"Wrote per-task dataset {name} ({len(task.labeled)} labeled cases of task {task.name})")
+        models = join(os.environ["nnUNet_results"], name)
+        if isdir(models):
+            shutil.rmtree(models)  # trained on the labeled cases of an earlier merge
+    plans_file = join(pp, ctx.plans + ".json")
+    data_dir = join(pp, ctx.data_identifier)
+    have = set(os.listdir(data_dir)) if isdir(data_dir) else set()
+    if not isfile(plans_file) or not all(f"{c}.b2nd" in have or f"{c}.npz" in have for c in task.labeled):
+        ctx.log(f"Planning and preprocessing {name} ({ctx.base_configuration})")
+        identifier = plan_and_preprocess(name, [ctx.base_configuration], [max(1, ctx.npp)], max(1, ctx.npp),
+                                         overwrite_plans_name=None if ctx.plans == "nnUNetPlans" else ctx.plans,
+                                         progress=False)
+        if identifier != ctx.plans:
+            raise BenchmarkError(f"Planning {name} wrote {identifier}.json, expected {ctx.plans}.json")
 
-def _alone_signature(ctx: Context, task: Task) -> dict:
-    return {
-        "union": ctx.union,
-        "task": task.name,
-        "labeled": sorted(task.labeled),
-        "labels": [[lab.name, lab.merged] for lab in task.labels],
-    }
-
-
-def _alone_splits(ctx: Context, task: Task) -> list[dict]:
-    """The union's split restricted to the task; a fold without a validation case of the task validates on
-    its training cases (as nnU-Net's fold 'all' does)."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-
-    path = join(ctx.pp, "splits_final.json")
-    if not isfile(path):
-        from nnunetv2_versemi.data.splits import make_stratified_splits
-
-        splits = make_stratified_splits(ctx.table)
-    else:
-        splits = load_json(path)
-    mine = set(task.labeled)
-    out = []
-    for s in splits:
-        tr = sorted(c for c in s["train"] if c in mine)
-        val = sorted(c for c in s["val"] if c in mine)
-        out.append({"train": tr, "val": val or tr})
-    return out
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def _remove_dataset_everywhere(name: str) -> None:
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        folder = join(os.environ[var], name)
-        if isdir(folder):
-            shutil.rmtree(folder)
-
-
-def ensure_alone_dataset(ctx: Context, task: Task) -> str:
-    """Raw dataset, plans and preprocessed data of one task alone; returns its dataset name."""
-    import SimpleITK as sitk
-    from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
-
-    name = alone_dataset_name(ctx, task)
-    raw_root = os.environ["nnUNet_raw"]
-    folder = join(raw_root, name)
-    sig = _alone_signature(ctx, task)
-    if isfile(join(folder, "dataset.json")):
-        dj = load_json(join(folder, "dataset.json"))
-        if dj.get(ALONE_MARK) != sig:
-            if ALONE_MARK not in dj:
-                raise BenchmarkError(
-                    f"{folder} exists and was not written by the benchmark; remove or rename it"
-                )
-            ctx.log(f"{name} was built from other labeled cases (union re-merged?): rebuilding it")
-            _remove_dataset_everywhere(name)
-    if not isfile(join(folder, "dataset.json")):
-        ctx.log(f"Writing per-task dataset {name} ({len(task.labeled)} labeled cases of task {task.name})")
-        tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=raw_root)
-        try:
-            os.makedirs(join(tmp, "imagesTr"))
-            os.makedirs(join(tmp, "labelsTr"))
-            lut = task.merged_to_local_lut(ctx.table.num_merged_labels).astype(np.uint8)
-            fe = ctx.file_ending
-            for c in task.labeled:
-                for k in range(ctx.num_channels):
-                    f = f"{c}_{k:04d}{fe}"
-                    _link_or_copy(join(ctx.raw, "imagesTr", f), join(tmp, "imagesTr", f))
-                seg = sitk.ReadImage(join(ctx.raw, "labelsTr", c + fe))
-                arr = sitk.GetArrayFromImage(seg)
-                if arr.min() < 0 or arr.max() >= len(lut):
-                    raise BenchmarkError(
-                        f"Label {join(ctx.raw, 'labelsTr', c + fe)} holds values outside the table"
-                    )
-                out = sitk.GetImageFromArray(lut[arr])
-                out.CopyInformation(seg)
-                sitk.WriteImage(out, join(tmp, "labelsTr", c + fe), True)
-            save_json(
-                {
-                    "channel_names": {str(k): "noNorm" for k in range(ctx.num_channels)},
-                    "labels": {
-                        "background": 0,
-                        **{lab.name: i for i, lab in enumerate(task.labels, start=1)},
-                    },
-                    "numTraining": len(task.labeled),
-                    "file_ending": fe,
-                    "overwrite_image_reader_writer": "SimpleITKIO",
-                    "name": name,
-                    "description": f"Task {task.name} of {ctx.union} alone (labeled cases, union-normalized images); "
-                    f"written by {PROG} for baseline (a)",
-                    ALONE_MARK: sig,
-                },
-                join(tmp, "dataset.json"),
-                sort_keys=False,
-            )
-            save_json(_alone_splits(ctx, task), join(tmp, "splits_final.json"), sort_keys=False)
-            os.rename(tmp, folder)
-        finally:
-            if isdir(tmp):
-                shutil.rmtree(tmp)
-    _plan_and_preprocess_alone(ctx, name, task)
+    _write_json_if_changed(join(pp, ctx.bench_plans + ".json"),
+                           _bench_plans(load_json(plans_file), ctx.bench_plans, ctx.preset))
     return name
 
 
-def _plan_and_preprocess_alone(ctx: Context, name: str, task: Task) -> None:
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    pp = join(os.environ["nnUNet_preprocessed"], name)
-    plans_file = join(pp, ctx.plans + ".json")
-    alone_id = dataset_id(name)
-    if not isfile(plans_file):
-        from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import (
-            DatasetFingerprintExtractor,
-        )
-        from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset
-
-        ctx.log(f"Planning {name} (stock nnU-Net fingerprint + ExperimentPlanner)")
-        fpe = DatasetFingerprintExtractor(alone_id, max(1, ctx.npp), verbose=False)
-        # the channel is noNorm, so the foreground intensity statistics feed no normalization: sample 10^5
-        # voxels instead of nnU-Net's 10^8 (everything else in the fingerprint is unchanged)
-        fpe.num_foreground_voxels_for_intensitystats = 1e5
-        if hasattr(fpe, "show_progress_bar"):
-            fpe.show_progress_bar = False
-        fpe.run(overwrite_existing=True)
-        from nnunetv2_versemi.data.preprocess import planner_safe_da_env
-
-        with planner_safe_da_env():
-            _, identifier = plan_experiment_dataset(alone_id)
-        if identifier != ctx.plans:
-            raise BenchmarkError(
-                f"The stock planner wrote {identifier}.json for {name}, expected {ctx.plans}.json"
-            )
-    plans = load_json(plans_file)
-    base = _base_configuration(_apply_preset(plans, ctx.preset), ctx.configuration)
-    if base not in plans["configurations"]:
-        raise BenchmarkError(f"nnU-Net planned no '{base}' configuration for {name}")
-    data_dir = join(pp, PlansManager(plans).get_configuration(base).data_identifier)
-    have = set(os.listdir(data_dir)) if isdir(data_dir) else set()
-    if not all(f"{c}.b2nd" in have or f"{c}.npz" in have for c in task.labeled):
-        from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
-
-        ctx.log(f"Preprocessing {name} ({base})")
-        preprocess_dataset(
-            alone_id, ctx.plans, [base], [max(1, ctx.npp)], verbose=False, show_progress_bar=False
-        )
-    _write_json_if_changed(
-        join(pp, ctx.bench_plans + ".json"), _bench_plans(plans, ctx.bench_plans, ctx.preset)
-    )
-
-
 # ---- runs ---------------------------------------------------------------------------------------------
-def build_runs(ctx: Context) -> list[Run]:
+def build_runs(ctx: BenchmarkContext) -> list[TrainingRun]:
     runs = []
     all_cases = sorted(c for cases in ctx.test_cases.values() for c in cases)
     for m in ctx.methods:
         if not m.per_task:
             budget, plans = union_budget(ctx)
-            runs.append(Run(m, ctx.union, plans, ctx.configuration, ctx.folds, all_cases, budget=budget))
+            runs.append(TrainingRun(m, ctx.union, plans, ctx.configuration, ctx.folds, all_cases, budget=budget))
             continue
         for ti, t in enumerate(ctx.table.tasks):
             if not ctx.test_cases[t.name]:
@@ -596,7 +460,7 @@ def build_runs(ctx: Context) -> list[Run]:
                 continue
             name = ensure_alone_dataset(ctx, t)
             runs.append(
-                Run(
+                TrainingRun(
                     m,
                     name,
                     ctx.bench_plans,
@@ -612,7 +476,7 @@ def build_runs(ctx: Context) -> list[Run]:
     return runs
 
 
-def union_budget(ctx: Context) -> tuple[Budget, str]:
+def union_budget(ctx: BenchmarkContext) -> tuple[Budget, str]:
     """Budget and benchmark plans identifier of the runs on the union. ``--budget-per task`` gives them T
     times the iterations per epoch, so that every task gets as many labeled batches as its per-task model."""
     if ctx.budget_per == "task":
@@ -622,11 +486,11 @@ def union_budget(ctx: Context) -> tuple[Budget, str]:
     return ctx.budget, ctx.bench_plans
 
 
-def prediction_folder(ctx: Context, method: Method) -> str:
+def prediction_folder(ctx: BenchmarkContext, method: Method) -> str:
     return join(ctx.out, PRED_DIR, method.key)
 
 
-def run_finished(ctx: Context, run: Run) -> bool:
+def run_finished(ctx: BenchmarkContext, run: TrainingRun) -> bool:
     folder = prediction_folder(ctx, run.method)
     return all(isfile(run.checkpoint(f)) for f in run.folds) and all(
         isfile(join(folder, c + ctx.file_ending)) for c in run.test_cases
@@ -634,7 +498,6 @@ def run_finished(ctx: Context, run: Run) -> bool:
 
 
 def _device(name: str):
-    import torch
 
     if name == "cuda":
         if not torch.cuda.is_available():
@@ -644,50 +507,36 @@ def _device(name: str):
     return torch.device(name)
 
 
-def train_fold(ctx: Context, run: Run, fold) -> float:
-    """Train one fold in this process with the benchmark budget; returns seconds (0 when already done)."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+def train_fold(ctx: BenchmarkContext, run: TrainingRun, fold) -> float:
+    """Train one fold in this process with the benchmark budget, built as ``nnUNetv2_train`` builds it and
+    continued from its latest checkpoint like ``--c``; returns seconds (0 when already done)."""
 
     if isfile(run.checkpoint(fold)):
         return 0.0
-    cls = recursive_find_trainer_class_by_name(run.trainer)
-    if cls is None:
-        raise BenchmarkError(f"nnU-Net cannot find trainer {run.trainer} (nnUNet_extTrainer not set?)")
-    pp = join(os.environ["nnUNet_preprocessed"], run.dataset)
-    plans = load_json(join(pp, run.plans + ".json"))
     latest = join(run.model_folder(), f"fold_{fold}", "checkpoint_latest.pth")
-    plans["continue_training"] = isfile(latest)
     t0 = time.time()
-    trainer = cls(
-        plans=plans,
-        configuration=run.configuration,
-        fold=fold,
-        dataset_json=load_json(join(pp, "dataset.json")),
-        device=_device(ctx.device),
-    )
+    trainer = get_trainer_from_args(run.dataset, run.configuration, fold, run.trainer, run.plans,
+                                    continue_training=isfile(latest), device=_device(ctx.device))
     # the budget: set before initialize(), which builds the learning-rate schedule from num_epochs
     trainer.num_epochs = run.budget.epochs
     trainer.num_iterations_per_epoch = run.budget.iterations
     trainer.num_val_iterations_per_epoch = run.budget.val_iterations
     if isfile(latest):
         ctx.log(f"{run.name} fold {fold}: continuing from {latest}")
-        trainer.load_checkpoint(latest)
+        maybe_load_checkpoint(trainer, continue_training=True, validation_only=False)
     trainer.run_training()
     if not ctx.skip_val:
         trainer.perform_actual_validation(False)
     return time.time() - t0
 
 
-def _image_lists(ctx: Context, cases: list[str]) -> list[list[str]]:
+def _image_lists(ctx: BenchmarkContext, cases: list[str]) -> list[list[str]]:
     fe = ctx.file_ending
     return [[join(ctx.raw, "imagesTs", f"{c}_{k:04d}{fe}") for k in range(ctx.num_channels)] for c in cases]
 
 
-def predict_run(ctx: Context, run: Run) -> float:
+def predict_run(ctx: BenchmarkContext, run: TrainingRun) -> float:
     """Predict the run's test cases into the method's prediction folder (merged labels); returns seconds."""
-    import SimpleITK as sitk
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     out = prediction_folder(ctx, run.method)
     todo = [c for c in run.test_cases if not isfile(join(out, c + ctx.file_ending))]
@@ -727,11 +576,11 @@ def predict_run(ctx: Context, run: Run) -> float:
     return time.time() - t0
 
 
-def _state_path(ctx: Context, run: Run) -> str:
+def _state_path(ctx: BenchmarkContext, run: TrainingRun) -> str:
     return join(ctx.out, STATE_DIR, run.name + ".json")
 
 
-def _load_state(ctx: Context, run: Run) -> dict:
+def _load_state(ctx: BenchmarkContext, run: TrainingRun) -> dict:
     p = _state_path(ctx, run)
     if isfile(p):
         with open(p) as f:
@@ -739,14 +588,13 @@ def _load_state(ctx: Context, run: Run) -> dict:
     return {}
 
 
-def _save_state(ctx: Context, run: Run, state: dict) -> None:
+def _save_state(ctx: BenchmarkContext, run: TrainingRun, state: dict) -> None:
     os.makedirs(join(ctx.out, STATE_DIR), exist_ok=True)
     with open(_state_path(ctx, run), "w") as f:
         json.dump(state, f, indent=2)
 
 
-def execute(ctx: Context, runs: list[Run]) -> list[dict]:
-    from tqdm import tqdm
+def train_and_predict(ctx: BenchmarkContext, runs: list[TrainingRun]) -> list[dict]:
 
     states = []
     with tqdm(runs, desc="benchmark runs", unit="run", file=sys.stdout) as bar:
@@ -801,8 +649,7 @@ def execute(ctx: Context, runs: list[Run]) -> list[dict]:
     return states
 
 
-def evaluate_methods(ctx: Context) -> dict[str, dict]:
-    from nnunetv2_versemi.evaluation.evaluate import evaluate_folders
+def evaluate_methods(ctx: BenchmarkContext) -> dict[str, dict]:
 
     ref = join(ctx.raw, "labelsTs")
     results = {}
@@ -814,7 +661,7 @@ def evaluate_methods(ctx: Context) -> dict[str, dict]:
         os.makedirs(ref_dir, exist_ok=True)
         for c in all_cases:
             if not isfile(join(ref_dir, c + ctx.file_ending)):
-                _link_or_copy(join(ref, c + ctx.file_ending), join(ref_dir, c + ctx.file_ending))
+                link_or_copy(join(ref, c + ctx.file_ending), join(ref_dir, c + ctx.file_ending))
     for m in ctx.methods:
         ctx.log(f"Evaluating {m.label}")
         results[m.key] = evaluate_folders(
@@ -830,11 +677,9 @@ def evaluate_methods(ctx: Context) -> dict[str, dict]:
 
 def run_benchmark(args: argparse.Namespace) -> dict:
     """The whole benchmark; returns the results dict written to results.json."""
-    from nnunetv2_versemi.benchmark import report
-    from nnunetv2_versemi.discovery import ensure_ext_trainer_env
 
     ensure_ext_trainer_env()
-    ctx = prepare(args)
+    ctx = prepare_benchmark(args)
     os.makedirs(ctx.out, exist_ok=True)
     ctx.log(
         f"Benchmark of {ctx.union} ({args.c}), methods {', '.join(m.key for m in ctx.methods)}, "
@@ -846,7 +691,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     )
     runs = build_runs(ctx)
     t0 = time.time()
-    states = execute(ctx, runs)
+    states = train_and_predict(ctx, runs)
     evals = evaluate_methods(ctx)
     results = report.collect(
         evals,

@@ -48,7 +48,7 @@ def run_recognition(args: argparse.Namespace) -> dict:
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
     from nnunetv2.paths import nnUNet_raw
 
-    from nnunetv2_versemi.benchmark.comparison import BenchmarkError, _link_or_copy, _test_cases
+    from nnunetv2_versemi.benchmark.comparison import BenchmarkError, _test_cases
     from nnunetv2_versemi.evaluation.evaluate import evaluate_folders
     from nnunetv2_versemi.inference.predict import (
         check_folds,
@@ -56,6 +56,7 @@ def run_recognition(args: argparse.Namespace) -> dict:
         make_predictor,
         resolve_model_folder,
     )
+    from nnunetv2_versemi.nnunet_paths import link_or_copy
 
     model = resolve_model_folder(args.d, args.c, args.tr, args.p)
     table = load_model_table(model)
@@ -75,7 +76,7 @@ def run_recognition(args: argparse.Namespace) -> dict:
     os.makedirs(ref, exist_ok=True)
     for c in cases:
         if not os.path.isfile(join(ref, c + fe)):
-            _link_or_copy(join(raw, "labelsTs", c + fe), join(ref, c + fe))
+            link_or_copy(join(raw, "labelsTs", c + fe), join(ref, c + fe))
     preprocessor = cm.preprocessor_class(verbose=False)
     os.makedirs(args.o, exist_ok=True)
     for mode in MODES:

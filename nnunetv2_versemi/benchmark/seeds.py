@@ -32,11 +32,10 @@ from nnunetv2_versemi.benchmark.comparison import (
     BenchmarkError,
     _apply_preset,
     _base_configuration,
-    free_dataset_id,
-    prepare,
+    prepare_benchmark,
     run_benchmark,
 )
-from nnunetv2_versemi.nnunet_paths import dataset_id
+from nnunetv2_versemi.nnunet_paths import dataset_id, free_dataset_id
 from nnunetv2_versemi.tasktable import TABLE_KEY, TaskTable
 
 SEED_MARK = "versemi_benchmark_seed"
@@ -109,7 +108,7 @@ def run_seeds(args) -> dict:
         # the seed unions are planned by the package's plan-and-preprocess, which writes nnU-Net's default plans
         raise BenchmarkError(f"--seeds works with the default plans (-p nnUNetPlans), got -p {args.p}; apply "
                              "changes to the plans with --plans-preset instead")
-    ctx = prepare(args)  # every check on the given union before anything is written
+    ctx = prepare_benchmark(args)  # every check on the given union before anything is written
     union = ctx.union
     out = os.path.abspath(args.o or join(os.environ["nnUNet_results"], union,
                                          f"benchmark_seeds__{ctx.bench_plans}__{args.c}"))

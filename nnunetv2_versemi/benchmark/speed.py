@@ -37,18 +37,33 @@ import contextlib
 import copy
 import itertools
 import math
+import multiprocessing
 import os
+import resource
 import statistics
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from os.path import join
 
+import numpy as np
 import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json
+from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
+from nnunetv2_versemi.data.preprocess import unlabeled_folder
+from nnunetv2_versemi.discovery import ensure_ext_trainer_env
 from nnunetv2_versemi.errors import VerSemiInputError
-from nnunetv2_versemi.nnunet_paths import dataset_name
+from nnunetv2_versemi.nnunet_paths import dataset_name, preprocessed_folder
+from nnunetv2_versemi.plans_presets import apply_overlay, load_overlay
+from nnunetv2_versemi.tasktable import TABLE_KEY, Task, TaskLabel, TaskTable
+from nnunetv2_versemi.training.trainer import VerSemiTrainer
 
 PROG = "nnUNetv2_versemi_benchmark speed"
 
@@ -67,16 +82,18 @@ def synthetic_plans(
     num_channels: int = 1,
 ) -> tuple[dict, str]:
     """An nnU-Net plans dict with one configuration ("2d" or "3d_fullres") of nnU-Net's default PlainConvUNet
-    layout for ``patch_size``: stride-2 stages down to a 4-8 voxel bottleneck, features doubling up to
-    512 (2d) / 320 (3d). Returns (plans, configuration name)."""
+    for ``patch_size`` at isotropic spacing: stages and kernels from nnU-Net's ``get_pool_and_conv_props``,
+    features doubling up to 512 (2d) / 320 (3d). Returns (plans, configuration name)."""
+
     dim = len(patch_size)
     if dim not in (2, 3):
         raise SpeedError(f"patch_size must have 2 or 3 entries, got {patch_size}")
-    n_stages = 1
-    while min(patch_size) / 2**n_stages >= 4 and n_stages < 7:
-        n_stages += 1
-    if any(p % 2 ** (n_stages - 1) for p in patch_size):
-        raise SpeedError(f"patch_size {patch_size} must be divisible by {2 ** (n_stages - 1)}")
+    # nnU-Net's own topology for isotropic spacing: pooling down to a 4-voxel bottleneck edge, 3x3(x3) kernels
+    _, strides, kernels, planned_patch, _ = get_pool_and_conv_props([1.0] * dim, list(patch_size), 4, 999999)
+    if [int(p) for p in planned_patch] != [int(p) for p in patch_size]:
+        raise SpeedError(f"nnU-Net's network topology needs patch_size {list(patch_size)} to be "
+                         f"{[int(p) for p in planned_patch]} (divisible by its total pooling)")
+    n_stages = len(strides)
     conv = "torch.nn.modules.conv.Conv2d" if dim == 2 else "torch.nn.modules.conv.Conv3d"
     norm = f"torch.nn.modules.instancenorm.InstanceNorm{dim}d"
     cap = 512 if dim == 2 else 320
@@ -107,8 +124,8 @@ def synthetic_plans(
                 "n_stages": n_stages,
                 "features_per_stage": [min(base_features * 2**i, cap) for i in range(n_stages)],
                 "conv_op": conv,
-                "kernel_sizes": [[3] * dim] * n_stages,
-                "strides": [[1] * dim] + [[2] * dim] * (n_stages - 1),
+                "kernel_sizes": [list(k) for k in kernels],
+                "strides": [list(st) for st in strides],
                 "n_conv_per_stage": [2] * n_stages,
                 "n_conv_per_stage_decoder": [2] * (n_stages - 1),
                 "conv_bias": True,
@@ -152,7 +169,6 @@ def synthetic_plans(
 
 def fake_table(num_tasks: int):
     """A task table of ``num_tasks`` binary tasks named Task0, Task1, ... (only step time is measured)."""
-    from nnunetv2_versemi.tasktable import Task, TaskLabel, TaskTable
 
     if num_tasks < 1:
         raise SpeedError(f"need at least one task, got {num_tasks}")
@@ -165,7 +181,6 @@ def fake_table(num_tasks: int):
 
 
 def _dataset_json(table, num_channels: int) -> dict:
-    from nnunetv2_versemi.tasktable import TABLE_KEY
 
     return {
         "channel_names": {str(c): "noNorm" for c in range(num_channels)},
@@ -195,42 +210,40 @@ def scratch_nnunet_env():
                     os.environ[k] = v
 
 
-def _scratch_data_folder(plans: dict, configuration: str) -> None:
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+def _write_scratch_cases(plans: dict, configuration: str, table, num_channels: int) -> None:
+    """One preprocessed labeled case and one unlabeled case per task, random, written with nnU-Net's dataset
+    class: what ``initialize()`` looks for (the dataset class of the folder, the table's unlabeled cases).
+    The steps themselves read the fixed batches of :func:`_prepare`."""
 
-    # nnU-Net's initialize() infers the dataset class from the file endings of the preprocessed folder
-    data_id = PlansManager(plans).get_configuration(configuration).data_identifier
-    folder = join(os.environ["nnUNet_preprocessed"], plans["dataset_name"], data_id)
-    os.makedirs(folder, exist_ok=True)
-    open(join(folder, "speed_dummy.b2nd"), "w").close()
+
+    cm = PlansManager(plans).get_configuration(configuration)
+    base = join(os.environ["nnUNet_preprocessed"], plans["dataset_name"])
+    shape = [int(p) for p in cm.patch_size]
+    shape = [1, *shape] if len(shape) == 2 else shape  # nnU-Net stores 2d data as one-slice volumes
+    for folder, cases in ((join(base, cm.data_identifier), [f"{table.tasks[0].name}_l0000"]),
+                          (unlabeled_folder(base, cm.data_identifier), [c for t in table.tasks for c in t.unlabeled])):
+        os.makedirs(folder, exist_ok=True)
+        for c in (c for c in cases if not os.path.isfile(join(folder, c + ".b2nd"))):
+            nnUNetDatasetBlosc2.save_case(np.zeros((num_channels, *shape), np.float32), np.zeros((1, *shape), np.int8),
+                                          {"spacing": [1.0] * 3, "class_locations": {}}, join(folder, c))
 
 
 def make_trainer(kind: str, plans: dict, configuration: str, table, num_channels: int, device):
     """An initialized nnUNetTrainer (``kind="nnunet"``) or VerSemiTrainer (``"versemi"``, ``"per_prompt"``)
     on ``plans`` with ``table`` (inside :func:`scratch_nnunet_env`)."""
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunetv2_versemi.tasktable import TABLE_KEY, TaskTable
-    from nnunetv2_versemi.training.trainer import VerSemiTrainer
 
-    # no unlabeled case lists: the step reads a fake unlabeled iterator, nothing is preprocessed here
+    # one unlabeled case per task in the table (written to the scratch folder); the step reads a fixed batch
     d = table.to_dict()
-    table = TaskTable.from_dict({**d, "tasks": [{**t, "unlabeled": []} for t in d["tasks"]]})
+    table = TaskTable.from_dict({**d, "tasks": [{**t, "unlabeled": [f"{t['name']}_u0000"]} for t in d["tasks"]]})
     plans = copy.deepcopy(plans)
     plans[TABLE_KEY] = table.to_dict()
-    plans["continue_training"] = False
-    _scratch_data_folder(plans, configuration)
+    plans["continue_training"] = False  # nnU-Net's trainer pops it (get_trainer_from_args sets it)
+    _write_scratch_cases(plans, configuration, table, num_channels)
     cls = nnUNetTrainer if kind == "nnunet" else VerSemiTrainer
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-        trainer = cls(
-            plans=plans,
-            configuration=configuration,
-            fold=0,
-            dataset_json=_dataset_json(table, num_channels),
-            device=device,
-        )
-        if kind != "nnunet":
-            trainer._unlabeled_cases = lambda: ["speed_unlabeled"]  # the step reads a fake iterator instead
+        trainer = cls(plans=plans, configuration=configuration, fold=0,
+                      dataset_json=_dataset_json(table, num_channels), device=device)
         trainer.initialize()
     if kind == "per_prompt":
         trainer.network = PerPromptNetwork(trainer.network)
@@ -311,21 +324,18 @@ class Contender:
 
 
 def _sync(device) -> None:
-    import torch
 
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
 def _prepare(c: Contender, plans: dict, configuration: str, table_for, num_channels: int, device):
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     cm = PlansManager(plans).get_configuration(configuration)
     table = table_for(c.num_tasks)
     trainer = make_trainer(c.kind, plans, configuration, table, num_channels, device)
     batch = fake_batch(trainer, table, cm.batch_size, list(cm.patch_size), num_channels, device)
     if c.kind != "nnunet":
-        import torch
 
         bu = trainer.unlabeled_batch_size or cm.batch_size
         u = {"data": torch.randn((bu, num_channels, *cm.patch_size)).to(device),
@@ -366,8 +376,6 @@ class RssSampler:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> RssSampler:
-        import resource
-        import threading
 
         self._proc = self.current() is not None
         if self._proc:
@@ -380,7 +388,6 @@ class RssSampler:
         return self
 
     def __exit__(self, *exc) -> None:
-        import resource
 
         if self._proc:
             self._stop.set()
@@ -412,7 +419,6 @@ def memory_probe(args: tuple) -> dict:
 
 def _table_factory(spec):
     """``spec``: a task table dict (the dataset's own, used for its task count) or None (fake tables only)."""
-    from nnunetv2_versemi.tasktable import TaskTable
 
     real = TaskTable.from_dict(spec) if spec is not None else None
 
@@ -437,7 +443,6 @@ def measure_training(
     log=print,
 ) -> dict:
     """Step time (interleaved rounds) and peak memory of each contender; returns {name: {...}}."""
-    import torch
 
     table_for = _table_factory(table_spec)
     out = {c.name: {"kind": c.kind, "tasks": c.num_tasks, "times": []} for c in contenders}
@@ -470,7 +475,6 @@ def measure_training(
                 out[c.name]["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         del prepared
     if memory and device.type == "cpu":
-        import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
         for c in contenders:
@@ -510,13 +514,7 @@ def measure_prediction(
     log=print,
 ) -> dict:
     """Sliding-window time of a plain nnU-Net network vs the VerSemi network (one prompt / all tasks)."""
-    import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunetv2_versemi.tasktable import TABLE_KEY
-    from nnunetv2_versemi.training.trainer import VerSemiTrainer
 
     plans = copy.deepcopy(plans)
     plans[TABLE_KEY] = table.to_dict()
@@ -573,9 +571,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def run_speed(args: argparse.Namespace, log=print) -> dict:
-    import torch
 
-    from nnunetv2_versemi.discovery import ensure_ext_trainer_env
 
     ensure_ext_trainer_env()
     if args.threads:
@@ -584,16 +580,12 @@ def run_speed(args: argparse.Namespace, log=print) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SpeedError("-device cuda: no CUDA device (use -device cpu)")
     if args.d is not None:
-        from batchgenerators.utilities.file_and_folder_operations import load_json
-        from nnunetv2.paths import nnUNet_preprocessed
 
-        from nnunetv2_versemi.tasktable import TaskTable
 
         name = dataset_name(args.d)
-        pp = join(str(nnUNet_preprocessed), name)
+        pp = preprocessed_folder(name)
         plans = load_json(join(pp, args.p + ".json"))
         if args.plans_preset:
-            from nnunetv2_versemi.plans_presets import apply_overlay, load_overlay
 
             plans = apply_overlay(plans, load_overlay(args.plans_preset))
         configuration = args.c
@@ -610,7 +602,6 @@ def run_speed(args: argparse.Namespace, log=print) -> dict:
         source = f"synthetic plans, patch {args.patch}, batch {args.batch_size}"
     if args.batch_size is not None and args.d is not None:
         plans["configurations"][configuration]["batch_size"] = args.batch_size
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     cm = PlansManager(plans).get_configuration(configuration)
     scale_tasks = sorted(set(args.scale_tasks))

@@ -1,0 +1,143 @@
+"""One task of a union as an nnU-Net dataset of its own.
+
+``write_task_dataset`` writes the task's labeled cases of a union into ``$nnUNet_raw/Dataset<id>_<name>``:
+the union's images (already normalized per task, so the channel stays ``noNorm``; hard links where the file
+system allows), the labels remapped to the task's classes 1..K, the union's cross-validation split
+restricted to the task (so fold f of the task trains on the same cases as fold f of the union), and a task
+table with this one task. The result is an ordinary nnU-Net dataset (what nnU-Net trained on each task alone
+sees) and a one-task union at the same time, so ``plan_and_preprocess`` plans it like any union.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import replace as dc_replace
+from os.path import isdir, isfile, join
+
+import numpy as np
+
+from nnunetv2_versemi.errors import VerSemiInputError
+from nnunetv2_versemi.nnunet_paths import dataset_name, link_or_copy, preprocessed_folder, raw_folder
+from nnunetv2_versemi.tasktable import TABLE_KEY, TaskLabel, TaskTable, find_task_table
+
+#: dataset.json key of a written task dataset: what it was built from (union, task, labeled cases, labels)
+SOURCE_KEY = "versemi_task_of"
+
+
+class TaskDatasetError(VerSemiInputError):
+    """A task dataset cannot be written (unknown task, foreign folder in the way, bad label file)."""
+
+
+def task_dataset_source(union: str, table: TaskTable, task: str) -> dict:
+    """What a task dataset of ``task`` is built from; a dataset whose record differs is out of date."""
+    t = table.tasks[table.index(task)]
+    return {"union": union, "task": t.name, "labeled": sorted(t.labeled),
+            "labels": [[lab.name, lab.merged] for lab in t.labels]}
+
+
+def union_splits_for_task(union: str, table: TaskTable, task: str) -> list[dict]:
+    """The union's cross-validation split (its preprocessed ``splits_final.json``, else the task-stratified
+    split planning would write) restricted to one task's labeled cases; a fold without a validation case of
+    the task validates on its training cases, as nnU-Net's fold 'all' does."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    from nnunetv2_versemi.data.splits import SPLITS_FILE, make_stratified_splits
+
+    path = join(preprocessed_folder(union), SPLITS_FILE)
+    splits = load_json(path) if isfile(path) else make_stratified_splits(table)
+    mine = set(table.tasks[table.index(task)].labeled)
+    out = []
+    for s in splits:
+        tr = sorted(c for c in s["train"] if c in mine)
+        val = sorted(c for c in s["val"] if c in mine)
+        out.append({"train": tr, "val": val or tr})
+    return out
+
+
+def _remap_label(src: str, dst: str, lut: np.ndarray) -> None:
+    import SimpleITK as sitk
+
+    seg = sitk.ReadImage(src)
+    arr = sitk.GetArrayFromImage(seg)
+    if arr.min() < 0 or arr.max() >= len(lut):
+        raise TaskDatasetError(f"Label {src} holds values outside the union's labels 0..{len(lut) - 1}")
+    out = sitk.GetImageFromArray(lut[arr].astype(np.uint8))
+    out.CopyInformation(seg)
+    sitk.WriteImage(out, dst, True)
+
+
+def _one_task_table(union: str, table: TaskTable, task: str) -> TaskTable:
+    t = table.tasks[table.index(task)]
+    labels = [TaskLabel(lab.name, lab.source, i) for i, lab in enumerate(t.labels, start=1)]
+    return TaskTable(tasks=[dc_replace(t, source_dataset=union, labels=labels, labeled=sorted(t.labeled),
+                                       unlabeled=[], test=[])])
+
+
+def write_task_dataset(union: str | int, task: str, output_name: str, replace: bool = False) -> tuple[str, bool]:
+    """Write (or keep) the task dataset ``output_name`` (``DatasetXXX_Name``) of ``task`` in ``union``.
+
+    A folder of that name written from the same union, task, labeled cases and labels is kept. One written
+    from other labeled cases (the union was merged again) is rebuilt when ``replace``, together with its
+    preprocessed folder, else refused; a folder not written by this function is always refused. Everything is
+    checked and written in a temporary folder first, so a failure leaves no half-written dataset. Returns
+    (dataset name, whether it was written now).
+    """
+    from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+
+    union = dataset_name(union)
+    src = raw_folder(union)
+    table = find_task_table(union)
+    if task not in table.names:
+        raise TaskDatasetError(f"{union} has no task '{task}' (tasks: {', '.join(table.names)})")
+    raw_root = os.path.dirname(src)
+    folder = join(raw_root, output_name)
+    record = task_dataset_source(union, table, task)
+    if isfile(join(folder, "dataset.json")):
+        found = load_json(join(folder, "dataset.json")).get(SOURCE_KEY)
+        if found == record:
+            return output_name, False
+        if found is None:
+            raise TaskDatasetError(f"{folder} exists and is not a task dataset written by nnunetv2_versemi; "
+                                   "remove or rename it")
+        if not replace:
+            raise TaskDatasetError(f"{folder} was written from other labeled cases of {found.get('union')} "
+                                   f"than {union} has now")
+    elif isdir(folder):
+        raise TaskDatasetError(f"{folder} exists without a dataset.json; remove or rename it")
+
+    union_json = load_json(join(src, "dataset.json"))
+    fe, channels = union_json["file_ending"], union_json["channel_names"]
+    t = table.tasks[table.index(task)]
+    one = _one_task_table(union, table, task)
+    lut = t.merged_to_local_lut(table.num_merged_labels)
+    tmp = tempfile.mkdtemp(prefix=f".{output_name}.", dir=raw_root)
+    try:
+        os.makedirs(join(tmp, "imagesTr"))
+        os.makedirs(join(tmp, "labelsTr"))
+        for c in sorted(t.labeled):
+            for k in range(len(channels)):
+                link_or_copy(join(src, "imagesTr", f"{c}_{k:04d}{fe}"), join(tmp, "imagesTr", f"{c}_{k:04d}{fe}"))
+            _remap_label(join(src, "labelsTr", c + fe), join(tmp, "labelsTr", c + fe), lut)
+        save_json({
+            "channel_names": {str(k): "noNorm" for k in range(len(channels))},
+            "labels": one.merged_label_dict(),
+            "numTraining": len(t.labeled),
+            "file_ending": fe,
+            "overwrite_image_reader_writer": union_json.get("overwrite_image_reader_writer", "SimpleITKIO"),
+            "name": output_name,
+            "description": f"Task {task} of {union} alone: its labeled cases, images as normalized in the union, "
+                           f"labels as the task's classes 1..{len(t.labels)}",
+            SOURCE_KEY: record,
+            TABLE_KEY: one.to_dict(),
+        }, join(tmp, "dataset.json"), sort_keys=False)
+        save_json(union_splits_for_task(union, table, task), join(tmp, "splits_final.json"), sort_keys=False)
+        for stale in (folder, join(os.environ["nnUNet_preprocessed"], output_name)):
+            if isdir(stale):
+                shutil.rmtree(stale)
+        os.rename(tmp, folder)
+    finally:
+        if isdir(tmp):
+            shutil.rmtree(tmp)
+    return output_name, True
