@@ -119,7 +119,6 @@ def method_by_name(name: str) -> Method:
         if name in (m.key, m.letter):
             return m
 
-
     cls = None
     if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         try:
@@ -156,7 +155,6 @@ def bench_plans_identifier(plans: str, budget: Budget, preset: str | None = None
 @dataclass
 class TrainingRun:
     """One method on one dataset (each task is its own run for method a), all requested folds."""
-
     method: Method
     dataset: str
     plans: str
@@ -177,7 +175,6 @@ class TrainingRun:
         return self.method.trainer
 
     def model_folder(self) -> str:
-
         return get_output_folder(self.dataset, self.trainer, self.plans, self.configuration)
 
     def checkpoint(self, fold) -> str:
@@ -309,7 +306,6 @@ def _bench_plans(plans: dict, identifier: str, preset: str | None) -> dict:
 def _check_plain_nnunet_folds(pp: str, folds: list, methods: list[Method]) -> None:
     """Stock nnUNetTrainer on the union (method b) cannot train a fold without validation cases (VerSemi
     trainers validate such tasks on their training cases, and the per-task datasets of (a) do the same)."""
-
     path = join(pp, "splits_final.json")
     if not any(m.key == "union" for m in methods) or not isfile(path):
         return
@@ -323,7 +319,6 @@ def _check_plain_nnunet_folds(pp: str, folds: list, methods: list[Method]) -> No
 
 def prepare_benchmark(args: argparse.Namespace) -> BenchmarkContext:
     """Every check that can fail, before anything is written or trained."""
-
     _require_env()
     union, union_id = _union(args.d)
     raw, pp = join(os.environ["nnUNet_raw"], union), preprocessed_folder(union)
@@ -364,7 +359,6 @@ def prepare_benchmark(args: argparse.Namespace) -> BenchmarkContext:
     if len({m.key for m in methods}) != len(methods):
         raise BenchmarkError(f"--methods lists a method twice: {args.methods}")
     if any(m.key == "versemi" for m in methods):
-
         missing = missing_unlabeled(pp, data_id, table)
         if missing:
             raise BenchmarkError(
@@ -421,7 +415,6 @@ def ensure_alone_dataset(ctx: BenchmarkContext, task: Task) -> str:
     """The per-task dataset of baseline (a): written by :func:`write_task_dataset` (again, with its models
     removed, when the union was merged again), planned and preprocessed by the package's plan-and-preprocess
     (stock nnU-Net planning); returns its name."""
-
     name, written = write_task_dataset(ctx.union, task.name, alone_dataset_name(ctx, task), replace=True)
     pp = join(os.environ["nnUNet_preprocessed"], name)
     if written:
@@ -510,7 +503,6 @@ def _device(name: str):
 def train_fold(ctx: BenchmarkContext, run: TrainingRun, fold) -> float:
     """Train one fold in this process with the benchmark budget, built as ``nnUNetv2_train`` builds it and
     continued from its latest checkpoint like ``--c``; returns seconds (0 when already done)."""
-
     if isfile(run.checkpoint(fold)):
         return 0.0
     latest = join(run.model_folder(), f"fold_{fold}", "checkpoint_latest.pth")
@@ -537,7 +529,6 @@ def _image_lists(ctx: BenchmarkContext, cases: list[str]) -> list[list[str]]:
 
 def predict_run(ctx: BenchmarkContext, run: TrainingRun) -> float:
     """Predict the run's test cases into the method's prediction folder (merged labels); returns seconds."""
-
     out = prediction_folder(ctx, run.method)
     todo = [c for c in run.test_cases if not isfile(join(out, c + ctx.file_ending))]
     if not todo:
@@ -677,7 +668,6 @@ def evaluate_methods(ctx: BenchmarkContext) -> dict[str, dict]:
 
 def run_benchmark(args: argparse.Namespace) -> dict:
     """The whole benchmark; returns the results dict written to results.json."""
-
     ensure_ext_trainer_env()
     ctx = prepare_benchmark(args)
     os.makedirs(ctx.out, exist_ok=True)

@@ -62,11 +62,11 @@ def machine_info() -> dict:
     return info
 
 
-def _nan_to_none(x):
+def nan_to_none(x):
     if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
+        return {k: nan_to_none(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_nan_to_none(v) for v in x]
+        return [nan_to_none(v) for v in x]
     if isinstance(x, (float, np.floating)):
         return None if math.isnan(x) else float(x)
     if isinstance(x, np.integer):
@@ -160,7 +160,7 @@ def collect(
             curves[st["run"]] = learning_curves(st["model_folder"], st["folds"], st["budget"]["iterations"])
         except Exception as e:  # a broken checkpoint must not lose the report
             curves[st["run"]] = {"error": repr(e)}
-    return _nan_to_none(
+    return nan_to_none(
         {
             **meta,
             "methods": [
@@ -274,7 +274,7 @@ def _csv_value(v) -> str:
     return repr(float(v)) if isinstance(v, float) else str(v)
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -284,7 +284,7 @@ def _plt():
 
 
 def boxplot(results: dict, path: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     # nnU-Net's progress plots switch seaborn's poster style on for the whole process: plot in matplotlib's own
     with plt.style.context("default"):
         _boxplot(plt, results, path)
@@ -315,7 +315,7 @@ def _boxplot(plt, results: dict, path: str) -> None:
 
 
 def curves_plot(results: dict, path: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     with plt.style.context("default"):
         _curves_plot(plt, results, path)
 

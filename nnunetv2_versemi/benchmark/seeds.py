@@ -198,7 +198,7 @@ def aggregate(per_seed: list[dict], unions: list[str]) -> dict:
                     curves.setdefault(st["method"], []).append(
                         {"seed": s, "task": st.get("task"), "fold": fold, "steps": c["steps"],
                          "pseudo_dice": c["pseudo_dice"], "switch_step": c.get("switch_step")})
-    return report._nan_to_none({
+    return report.nan_to_none({
         "unions": unions,
         "seeds": len(per_seed),
         "methods": methods,
@@ -281,7 +281,7 @@ def seeds_markdown(agg: dict) -> str:
 
 
 def seeds_curves_plot(agg: dict, path: str) -> None:
-    plt = report._plt()
+    plt = report.pyplot()
     methods = agg["methods"]
     with plt.style.context("default"):
         fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.4), squeeze=False, sharey=True)

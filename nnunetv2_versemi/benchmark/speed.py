@@ -84,7 +84,6 @@ def synthetic_plans(
     """An nnU-Net plans dict with one configuration ("2d" or "3d_fullres") of nnU-Net's default PlainConvUNet
     for ``patch_size`` at isotropic spacing: stages and kernels from nnU-Net's ``get_pool_and_conv_props``,
     features doubling up to 512 (2d) / 320 (3d). Returns (plans, configuration name)."""
-
     dim = len(patch_size)
     if dim not in (2, 3):
         raise SpeedError(f"patch_size must have 2 or 3 entries, got {patch_size}")
@@ -169,7 +168,6 @@ def synthetic_plans(
 
 def fake_table(num_tasks: int):
     """A task table of ``num_tasks`` binary tasks named Task0, Task1, ... (only step time is measured)."""
-
     if num_tasks < 1:
         raise SpeedError(f"need at least one task, got {num_tasks}")
     return TaskTable(
@@ -214,8 +212,6 @@ def _write_scratch_cases(plans: dict, configuration: str, table, num_channels: i
     """One preprocessed labeled case and one unlabeled case per task, random, written with nnU-Net's dataset
     class: what ``initialize()`` looks for (the dataset class of the folder, the table's unlabeled cases).
     The steps themselves read the fixed batches of :func:`_prepare`."""
-
-
     cm = PlansManager(plans).get_configuration(configuration)
     base = join(os.environ["nnUNet_preprocessed"], plans["dataset_name"])
     shape = [int(p) for p in cm.patch_size]
@@ -231,8 +227,6 @@ def _write_scratch_cases(plans: dict, configuration: str, table, num_channels: i
 def make_trainer(kind: str, plans: dict, configuration: str, table, num_channels: int, device):
     """An initialized nnUNetTrainer (``kind="nnunet"``) or VerSemiTrainer (``"versemi"``, ``"per_prompt"``)
     on ``plans`` with ``table`` (inside :func:`scratch_nnunet_env`)."""
-
-
     # one unlabeled case per task in the table (written to the scratch folder); the step reads a fixed batch
     d = table.to_dict()
     table = TaskTable.from_dict({**d, "tasks": [{**t, "unlabeled": [f"{t['name']}_u0000"]} for t in d["tasks"]]})
@@ -257,7 +251,6 @@ class PerPromptNetwork(nn.Module):
     network (backbone included) once for every prompt column and every distinct prompt value in it, on the
     samples that carry that value. Gradients flow through every pass, as in the official code.
     """
-
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
@@ -336,7 +329,6 @@ def _prepare(c: Contender, plans: dict, configuration: str, table_for, num_chann
     trainer = make_trainer(c.kind, plans, configuration, table, num_channels, device)
     batch = fake_batch(trainer, table, cm.batch_size, list(cm.patch_size), num_channels, device)
     if c.kind != "nnunet":
-
         bu = trainer.unlabeled_batch_size or cm.batch_size
         u = {"data": torch.randn((bu, num_channels, *cm.patch_size)).to(device),
              "keys": [f"{table.tasks[i % table.num_tasks].name}_u{i:04d}" for i in range(bu)]}
@@ -354,7 +346,6 @@ class RssSampler:
     """Peak resident set size of this process while the ``with`` block runs, sampled from /proc every
     ``interval`` seconds in a thread (torch releases the GIL inside its ops). Where /proc is missing, the
     growth of ``ru_maxrss`` is used instead (which only sees a new all-time peak)."""
-
     def __init__(self, interval: float = 0.002):
         self.interval = interval
         self.baseline = self.peak = 0
@@ -376,7 +367,6 @@ class RssSampler:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> RssSampler:
-
         self._proc = self.current() is not None
         if self._proc:
             self.baseline = self.peak = self.current()
@@ -388,7 +378,6 @@ class RssSampler:
         return self
 
     def __exit__(self, *exc) -> None:
-
         if self._proc:
             self._stop.set()
             self._thread.join()
@@ -419,7 +408,6 @@ def memory_probe(args: tuple) -> dict:
 
 def _table_factory(spec):
     """``spec``: a task table dict (the dataset's own, used for its task count) or None (fake tables only)."""
-
     real = TaskTable.from_dict(spec) if spec is not None else None
 
     def table_for(n: int):
@@ -443,7 +431,6 @@ def measure_training(
     log=print,
 ) -> dict:
     """Step time (interleaved rounds) and peak memory of each contender; returns {name: {...}}."""
-
     table_for = _table_factory(table_spec)
     out = {c.name: {"kind": c.kind, "tasks": c.num_tasks, "times": []} for c in contenders}
     with scratch_nnunet_env():
@@ -475,7 +462,6 @@ def measure_training(
                 out[c.name]["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         del prepared
     if memory and device.type == "cpu":
-
         ctx = multiprocessing.get_context("spawn")
         for c in contenders:
             log(f"memory probe {c.name} (fresh process)")
@@ -514,8 +500,6 @@ def measure_prediction(
     log=print,
 ) -> dict:
     """Sliding-window time of a plain nnU-Net network vs the VerSemi network (one prompt / all tasks)."""
-
-
     plans = copy.deepcopy(plans)
     plans[TABLE_KEY] = table.to_dict()
     pm = PlansManager(plans)
@@ -570,102 +554,92 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+@dataclass
+class SpeedSetup:
+    """What the contenders are measured on: plans and configuration, the task table (None: fake tables),
+    the dataset's own task count and channels, and a line saying where the plans come from."""
+    plans: dict
+    configuration: str
+    table_spec: dict | None
+    main_tasks: int
+    num_channels: int
+    source: str
+
+
+def speed_setup(args: argparse.Namespace) -> SpeedSetup:
+    """The plans of ``-d`` (with ``--plans-preset``), or synthetic plans for ``--patch``."""
+    if args.d is None:
+        plans, configuration = synthetic_plans(tuple(args.patch), args.batch_size, args.features)
+        return SpeedSetup(plans, configuration, None, args.main_tasks, 1,
+                          f"synthetic plans, patch {args.patch}, batch {args.batch_size}")
+    name = dataset_name(args.d)
+    pp = preprocessed_folder(name)
+    plans = load_json(join(pp, args.p + ".json"))
+    if args.plans_preset:
+        plans = apply_overlay(plans, load_overlay(args.plans_preset))
+    if args.c not in plans["configurations"]:
+        raise SpeedError(f"Configuration {args.c} not in {args.p}.json of {name}")
+    if args.batch_size is not None:
+        plans["configurations"][args.c]["batch_size"] = args.batch_size
+    table = TaskTable.from_plans(plans)
+    return SpeedSetup(plans, args.c, table.to_dict(), table.num_tasks,
+                      len(load_json(join(pp, "dataset.json"))["channel_names"]),
+                      f"{name} {args.p}.json" + (f" + preset {args.plans_preset}" if args.plans_preset else ""))
+
+
+def contenders_for(args: argparse.Namespace, main_tasks: int) -> list[Contender]:
+    """nnU-Net, VerSemi at the dataset's task count and at every ``--scale-tasks`` count, and (unless
+    ``--no-reference``) the one-pass-per-prompt reference at ``--ref-tasks``."""
+    out = [Contender("nnunet", "nnunet", main_tasks), Contender(f"versemi@{main_tasks}", "versemi", main_tasks)]
+    out += [Contender(f"versemi@{t}", "versemi", t) for t in sorted({*args.scale_tasks, args.ref_tasks} - {main_tasks})]
+    if not args.no_reference:
+        out.append(Contender(f"per_prompt@{args.ref_tasks}", "per_prompt", args.ref_tasks))
+    return out
+
+
+def training_ratios(args: argparse.Namespace, main_tasks: int, train: dict) -> dict[str, float | None]:
+    med = {k: v["median_s"] for k, v in train.items()}
+    ratios = {f"versemi@{main_tasks} / nnunet (step time)": _ratio(med[f"versemi@{main_tasks}"], med["nnunet"])}
+    scale = sorted(set(args.scale_tasks))
+    if len(scale) >= 2:
+        lo, hi = scale[0], scale[-1]
+        ratios[f"versemi@{hi} / versemi@{lo} (step time)"] = _ratio(med[f"versemi@{hi}"], med[f"versemi@{lo}"])
+    if not args.no_reference:
+        r = args.ref_tasks
+        ratios[f"per_prompt@{r} / versemi@{r} (step time)"] = _ratio(med[f"per_prompt@{r}"], med[f"versemi@{r}"])
+    if not args.no_memory:
+        ratios[f"versemi@{main_tasks} / nnunet (peak memory)"] = _ratio(
+            train[f"versemi@{main_tasks}"].get("peak_mib"), train["nnunet"].get("peak_mib"))
+    return ratios
+
+
 def run_speed(args: argparse.Namespace, log=print) -> dict:
-
-
+    """Training step times (and peak memory) of the contenders, then prediction times; returns the results
+    with their ratios."""
     ensure_ext_trainer_env()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SpeedError("-device cuda: no CUDA device (use -device cpu)")
-    if args.d is not None:
-
-
-        name = dataset_name(args.d)
-        pp = preprocessed_folder(name)
-        plans = load_json(join(pp, args.p + ".json"))
-        if args.plans_preset:
-
-            plans = apply_overlay(plans, load_overlay(args.plans_preset))
-        configuration = args.c
-        if configuration not in plans["configurations"]:
-            raise SpeedError(f"Configuration {configuration} not in {args.p}.json of {name}")
-        table = TaskTable.from_plans(plans)
-        table_spec = table.to_dict()
-        main_tasks = table.num_tasks
-        num_channels = len(load_json(join(pp, "dataset.json"))["channel_names"])
-        source = f"{name} {args.p}.json" + (f" + preset {args.plans_preset}" if args.plans_preset else "")
-    else:
-        plans, configuration = synthetic_plans(tuple(args.patch), args.batch_size, args.features)
-        table_spec, main_tasks, num_channels = None, args.main_tasks, 1
-        source = f"synthetic plans, patch {args.patch}, batch {args.batch_size}"
-    if args.batch_size is not None and args.d is not None:
-        plans["configurations"][configuration]["batch_size"] = args.batch_size
-
-    cm = PlansManager(plans).get_configuration(configuration)
-    scale_tasks = sorted(set(args.scale_tasks))
-    contenders = [
-        Contender("nnunet", "nnunet", main_tasks),
-        Contender(f"versemi@{main_tasks}", "versemi", main_tasks),
-    ]
-    for t in sorted({*scale_tasks, args.ref_tasks} - {main_tasks}):
-        contenders.append(Contender(f"versemi@{t}", "versemi", t))
-    if not args.no_reference:
-        contenders.append(Contender(f"per_prompt@{args.ref_tasks}", "per_prompt", args.ref_tasks))
-    log(
-        f"{source}: configuration {configuration}, batch {cm.batch_size}, patch {list(cm.patch_size)}, "
-        f"device {device}, {torch.get_num_threads()} threads; contenders: {', '.join(c.name for c in contenders)}"
-    )
-    train = measure_training(
-        plans,
-        configuration,
-        contenders,
-        table_spec,
-        num_channels,
-        device,
-        args.warmup,
-        args.steps,
-        not args.no_memory,
-        log,
-    )
-    result = {
-        "source": source,
-        "configuration": configuration,
-        "batch_size": cm.batch_size,
-        "patch_size": list(cm.patch_size),
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "warmup": args.warmup,
-        "steps": args.steps,
-        "training": train,
-    }
-    med = {k: v["median_s"] for k, v in train.items()}
-    ratios = {
-        f"versemi@{main_tasks} / nnunet (step time)": _ratio(med[f"versemi@{main_tasks}"], med["nnunet"]),
-    }
-    if len(scale_tasks) >= 2:
-        lo, hi = scale_tasks[0], scale_tasks[-1]
-        ratios[f"versemi@{hi} / versemi@{lo} (step time)"] = _ratio(
-            med[f"versemi@{hi}"], med[f"versemi@{lo}"]
-        )
-    if not args.no_reference:
-        ratios[f"per_prompt@{args.ref_tasks} / versemi@{args.ref_tasks} (step time)"] = _ratio(
-            med[f"per_prompt@{args.ref_tasks}"], med[f"versemi@{args.ref_tasks}"]
-        )
-    if not args.no_memory:
-        ratios[f"versemi@{main_tasks} / nnunet (peak memory)"] = _ratio(
-            train[f"versemi@{main_tasks}"].get("peak_mib"), train["nnunet"].get("peak_mib")
-        )
+    setup = speed_setup(args)
+    cm = PlansManager(setup.plans).get_configuration(setup.configuration)
+    contenders = contenders_for(args, setup.main_tasks)
+    log(f"{setup.source}: configuration {setup.configuration}, batch {cm.batch_size}, patch {list(cm.patch_size)}, "
+        f"device {device}, {torch.get_num_threads()} threads; contenders: {', '.join(c.name for c in contenders)}")
+    train = measure_training(setup.plans, setup.configuration, contenders, setup.table_spec, setup.num_channels,
+                             device, args.warmup, args.steps, not args.no_memory, log)
+    result = {"source": setup.source, "configuration": setup.configuration, "batch_size": cm.batch_size,
+              "patch_size": list(cm.patch_size), "device": str(device), "threads": torch.get_num_threads(),
+              "cpu_count": os.cpu_count(), "warmup": args.warmup, "steps": args.steps, "training": train}
+    ratios = training_ratios(args, setup.main_tasks, train)
     if not args.no_prediction:
-        table = _table_factory(table_spec)(main_tasks)
+        table = _table_factory(setup.table_spec)(setup.main_tasks)
         patch = list(cm.patch_size)
         shape = [args.slices, *[2 * p for p in patch]] if len(patch) == 2 else [2 * p for p in patch]
         with scratch_nnunet_env():
-            pred = measure_prediction(
-                plans, configuration, table, num_channels, device, shape, args.pred_repeats, args.tta, log
-            )
+            pred = measure_prediction(setup.plans, setup.configuration, table, setup.num_channels, device, shape,
+                                      args.pred_repeats, args.tta, log)
         result["prediction"] = {"image_shape": shape, "tta": args.tta, **pred}
         ratios["predict --task / nnunet"] = _ratio(pred["task"]["median_s"], pred["nnunet"]["median_s"])
         ratios["predict all / nnunet"] = _ratio(pred["all"]["median_s"], pred["nnunet"]["median_s"])
