@@ -571,3 +571,19 @@ def test_pseudo_targets_mix_each_task_heads_labels_on_the_unmixed_images(pipelin
     assert unsure.any() and (~unsure).any()
     assert torch.equal(outside_t[0][:, 0] == -1, unsure)
     assert torch.equal(outside_t[0][:, 0][~unsure], outside[0][:, 0][~unsure])
+
+
+def test_continuing_a_bottleneck_classifier_checkpoint_keeps_its_layout_in_the_optimizer(pipeline, tmp_path,
+                                                                                          monkeypatch):
+    old = _fresh_trainer(pipeline, tmp_path, monkeypatch, name="VerSemiTrainer_bottleneckRecognition")
+    assert old.network.recognition_input == "bottleneck"
+    path = str(tmp_path / "old.pth")
+    old.save_checkpoint(path)
+    trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch)
+    assert trainer.network.recognition_input == "stages"
+    trainer.load_checkpoint(path)
+    net = trainer.network
+    assert net.recognition_input == "bottleneck"
+    held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) in held for p in net.task_classifier.parameters())
+    assert "reads the bottleneck only" in _log_text(trainer)

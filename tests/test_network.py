@@ -110,7 +110,7 @@ def test_recognised_routing_equals_prompted_output_per_sample():
     assert net.routing == "recognised"
     x = torch.randn(3, 1, 16, 16)
     with torch.no_grad():
-        context = net.features(x)[1]
+        context = net._recognition_features(net.backbone.encoder(x))
         # a classifier that sends sample 0 to task 2, samples 1 and 2 to task 1 (one feature each)
         w = torch.zeros_like(net.task_classifier[1].weight)
         w[2, 0], w[1, 1] = 1.0, 1.0
@@ -274,3 +274,36 @@ def test_recognition_trains_with_batch_size_one():
     net = _net().train()
     out, logits = net(torch.randn(1, 1, 16, 16), torch.tensor([[0]]), recognition=True)
     assert logits.shape == (1, 3) and torch.isfinite(logits).all()
+
+
+def test_classifier_reads_every_encoder_stage_and_old_layout_loads(capsys):
+    """The task classifier's input is the spatial mean of every encoder stage: changing only an early stage's
+    features changes the recognition; a checkpoint whose classifier read the bottleneck alone loads with that
+    layout and recognises as before."""
+    net = _net(ds=False)
+    assert net.recognition_input == "stages"
+    channels = list(net.backbone.encoder.output_channels)
+    assert net.task_classifier[1].in_features == sum(channels)
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        skips = net.backbone.encoder(x)
+        rec = net._recognition_features(skips)
+        torch.testing.assert_close(rec[:, :channels[0]], skips[0].mean(dim=(2, 3)))
+        torch.testing.assert_close(rec[:, -channels[-1]:], skips[-1].mean(dim=(2, 3)))
+    old = _net(ds=False)
+    old.recognition_input = "bottleneck"
+    old.task_classifier = old._new_classifier()
+    torch.nn.init.normal_(old.task_classifier[1].weight)
+    with torch.no_grad():
+        old.task_classifier[0].running_mean.normal_()
+        expected = old.recognise(x)
+    fresh = _net(ds=False)
+    fresh.load_state_dict(old.state_dict())
+    assert fresh.recognition_input == "bottleneck" and fresh.task_classifier[1].in_features == channels[-1]
+    assert "reads the pooled bottleneck only" in capsys.readouterr().out
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.recognise(x), expected)
+    fresh.load_state_dict(old.state_dict())  # reloaded per case: no second notice
+    assert capsys.readouterr().out == ""
+    with pytest.raises(ValueError, match="recognition_input"):
+        VerSemiNetwork(_backbone(2), NUM_CLASSES, MERGED, recognition_input="pooled")

@@ -95,6 +95,7 @@ class DynamicHead(nn.Module):
         return x.reshape(b, p, self.out_channels, *spatial)
 
 
+RECOGNITION_INPUTS = ("stages", "bottleneck")
 ROUTINGS = ("recognised", "all_heads")
 
 
@@ -138,7 +139,8 @@ class VerSemiNetwork(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, num_classes_per_prompt: Sequence[int],
-                 merged_values_per_task: Sequence[Sequence[int]], hidden: int = 8, static_head: bool = True):
+                 merged_values_per_task: Sequence[Sequence[int]], hidden: int = 8, static_head: bool = True,
+                 recognition_input: str = "stages"):
         super().__init__()
         if not (hasattr(backbone, "encoder") and hasattr(backbone, "decoder")
                 and hasattr(backbone.decoder, "seg_layers")):
@@ -166,13 +168,16 @@ class VerSemiNetwork(nn.Module):
                         backbone.encoder.conv_op, hidden, static=static_head)
             for s in range(len(channels) - 1)
         )
-        # which task an image (patch) comes from, from the same pooled bottleneck features as the controller.
-        # Behind nnU-Net's instance norms these differ little between images (std across images ~0.03 around
-        # ~0.2-0.4): standardised first, they are linearly separable by task (docs/METHOD.md)
-        self.task_classifier = nn.Sequential(ScaledStandardize(channels[-1]),
-                                             nn.Linear(channels[-1], self.num_tasks))
-        nn.init.zeros_(self.task_classifier[1].weight)
-        nn.init.zeros_(self.task_classifier[1].bias)
+        # which task an image (patch) comes from: from the pooled features of every encoder stage ("stages";
+        # the early stages carry a dataset's intensity and texture, the bottleneck what the patch shows), or
+        # of the bottleneck alone ("bottleneck", the first layout). Behind nnU-Net's instance norms these differ
+        # little between images (std across images ~0.03 around ~0.2-0.4): standardised first, they are
+        # linearly separable by task (docs/METHOD.md)
+        if recognition_input not in RECOGNITION_INPUTS:
+            raise ValueError(f"recognition_input must be one of {RECOGNITION_INPUTS}, got {recognition_input!r}")
+        self._stage_channels = channels
+        self.recognition_input = recognition_input
+        self.task_classifier = self._new_classifier()
         self.recognition_detach = True  # the classifier's loss does not reach the backbone (docs/METHOD.md)
         self.routing = "recognised"
         self.prompt: int | None = None
@@ -187,15 +192,32 @@ class VerSemiNetwork(nn.Module):
     def encoder(self) -> nn.Module:
         return self.backbone.encoder
 
-    def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """One backbone pass: decoder features per output scale (full resolution first) and the pooled
-        bottleneck context that conditions the controller."""
+    def _new_classifier(self) -> nn.Sequential:
+        """The task classifier for ``recognition_input``; its linear layer starts at zero (uniform output)."""
+        n_in = sum(self._stage_channels) if self.recognition_input == "stages" else self._stage_channels[-1]
+        classifier = nn.Sequential(ScaledStandardize(n_in), nn.Linear(n_in, self.num_tasks))
+        nn.init.zeros_(classifier[1].weight)
+        nn.init.zeros_(classifier[1].bias)
+        return classifier
+
+    def _recognition_features(self, skips: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(B, C) input of the task classifier: the spatial mean of every encoder stage, or of the bottleneck."""
+        used = skips if self.recognition_input == "stages" else skips[-1:]
+        return torch.cat([s.mean(dim=tuple(range(2, s.ndim))) for s in used], dim=1)
+
+    def _backbone_pass(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
         skips = self.backbone.encoder(x)
         feats = self.backbone.decoder(skips)
         if not isinstance(feats, (list, tuple)):
             feats = [feats]
         context = skips[-1].mean(dim=tuple(range(2, skips[-1].ndim)))
-        return list(feats), context
+        return list(feats), context, skips
+
+    def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One backbone pass: decoder features per output scale (full resolution first) and the pooled
+        bottleneck context that conditions the controller."""
+        feats, context, _ = self._backbone_pass(x)
+        return feats, context
 
     def apply_heads(self, feats: list[torch.Tensor], context: torch.Tensor,
                     prompts: torch.Tensor) -> list[torch.Tensor]:
@@ -212,11 +234,12 @@ class VerSemiNetwork(nn.Module):
         recognition=True: returns (that output, the task classifier's logits (B, T)), from the same backbone
             pass; with ``recognition_detach`` the classifier sees the features without their gradient.
         """
-        feats, context = self.features(x)
+        feats, context, skips = self._backbone_pass(x)
         routed = prompts is None and self.prompt is None and self.routing == "recognised"
         task_logits = None
         if recognition or routed:  # the classifier runs only where its output is used
-            task_logits = self.task_classifier(context.detach() if self.recognition_detach else context)
+            rec = self._recognition_features(skips)
+            task_logits = self.task_classifier(rec.detach() if self.recognition_detach else rec)
         if prompts is None:
             out = self._prompt_free(feats, context, task_logits)
         elif isinstance(prompts, torch.Tensor):
@@ -245,12 +268,22 @@ class VerSemiNetwork(nn.Module):
 
     def recognise(self, x: torch.Tensor) -> torch.Tensor:
         """Task probabilities (B, T) of input patches: the encoder and the classifier only."""
-        context = self.backbone.encoder(x)[-1]
-        return torch.softmax(self.task_classifier(context.mean(dim=tuple(range(2, context.ndim)))).float(), dim=1)
+        skips = self.backbone.encoder(x)
+        return torch.softmax(self.task_classifier(self._recognition_features(skips)).float(), dim=1)
 
     @override
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Checkpoints written before the task classifier existed load with ``routing = "all_heads"``."""
+        """Checkpoints written before the task classifier existed load with ``routing = "all_heads"``; those
+        whose classifier reads the bottleneck alone switch this network to ``recognition_input =
+        "bottleneck"``."""
+        weight = state_dict.get("task_classifier.1.weight")
+        if (weight is not None and self.recognition_input == "stages"
+                and weight.shape[1] == self._stage_channels[-1] != sum(self._stage_channels)):
+            if self.routing == "recognised":  # nnU-Net's predictor reloads the weights per case: say it once
+                print("VerSemi: this checkpoint's task classifier reads the pooled bottleneck only (trained "
+                      "before the classifier read every encoder stage); it is used as trained")
+            self.recognition_input = "bottleneck"
+            self.task_classifier = self._new_classifier().to(device=weight.device)
         keys = [f"task_classifier.{k}" for k in self.task_classifier.state_dict()]
         if strict and keys and not any(k in state_dict for k in keys):
             result = super().load_state_dict(state_dict, strict=False, assign=assign)

@@ -198,6 +198,9 @@ class VerSemiTrainer(nnUNetTrainer):
 
     # structure, not a training hyperparameter: nnU-Net's predictors rebuild the network from the class alone
     static_head = True
+    # what the task classifier reads: the pooled features of every encoder stage, or ("bottleneck") of the
+    # bottleneck alone (docs/METHOD.md: measured)
+    recognition_input = "stages"
 
     # ------------------------------------------------------------------------------------------ network
     @classmethod
@@ -216,7 +219,7 @@ class VerSemiTrainer(nnUNetTrainer):
             configuration_manager.network_arch_init_kwargs_req_import, num_input_channels, 2,
             allow_init=True, deep_supervision=enable_deep_supervision)
         return VerSemiNetwork(backbone, table.num_classes_per_prompt(), [t.merged_values for t in table.tasks],
-                              static_head=cls.static_head)
+                              static_head=cls.static_head, recognition_input=cls.recognition_input)
 
     @override
     def configure_optimizers(self):
@@ -912,6 +915,13 @@ class VerSemiTrainer(nnUNetTrainer):
         super().load_checkpoint(filename_or_checkpoint)
         checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else torch.load(
             filename_or_checkpoint, map_location=self.device, weights_only=False)
+        if self._plain_network().recognition_input != self.recognition_input:
+            # the checkpoint's classifier has the bottleneck-only layout and replaced the built one: the
+            # optimizers must hold the classifier that is now in the network
+            self.optimizer, self.lr_scheduler = self.configure_optimizers()
+            self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+            self.print_to_log_file("The checkpoint's task classifier reads the bottleneck only: training goes "
+                                   "on with that layout")
         state = checkpoint.get("versemi")
         if state is None:
             return

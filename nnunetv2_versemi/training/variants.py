@@ -159,6 +159,13 @@ class VerSemiTrainer_recognitionGrad(VerSemiTrainer):
         self.recognition_detach = False
 
 
+class VerSemiTrainer_bottleneckRecognition(VerSemiTrainer):
+    """The task classifier reads the pooled bottleneck features only (the first layout), not every encoder
+    stage."""
+
+    recognition_input = "bottleneck"
+
+
 class VerSemiTrainer_recognitionAdam(VerSemiTrainer):
     """The task classifier learns with its own Adam (learning rate 1e-3), outside nnU-Net's SGD and its
     gradient clipping over the whole network."""
