@@ -26,6 +26,10 @@ from nnunetv2_versemi.tasktable import TABLE_KEY, TaskLabel, TaskTable, find_tas
 SOURCE_KEY = "versemi_task_of"
 
 
+# the mark of the per-task datasets the benchmark wrote before this module existed: rebuilt on request
+_EARLIER_KEY = "versemi_benchmark"
+
+
 class TaskDatasetError(VerSemiInputError):
     """A task dataset cannot be written (unknown task, foreign folder in the way, bad label file)."""
 
@@ -95,15 +99,17 @@ def write_task_dataset(union: str | int, task: str, output_name: str, replace: b
     folder = join(raw_root, output_name)
     record = task_dataset_source(union, table, task)
     if isfile(join(folder, "dataset.json")):
-        found = load_json(join(folder, "dataset.json")).get(SOURCE_KEY)
+        existing = load_json(join(folder, "dataset.json"))
+        found = existing.get(SOURCE_KEY)
         if found == record:
             return output_name, False
-        if found is None:
+        if found is None and _EARLIER_KEY not in existing:
             raise TaskDatasetError(f"{folder} exists and is not a task dataset written by nnunetv2_versemi; "
                                    "remove or rename it")
         if not replace:
-            raise TaskDatasetError(f"{folder} was written from other labeled cases of {found.get('union')} "
-                                   f"than {union} has now")
+            why = (f"from other labeled cases of {found.get('union')} than {union} has now" if found is not None
+                   else "by an earlier version of nnunetv2_versemi (without a task table)")
+            raise TaskDatasetError(f"{folder} was written {why}")
     elif isdir(folder):
         raise TaskDatasetError(f"{folder} exists without a dataset.json; remove or rename it")
 
