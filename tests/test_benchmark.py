@@ -446,13 +446,18 @@ def test_speed_ratios_are_computed_and_positive():
             "--pred-repeats",
             "1",
             "--no-memory",
+            "--trainers",
+            "VerSemiTrainer_paperTerms",
         ]
     )
     result = speed.run_speed(args, log=lambda m: None)
-    assert set(result["training"]) == {"nnunet", "versemi@2", "versemi@3", "per_prompt@2"}
-    assert len(result["ratios"]) == 5
+    assert set(result["training"]) == {"nnunet", "versemi@2", "versemi@3", "per_prompt@2",
+                                       "VerSemiTrainer_paperTerms@2"}
+    assert len(result["ratios"]) == 6 and "VerSemiTrainer_paperTerms@2 / nnunet (step time)" in result["ratios"]
     assert all(v is not None and v > 0 for v in result["ratios"].values()), result["ratios"]
     assert "| ratio | value |" in speed.markdown(result)
+    with pytest.raises(speed.SpeedError, match="not a VerSemi trainer"):
+        speed.versemi_trainer_class("nnUNetTrainer")
 
 
 def test_memory_probe_sees_the_step():

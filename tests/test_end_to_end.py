@@ -520,9 +520,10 @@ def test_pseudo_term_runs_in_stage_two_only(pipeline, tmp_path, monkeypatch, pse
         assert np.isnan(stage2["pseudo"])
 
 
-def test_pseudo_teacher_variant_trains_on_confident_teacher_labels(pipeline, tmp_path, monkeypatch):
-    trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, name="VerSemiTrainer_pseudoTeacher")
-    assert trainer.ema_network is not None and trainer.pseudo_threshold == 0.9
+@pytest.mark.parametrize("name", ["VerSemiTrainer", "VerSemiTrainer_pseudoTeacher"])
+def test_default_trains_on_confident_ema_teacher_labels(pipeline, tmp_path, monkeypatch, name):
+    trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, name=name)
+    assert trainer.ema_network is not None and trainer.pseudo_threshold == 0.9 and trainer.pseudo_weight == 1.0
     labeled, unlabeled = _synthetic_batches(trainer)
     trainer.dataloader_unlabeled = iter([unlabeled] * 2)
     trainer.switch_epoch = 0
@@ -535,7 +536,7 @@ def test_pseudo_teacher_variant_trains_on_confident_teacher_labels(pipeline, tmp
 def test_pseudo_targets_mix_each_task_heads_labels_on_the_unmixed_images(pipeline, tmp_path, monkeypatch):
     """Fake network: head t calls class 1 where the image is positive (t even) or negative (t odd). The target
     under the outside image's task is that head's labels on both unmixed images, cut together with the box."""
-    trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch)
+    trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, target_source="detach", pseudo_threshold=None)
     T, C = trainer.task_table.num_tasks, max(trainer._num_classes)
 
     class Fake(torch.nn.Module):
@@ -587,3 +588,13 @@ def test_continuing_a_bottleneck_classifier_checkpoint_keeps_its_layout_in_the_o
     held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert all(id(p) in held for p in net.task_classifier.parameters())
     assert "reads the bottleneck only" in _log_text(trainer)
+
+
+def test_paper_terms_variant_has_no_teacher_and_no_pseudo_term(pipeline, tmp_path, monkeypatch):
+    trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, name="VerSemiTrainer_paperTerms")
+    assert trainer.ema_network is None and trainer.target_source == "detach"
+    labeled, unlabeled = _synthetic_batches(trainer)
+    trainer.dataloader_unlabeled = iter([unlabeled])
+    trainer.switch_epoch = 0
+    out = trainer.train_step(labeled)
+    assert np.isnan(out["pseudo"]) and np.isfinite(out["unsup"])

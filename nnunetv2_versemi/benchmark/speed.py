@@ -54,6 +54,7 @@ from nnunetv2.experiment_planning.experiment_planners.network_topology import ge
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
@@ -224,9 +225,11 @@ def _write_scratch_cases(plans: dict, configuration: str, table, num_channels: i
                                           {"spacing": [1.0] * 3, "class_locations": {}}, join(folder, c))
 
 
-def make_trainer(kind: str, plans: dict, configuration: str, table, num_channels: int, device):
-    """An initialized nnUNetTrainer (``kind="nnunet"``) or VerSemiTrainer (``"versemi"``, ``"per_prompt"``)
-    on ``plans`` with ``table`` (inside :func:`scratch_nnunet_env`)."""
+def make_trainer(kind: str, plans: dict, configuration: str, table, num_channels: int, device,
+                 trainer: str = "VerSemiTrainer"):
+    """An initialized nnUNetTrainer (``kind="nnunet"``) or VerSemi trainer (``"versemi"``, ``"per_prompt"``;
+    ``trainer``: the class name, a VerSemiTrainer subclass) on ``plans`` with ``table`` (inside
+    :func:`scratch_nnunet_env`)."""
     # one unlabeled case per task in the table (written to the scratch folder); the step reads a fixed batch
     d = table.to_dict()
     table = TaskTable.from_dict({**d, "tasks": [{**t, "unlabeled": [f"{t['name']}_u0000"]} for t in d["tasks"]]})
@@ -234,7 +237,7 @@ def make_trainer(kind: str, plans: dict, configuration: str, table, num_channels
     plans[TABLE_KEY] = table.to_dict()
     plans["continue_training"] = False  # nnU-Net's trainer pops it (get_trainer_from_args sets it)
     _write_scratch_cases(plans, configuration, table, num_channels)
-    cls = nnUNetTrainer if kind == "nnunet" else VerSemiTrainer
+    cls = nnUNetTrainer if kind == "nnunet" else versemi_trainer_class(trainer)
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         trainer = cls(plans=plans, configuration=configuration, fold=0,
                       dataset_json=_dataset_json(table, num_channels), device=device)
@@ -242,6 +245,15 @@ def make_trainer(kind: str, plans: dict, configuration: str, table, num_channels
     if kind == "per_prompt":
         trainer.network = PerPromptNetwork(trainer.network)
     return trainer
+
+
+def versemi_trainer_class(name: str) -> type:
+    """The VerSemi trainer class of that name, found the way nnU-Net finds trainers."""
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        cls = recursive_find_trainer_class_by_name(name)
+    if cls is None or not issubclass(cls, VerSemiTrainer):
+        raise SpeedError(f"{name} is not a VerSemi trainer nnU-Net can find")
+    return cls
 
 
 class PerPromptNetwork(nn.Module):
@@ -257,6 +269,10 @@ class PerPromptNetwork(nn.Module):
 
     def task_prompts(self, batch_size: int, device: torch.device) -> torch.Tensor:
         return self.net.task_prompts(batch_size, device)
+
+    def state_dict(self, *args, **kwargs):
+        """The wrapped network's weights (the trainer's EMA teacher copies them by name)."""
+        return self.net.state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor, prompts=None, recognition: bool = False):
         if recognition:
@@ -314,6 +330,7 @@ class Contender:
     name: str
     kind: str  # nnunet | versemi | per_prompt
     num_tasks: int
+    trainer: str = "VerSemiTrainer"  # the class of versemi and per_prompt contenders
 
 
 def _sync(device) -> None:
@@ -326,7 +343,7 @@ def _prepare(c: Contender, plans: dict, configuration: str, table_for, num_chann
 
     cm = PlansManager(plans).get_configuration(configuration)
     table = table_for(c.num_tasks)
-    trainer = make_trainer(c.kind, plans, configuration, table, num_channels, device)
+    trainer = make_trainer(c.kind, plans, configuration, table, num_channels, device, c.trainer)
     batch = fake_batch(trainer, table, cm.batch_size, list(cm.patch_size), num_channels, device)
     if c.kind != "nnunet":
         bu = trainer.unlabeled_batch_size or cm.batch_size
@@ -594,6 +611,7 @@ def contenders_for(args: argparse.Namespace, main_tasks: int) -> list[Contender]
     out += [Contender(f"versemi@{t}", "versemi", t) for t in sorted({*args.scale_tasks, args.ref_tasks} - {main_tasks})]
     if not args.no_reference:
         out.append(Contender(f"per_prompt@{args.ref_tasks}", "per_prompt", args.ref_tasks))
+    out += [Contender(f"{name}@{main_tasks}", "versemi", main_tasks, name) for name in args.trainers]
     return out
 
 
@@ -607,6 +625,8 @@ def training_ratios(args: argparse.Namespace, main_tasks: int, train: dict) -> d
     if not args.no_reference:
         r = args.ref_tasks
         ratios[f"per_prompt@{r} / versemi@{r} (step time)"] = _ratio(med[f"per_prompt@{r}"], med[f"versemi@{r}"])
+    for name in args.trainers:
+        ratios[f"{name}@{main_tasks} / nnunet (step time)"] = _ratio(med[f"{name}@{main_tasks}"], med["nnunet"])
     if not args.no_memory:
         ratios[f"versemi@{main_tasks} / nnunet (peak memory)"] = _ratio(
             train[f"versemi@{main_tasks}"].get("peak_mib"), train["nnunet"].get("peak_mib"))

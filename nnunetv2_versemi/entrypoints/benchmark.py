@@ -188,6 +188,9 @@ def build_speed_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     p.add_argument("--no-prediction", action="store_true", help="skip the prediction timing")
     p.add_argument("--no-reference", action="store_true", help="skip the per-prompt reference")
+    p.add_argument("--trainers", nargs="+", default=[], metavar="TRAINER",
+                   help="also time these VerSemi trainer classes (e.g. VerSemiTrainer_paperTerms) at the main task "
+                        "count, each against nnU-Net")
     add_device(p)
     p.add_argument("-o", default=None, help="folder for speed.json and speed.md (default: print only)")
     return p
