@@ -44,6 +44,7 @@ def empty_nnunet(tmp_path, monkeypatch):
     ("nnUNetv2_versemi_merge", ["-d", "4242", "-o", "600"]),
     ("nnUNetv2_versemi_plan_and_preprocess", ["-d", "4242", "-c", "2d"]),
     ("nnUNetv2_versemi_plans_preset", ["-d", "4242", "--preset", "cpu_demo"]),
+    ("nnUNetv2_versemi_extract_task", ["-d", "4242", "-t", "Liver"]),
     ("nnUNetv2_versemi_evaluate", ["-ref", "r", "-pred", "p", "-d", "4242"]),
     ("nnUNetv2_versemi_predict", ["-i", "in", "-o", "out", "-d", "4242", "-c", "2d", "-device", "cpu"]),
     ("nnUNetv2_versemi_benchmark", ["-d", "4242", "-c", "2d", "-device", "cpu"]),

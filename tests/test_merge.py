@@ -487,3 +487,21 @@ def test_task_dataset_is_one_task_of_the_union(raw):
         write_task_dataset(600, "Kidney", name)
     assert write_task_dataset(600, "Kidney", name, replace=True) == (name, True)
     assert not [d for d in os.listdir(raw) if d.startswith(".")]  # no temporary folder left behind
+
+
+def test_extract_task_command(raw, capsys):
+    from nnunetv2_versemi.entrypoints.data import extract_task_main
+
+    S.make_three(raw)
+    _merge(raw)
+    extract_task_main(["-d", "600", "-t", "Liver"])
+    out = capsys.readouterr().out
+    assert "Wrote Dataset601_Liver" in out  # the first free id after the union
+    with open(os.path.join(raw, "Dataset601_Liver", "dataset.json")) as f:
+        assert TaskTable.from_dataset_json(json.load(f)).names == ["Liver"]
+    extract_task_main(["-d", "600", "-t", "Liver", "-o", "601"])
+    assert "Kept (up to date) Dataset601_Liver" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        extract_task_main(["-d", "600", "-t", "Spleen", "-o", "602"])
+    assert e.value.code == 2 and "no task 'Spleen'" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(raw, "Dataset602_Spleen"))

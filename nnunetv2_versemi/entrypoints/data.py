@@ -1,5 +1,5 @@
 """Data commands: ``nnUNetv2_versemi_demo_data``, ``nnUNetv2_versemi_merge``,
-``nnUNetv2_versemi_plan_and_preprocess``."""
+``nnUNetv2_versemi_plan_and_preprocess``, ``nnUNetv2_versemi_extract_task``."""
 
 from __future__ import annotations
 
@@ -236,3 +236,32 @@ def plan_and_preprocess_main(argv: list[str] | None = None) -> None:
                     not a.no_pbar,
                     a.verbose,
                 )
+
+
+def extract_task_main(argv: list[str] | None = None) -> None:
+    """Command line: ``nnUNetv2_versemi_extract_task``."""
+    from nnunetv2_versemi.data.task_dataset import write_task_dataset
+    from nnunetv2_versemi.nnunet_paths import free_dataset_id
+
+    p = argparse.ArgumentParser(
+        prog="nnUNetv2_versemi_extract_task",
+        description="Write one task of a union as an nnU-Net dataset of its own: the task's labeled cases (images "
+        "as normalized in the union, labels as the task's classes 1..K, the union's split restricted to the "
+        "task), e.g. to train nnU-Net on that task alone with the same labels.",
+    )
+    p.add_argument("-d", required=True, help="union dataset id or name")
+    p.add_argument("-t", "--task", required=True, help="task name (as in the union's task table)")
+    p.add_argument("-o", "--output-id", type=int, default=None,
+                   help="dataset id of the new dataset (default: the first free id after the union)")
+    p.add_argument("-n", "--name", default=None, help="name of the new dataset (default: the task name)")
+    p.add_argument("--replace", action="store_true",
+                   help="rewrite a dataset of that name written from other labeled cases of the union")
+    a = p.parse_args(argv)
+    with input_errors_exit("nnUNetv2_versemi_extract_task"):
+        from nnunetv2_versemi.nnunet_paths import dataset_id, dataset_name
+
+        union = dataset_name(a.d)
+        out_id = a.output_id if a.output_id is not None else free_dataset_id(dataset_id(union), set())
+        name, written = write_task_dataset(union, a.task, f"Dataset{out_id:03d}_{a.name or a.task}", a.replace)
+        print(f"{'Wrote' if written else 'Kept (up to date)'} {name}; plan it with nnUNetv2_plan_and_preprocess "
+              f"-d {out_id} or nnUNetv2_versemi_plan_and_preprocess -d {out_id}")
