@@ -598,3 +598,16 @@ def test_paper_terms_variant_has_no_teacher_and_no_pseudo_term(pipeline, tmp_pat
     trainer.switch_epoch = 0
     out = trainer.train_step(labeled)
     assert np.isnan(out["pseudo"]) and np.isfinite(out["unsup"])
+
+
+def test_teacher_starts_from_the_loaded_student_of_a_checkpoint_without_one(pipeline, tmp_path, monkeypatch):
+    old = _fresh_trainer(pipeline, tmp_path, monkeypatch, name="VerSemiTrainer_paperTerms")
+    with torch.no_grad():
+        for p in old.network.parameters():
+            p.add_(0.5)
+    path = str(tmp_path / "paper_terms.pth")
+    old.save_checkpoint(path)
+    trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch)
+    trainer.load_checkpoint(path)
+    student, teacher = trainer.network.state_dict(), trainer.ema_network.state_dict()
+    assert all(torch.equal(student[k], v) for k, v in teacher.items())

@@ -941,8 +941,11 @@ class VerSemiTrainer(nnUNetTrainer):
             vals.extend([float("nan")] * (self.current_epoch - len(vals)))
         vals = log.setdefault(f"versemi_{REC_KEY}", [])
         vals.extend([[float("nan")] * self.task_table.num_tasks] * (self.current_epoch - len(vals)))
-        if self.ema_network is not None and state["ema_weights"] is not None:
-            self.ema_network.load_state_dict(state["ema_weights"])
+        if self.ema_network is not None:
+            # a checkpoint without a teacher (trained with another target_source): the teacher starts as the
+            # loaded student, not as the initial weights it was copied from
+            ema = state.get("ema_weights")
+            self.ema_network.load_state_dict(ema if ema is not None else self._plain_network().state_dict())
         if self.recognition_optimizer is not None and state.get("recognition_optimizer") is not None:
             self.recognition_optimizer.load_state_dict(state["recognition_optimizer"])
 
