@@ -171,9 +171,8 @@ class PresentClassDiceLoss(torch.nn.Module):
 def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of logits (B, C, *S) against class indices (B, *S), averaged over the voxels whose target
     is >= 0 (-1: no label); 0, with gradient, when no voxel has one."""
-    valid = target >= 0
-    ce = torch.nn.functional.cross_entropy(logits.float(), target.clamp(min=0).long(), reduction="none")
-    return (ce * valid).sum() / valid.sum().clamp(min=1)
+    total = torch.nn.functional.cross_entropy(logits.float(), target.long(), ignore_index=-1, reduction="sum")
+    return total / (target >= 0).sum().clamp(min=1)
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
