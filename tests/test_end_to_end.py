@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from os.path import isfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -533,6 +534,73 @@ def test_default_trains_on_confident_ema_teacher_labels(pipeline, tmp_path, monk
     assert any(not torch.equal(before[k], v) for k, v in trainer.ema_network.state_dict().items())
 
 
+@pytest.mark.parametrize("name, teacher_passes, student_prompts",
+                         [("VerSemiTrainer", 1, "own"), ("VerSemiTrainer_pseudoTeacher", 2, "own"),
+                          ("VerSemiTrainer_paperTerms", 0, "every")])
+def test_teacher_passes_and_student_heads_on_the_unlabeled_mix(pipeline, tmp_path, monkeypatch, name,
+                                                               teacher_passes, student_prompts):
+    """The default runs the EMA teacher once per step (on the unmixed images) and the student only the two
+    region tasks' heads and the synthetic one on the unlabeled mix; the mixed-teacher form runs the teacher
+    twice, and a student-made P_agg needs every task head."""
+    trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, name=name)
+    labeled, unlabeled = _synthetic_batches(trainer)
+    trainer.dataloader_unlabeled = iter([unlabeled])
+    trainer.switch_epoch = 0
+    calls, prompts = [], []
+    if trainer.ema_network is not None:
+        trainer.ema_network.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    trainer.network.register_forward_hook(lambda m, args, out: prompts.append(args[1]))
+    out = trainer.train_step(labeled)
+    assert np.isfinite(out["unsup"])
+    assert len(calls) == teacher_passes
+    T, syn = trainer.task_table.num_tasks, trainer.task_table.synthetic_prompt
+    unlabeled_prompts = prompts[0][-1]
+    assert bool((unlabeled_prompts[:, -1] == syn).all())
+    if student_prompts == "own":
+        u_tasks = trainer._task_ids(unlabeled["keys"])
+        assert torch.equal(unlabeled_prompts[:, :2], torch.stack((u_tasks, u_tasks.roll(1)), dim=1))
+        assert unlabeled_prompts.shape[1] == 3
+    else:
+        assert unlabeled_prompts.shape[1] == T + 1
+        assert torch.equal(unlabeled_prompts[:, :T], torch.arange(T)[None].expand(len(unlabeled_prompts), -1))
+
+
+def test_unmixed_teacher_p_agg_is_the_cutmix_of_its_task_foreground(pipeline, tmp_path, monkeypatch):
+    trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch)
+    labeled, unlabeled = _synthetic_batches(trainer)
+    trainer.dataloader_unlabeled = iter([unlabeled])
+    data, _, tasks = trainer._to_device(labeled)
+    step = SimpleNamespace(inputs=[], rec_targets=[], prompts=[])
+    torch.manual_seed(3)
+    trainer._add_unlabeled_mix(step, data, tasks)
+    un = step.unlabeled
+    u = unlabeled["data"]
+    with torch.no_grad():
+        teacher = trainer.ema_network(u, trainer.ema_network.task_prompts(u.shape[0], u.device))
+    fg = torch.stack([1 - torch.softmax(teacher[0][:, t, :c], 1)[:, 0]
+                      for t, c in enumerate(trainer._num_classes[:-1])], dim=1)
+    expected = torch.where(un.mask > 0.5, fg.roll(1, dims=0), fg)
+    assert torch.allclose(un.task_fg[0], expected, atol=1e-6)
+    assert 0 < float(un.mask.mean()) < 1 and not torch.allclose(un.task_fg[0], fg)
+    assert len(un.task_fg) == len(teacher)
+
+
+def test_ema_update_moves_the_teacher_by_one_minus_alpha(pipeline, tmp_path, monkeypatch):
+    trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch)
+    student = trainer._plain_network().state_dict()
+    teacher = trainer.ema_network.state_dict()
+    for k, v in teacher.items():
+        if v.dtype.is_floating_point:
+            v.zero_()
+    trainer._update_ema()
+    floats = [k for k, v in teacher.items() if v.dtype.is_floating_point]
+    assert len(floats) > 10
+    for k in floats:
+        assert torch.allclose(teacher[k], (1 - trainer.ema_alpha) * student[k]), k
+    ints = [k for k, v in teacher.items() if not v.dtype.is_floating_point]
+    assert all(torch.equal(teacher[k], student[k]) for k in ints)
+
+
 def test_pseudo_targets_mix_each_task_heads_labels_on_the_unmixed_images(pipeline, tmp_path, monkeypatch):
     """Fake network: head t calls class 1 where the image is positive (t even) or negative (t odd). The target
     under the outside image's task is that head's labels on both unmixed images, cut together with the box."""
@@ -555,7 +623,8 @@ def test_pseudo_targets_mix_each_task_heads_labels_on_the_unmixed_images(pipelin
     mu = torch.zeros(4, 1, 6, 6)
     mu[:, :, 2:5, 1:4] = 1
     u_tasks, partner_tasks = torch.tensor([0, 1, 2, 1]), torch.tensor([1, 0, 1, 2])
-    outside, inside = trainer._pseudo_targets(u, u.roll(1, dims=0), u_tasks, partner_tasks, mu)
+    outside, inside = trainer._pseudo_targets(trainer._unmixed_predictions(u, u.roll(1, dims=0)), u_tasks,
+                                             partner_tasks, mu)
     partner = u.roll(1, dims=0)
     for i in range(4):
         for tasks, got in ((u_tasks, outside[0]), (partner_tasks, inside[0])):
@@ -564,7 +633,7 @@ def test_pseudo_targets_mix_each_task_heads_labels_on_the_unmixed_images(pipelin
             assert torch.equal(got[i, 0], expected), (i, int(tasks[i]))
     # with a threshold, labels whose probability is below it become -1 (ignored)
     trainer.pseudo_threshold = 0.9
-    outside_t, _ = trainer._pseudo_targets(u, partner, u_tasks, partner_tasks, mu)
+    outside_t, _ = trainer._pseudo_targets(trainer._unmixed_predictions(u, partner), u_tasks, partner_tasks, mu)
     x_out = torch.where(mu[:, 0] > 0.5, partner[:, 0], u[:, 0])
     conf = torch.stack([torch.softmax(Fake()(x_out[i:i + 1, None], None)[0][0, int(u_tasks[i]), :trainer._num_classes[
         int(u_tasks[i])]], 0).max(0).values for i in range(4)])

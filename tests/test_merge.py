@@ -477,10 +477,15 @@ def test_task_dataset_is_one_task_of_the_union(raw):
         json.dump({"name": "mine"}, f)
     with pytest.raises(TaskDatasetError, match="not a task dataset written by"):
         write_task_dataset(600, "Kidney", "Dataset612_Mine")
-    # written by the benchmark of an earlier version (its own mark, no task table): rebuilt only on request
+    # written by the benchmark of an earlier version (its own mark, no task table): kept when its record
+    # matches, else rebuilt only on request
     with open(os.path.join(folder, "dataset.json")) as f:
         dj = json.load(f)
     dj["versemi_benchmark"] = dj.pop(SOURCE_KEY)
+    with open(os.path.join(folder, "dataset.json"), "w") as f:
+        json.dump(dj, f)
+    assert write_task_dataset(600, "Kidney", name) == (name, False)
+    dj["versemi_benchmark"]["labeled"] = ["another_case"]
     with open(os.path.join(folder, "dataset.json"), "w") as f:
         json.dump(dj, f)
     with pytest.raises(TaskDatasetError, match="earlier version"):

@@ -26,7 +26,8 @@ from nnunetv2_versemi.tasktable import TABLE_KEY, TaskLabel, TaskTable, find_tas
 SOURCE_KEY = "versemi_task_of"
 
 
-# the mark of the per-task datasets the benchmark wrote before this module existed: rebuilt on request
+# the mark of the per-task datasets the benchmark wrote before this module existed (the same record): kept when
+# it matches, rebuilt on request when it does not
 _EARLIER_KEY = "versemi_benchmark"
 
 
@@ -82,7 +83,8 @@ def _one_task_table(union: str, table: TaskTable, task: str) -> TaskTable:
 def write_task_dataset(union: str | int, task: str, output_name: str, replace: bool = False) -> tuple[str, bool]:
     """Write (or keep) the task dataset ``output_name`` (``DatasetXXX_Name``) of ``task`` in ``union``.
 
-    A folder of that name written from the same union, task, labeled cases and labels is kept. One written
+    A folder of that name written from the same union, task, labeled cases and labels (also by the benchmark
+    of an earlier version) is kept. One written
     from other labeled cases (the union was merged again) is rebuilt when ``replace``, together with its
     preprocessed folder, else refused; a folder not written by this function is always refused. Everything is
     checked and written in a temporary folder first, so a failure leaves no half-written dataset. Returns
@@ -101,7 +103,8 @@ def write_task_dataset(union: str | int, task: str, output_name: str, replace: b
     if isfile(join(folder, "dataset.json")):
         existing = load_json(join(folder, "dataset.json"))
         found = existing.get(SOURCE_KEY)
-        if found == record:
+        if found == record or (found is None and existing.get(_EARLIER_KEY) == record):
+            # an earlier version's dataset with the same source record holds the same images and labels
             return output_name, False
         if found is None and _EARLIER_KEY not in existing:
             raise TaskDatasetError(f"{folder} exists and is not a task dataset written by nnunetv2_versemi; "

@@ -67,13 +67,15 @@ class _LabeledMix:
 @dataclass
 class _UnlabeledMix:
     """The unlabeled CutMix: input, box mask, tasks outside / inside the box, labeled partners (official
-    mixing) and the pseudo labels of L_pseudo."""
+    mixing), the pseudo labels of L_pseudo and (``teacher_input = "unmixed"``) the CutMix of every task's
+    foreground on the unmixed images."""
     x: torch.Tensor
     mask: torch.Tensor
     tasks: torch.Tensor
     partner_tasks: torch.Tensor
     partner_idx: torch.Tensor | None
     pseudo: tuple[list[torch.Tensor], list[torch.Tensor]] | None
+    task_fg: list[torch.Tensor] | None = None  # per scale (B, T, *S): the teacher's, on the unmixed images
 
 
 @dataclass
@@ -168,6 +170,9 @@ class VerSemiTrainer(nnUNetTrainer):
         self.unlabeled_box_ratio = (0.3, 0.6)
         self.unlabeled_mix = "unlabeled"  # or "labeled"
         self.target_source = "ema"  # teacher of P_agg and of the pseudo labels; or "detach" or "gradient"
+        # with the EMA teacher: "unmixed": it predicts the two unmixed images once per step and P_agg, like the
+        # pseudo labels, is the CutMix of its predictions; "mixed": it also predicts the mix, for P_agg (two passes)
+        self.teacher_input = "unmixed"
         self.ema_alpha = 0.99
         self.unsup_schedule = "stage"  # or "ramp"
         self.rampup_fraction = 0.2
@@ -257,6 +262,8 @@ class VerSemiTrainer(nnUNetTrainer):
             raise ValueError(f"unlabeled_mix must be 'unlabeled' or 'labeled', got {self.unlabeled_mix!r}")
         if self.target_source not in ("detach", "ema", "gradient"):
             raise ValueError(f"target_source must be 'detach', 'ema' or 'gradient', got {self.target_source!r}")
+        if self.teacher_input not in ("unmixed", "mixed"):
+            raise ValueError(f"teacher_input must be 'unmixed' or 'mixed', got {self.teacher_input!r}")
         if self.unsup_schedule not in ("ramp", "stage"):
             raise ValueError(f"unsup_schedule must be 'ramp' or 'stage', got {self.unsup_schedule!r}")
         self._check_schedule()
@@ -563,12 +570,42 @@ class VerSemiTrainer(nnUNetTrainer):
         x_u = cutmix.mix(u, partner, mu)
         step.inputs.append(x_u)
         step.rec_targets.append(area_mixed_tasks(u_tasks, partner_tasks, mu, self.task_table.num_tasks))
-        step.prompts.append(torch.cat((self._plain_network().task_prompts(u.shape[0], self.device),
-                                       torch.full((u.shape[0], 1), self.task_table.synthetic_prompt,
-                                                  device=self.device)), dim=1))
-        pseudo = self._pseudo_targets(u, partner, u_tasks, partner_tasks, mu) if self.pseudo_weight > 0 else None
+        synthetic = torch.full((u.shape[0], 1), self.task_table.synthetic_prompt, device=self.device)
+        if self._student_makes_p_agg():
+            task_prompts = self._plain_network().task_prompts(u.shape[0], self.device)
+        else:  # the student's task heads serve L_pseudo only: each region's own
+            task_prompts = torch.stack((u_tasks, partner_tasks), dim=1)
+        step.prompts.append(torch.cat((task_prompts, synthetic), dim=1))
+        pseudo = task_fg = None
+        if self.pseudo_weight > 0 or self._teacher_sees_unmixed():
+            unmixed = self._unmixed_predictions(u, partner)
+            if self.pseudo_weight > 0:
+                pseudo = self._pseudo_targets(unmixed, u_tasks, partner_tasks, mu)
+            if self._teacher_sees_unmixed():
+                task_fg = [cutmix.mix(*self._own_and_partner(self._task_foreground(o), u.shape[0]),
+                                      cutmix.resize_mask(mu, o.shape[3:])) for o in unmixed]
         step.unlabeled = _UnlabeledMix(x=x_u, mask=mu, tasks=u_tasks, partner_tasks=partner_tasks,
-                                       partner_idx=partner_idx, pseudo=pseudo)
+                                       partner_idx=partner_idx, pseudo=pseudo, task_fg=task_fg)
+
+    def _student_makes_p_agg(self) -> bool:
+        """Whether P_agg comes from the student's task heads on the mix (else from the EMA teacher), so that
+        the student runs every task head there."""
+        return self.target_source != "ema"
+
+    def _teacher_sees_unmixed(self) -> bool:
+        return self.target_source == "ema" and self.teacher_input == "unmixed"
+
+    def _task_foreground(self, logits: torch.Tensor) -> torch.Tensor:
+        """Head outputs of every task (B, T, max_classes, *S) -> each task's foreground probability (B, T, *S)."""
+        return torch.stack([losses.foreground_probability(logits[:, t], c)
+                            for t, c in enumerate(self._num_classes[:-1])], dim=1)
+
+    def _own_and_partner(self, per_image: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Maps of the unmixed images (:meth:`_unmixed_predictions` order) -> those of the images outside
+        and inside the boxes of the n unlabeled mixes."""
+        if self.unlabeled_mix == "unlabeled":
+            return per_image, per_image.roll(1, dims=0)
+        return per_image[:n], per_image[n:]
 
     def _loss_terms(self, step: _StepInputs, outs: list, task_logits: torch.Tensor, lam: float
                     ) -> tuple[dict[str, torch.Tensor], dict]:
@@ -590,8 +627,7 @@ class VerSemiTrainer(nnUNetTrainer):
                                                       self._num_classes, self._hard_loss))
         if lam > 0 and step.unlabeled is not None:
             un = step.unlabeled
-            u_terms, stats = self._unlabeled_terms(outs[-1], un.x, un.mask, step.fg, (un.tasks, un.partner_tasks),
-                                                   un.partner_idx)
+            u_terms, stats = self._unlabeled_terms(outs[-1], un, step.fg)
             terms.update(u_terms)
             if un.pseudo is not None:
                 terms["pseudo"] = self._pseudo_loss(outs[-1], un.pseudo, un.tasks, un.partner_tasks)
@@ -620,71 +656,71 @@ class VerSemiTrainer(nnUNetTrainer):
         if self.ema_network is not None:
             self._update_ema()
 
-    def _unlabeled_terms(self, out_u: list[torch.Tensor], x_u: torch.Tensor, mu: torch.Tensor,
-                         fg: list[torch.Tensor], region_tasks: tuple[torch.Tensor, torch.Tensor],
-                         partner_idx: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], dict]:
+    def _unlabeled_terms(self, out_u: list[torch.Tensor], un: _UnlabeledMix, fg: list[torch.Tensor]
+                         ) -> tuple[dict[str, torch.Tensor], dict]:
         """L_unsup (and L_cons), plus statistics for the log: the share of unlabeled samples the guard kept
         and, per task, the share of voxels its head calls foreground on the unlabeled mixes.
 
-        P_agg: with ``unsup_aggregate = "source"`` each region of the mix takes the foreground of its own
-        source task's head (``region_tasks``: the tasks outside and inside the box); with "all", the max over
-        every task head, as in the paper."""
+        Every task's foreground on the mix comes from the EMA teacher (on the unmixed images, CutMixed with
+        the mix's box, or on the mix itself: ``teacher_input``) or from the student's own heads on the mix
+        (``target_source``). P_agg: with ``unsup_aggregate = "source"`` each region of the mix takes the
+        foreground of its own source task's head; with "all", the max over every task head, as in the paper."""
         T = self.task_table.num_tasks
-        task_classes = self._num_classes[:-1]
-        if self.target_source == "ema":
+        if un.task_fg is not None:
+            task_fg = un.task_fg
+        elif self.target_source == "ema":
             with torch.no_grad():
-                teacher = self.ema_network(x_u, self.ema_network.task_prompts(x_u.shape[0], x_u.device))
-            task_out = teacher
+                teacher = self.ema_network(un.x, self.ema_network.task_prompts(un.x.shape[0], un.x.device))
+            task_fg = [self._task_foreground(o) for o in teacher]
         else:
-            task_out = [o[:, :T] if self.target_source == "gradient" else o[:, :T].detach() for o in out_u]
-        # full resolution: per-task foreground probabilities, kept for the log; lower scales: only their max
-        fg_full = torch.stack([losses.foreground_probability(task_out[0][:, t], task_classes[t])
-                               for t in range(T)], dim=1)
+            task_fg = [self._task_foreground(o[:, :T] if self.target_source == "gradient" else o[:, :T].detach())
+                       for o in out_u]
         if self.unsup_aggregate == "source":
-            per_scale = [fg_full, *[torch.stack([losses.foreground_probability(o[:, t], task_classes[t])
-                                                 for t in range(T)], dim=1) for o in task_out[1:]]]
-            agg = [losses.source_task_foreground(f, *region_tasks, cutmix.resize_mask(mu, f.shape[2:]))
-                   for f in per_scale]
+            agg = [losses.source_task_foreground(f, un.tasks, un.partner_tasks, cutmix.resize_mask(un.mask, f.shape[2:]))
+                   for f in task_fg]
         else:
-            agg = [fg_full.max(dim=1).values,
-                   *[losses.aggregate_task_foreground(o, task_classes) for o in task_out[1:]]]
-        p_syn = [losses.foreground_probability(o[:, T], 2) for o in out_u]
+            agg = [f.max(dim=1).values for f in task_fg]
+        p_syn = [losses.foreground_probability(o[:, -1], 2) for o in out_u]  # the synthetic prompt comes last
         # the guard is decided once, at full resolution, and applies to every deep-supervision scale
         keep = losses.foreground_guard(agg[0], self.unsup_min_foreground)
         terms = {"unsup": losses.deep_supervision_sum(
             [losses.guarded_consistency_loss(p, q, keep) for p, q in zip(p_syn, agg)], self._ds_weights)}
         with torch.no_grad():
-            task_fg = (fg_full > 0.5).flatten(2).float().mean(dim=(0, 2)).cpu().numpy()
-            stats = {"unsup_kept": keep.float().mean().item(), "task_fg": task_fg}
-        if partner_idx is not None:
+            stats = {"unsup_kept": keep.float().mean().item(),
+                     "task_fg": (task_fg[0] > 0.5).flatten(2).float().mean(dim=(0, 2)).cpu().numpy()}
+        if un.partner_idx is not None:
             # the box holds the labeled partner: its known foreground supervises the synthetic prompt there
             cons = []
             for p, f in zip(p_syn, fg):
-                m = cutmix.resize_mask(mu, p.shape[1:])[:, 0]
-                cons.append(losses.soft_dice_loss(p, f[partner_idx][:, 0], mask=m))
+                m = cutmix.resize_mask(un.mask, p.shape[1:])[:, 0]
+                cons.append(losses.soft_dice_loss(p, f[un.partner_idx][:, 0], mask=m))
             terms["cons"] = losses.deep_supervision_sum(cons, self._ds_weights)
         return terms, stats
 
     @torch.no_grad()
-    def _pseudo_targets(self, u: torch.Tensor, partner: torch.Tensor, u_tasks: torch.Tensor,
-                        partner_tasks: torch.Tensor, mu: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Hard pseudo labels for L_pseudo: every task head's prediction on the unmixed images (the EMA
-        teacher's with ``target_source = "ema"``, else the student's without gradient), CutMixed with the
-        same box as the input. Returns, per scale, the targets under the outside image's task and under the
-        inside image's task, (B, 1, *S) each, in that task's local classes (-1 where the label's probability is
-        below ``pseudo_threshold``)."""
+    def _unmixed_predictions(self, u: torch.Tensor, partner: torch.Tensor) -> list[torch.Tensor]:
+        """Every task head's output (per scale, (B', T, max_classes, *S)) on the unmixed images of the unlabeled
+        mixes: the unlabeled batch (its partners are the same images rolled by one), or the unlabeled batch
+        followed by its labeled partners. The EMA teacher's with ``target_source = "ema"``, else the
+        student's without gradient."""
         net = self.ema_network if self.target_source == "ema" else self._plain_network()
         unmixed = u if self.unlabeled_mix == "unlabeled" else torch.cat((u, partner))
-        T, n = self.task_table.num_tasks, u.shape[0]
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             out = net(unmixed, net.task_prompts(unmixed.shape[0], unmixed.device))
-        out = out if isinstance(out, (list, tuple)) else [out]
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+    def _pseudo_targets(self, unmixed: list[torch.Tensor], u_tasks: torch.Tensor, partner_tasks: torch.Tensor,
+                        mu: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Hard pseudo labels for L_pseudo from the heads' outputs on the unmixed images
+        (:meth:`_unmixed_predictions`), CutMixed with the same box as the input. Returns, per scale, the targets
+        under the outside image's task and under the inside image's task, (B, 1, *S) each, in that task's local
+        classes (-1 where the label's probability is below ``pseudo_threshold``)."""
         outside, inside = [], []
-        for o in out:
-            labels = torch.stack([self._confident_labels(o[:, t, :self._num_classes[t]]) for t in range(T)],
-                                 dim=1)  # (B', T, *S)
-            own, other = (labels, labels.roll(1, dims=0)) if self.unlabeled_mix == "unlabeled" \
-                else (labels[:n], labels[n:])
+        n = u_tasks.shape[0]
+        for o in unmixed:
+            own, other = self._own_and_partner(
+                torch.stack([self._confident_labels(o[:, t, :c]) for t, c in enumerate(self._num_classes[:-1])],
+                            dim=1), n)  # (n, T, *S) each
             m = cutmix.resize_mask(mu, o.shape[3:])
             for tasks, store in ((u_tasks, outside), (partner_tasks, inside)):
                 store.append(cutmix.mix(losses.pick_task(own, tasks), losses.pick_task(other, tasks), m))
@@ -706,8 +742,12 @@ class VerSemiTrainer(nnUNetTrainer):
         mean of both sides."""
         rows = torch.arange(u_tasks.shape[0], device=u_tasks.device)
         loss = self._hard_loss if self.pseudo_threshold is None else self._confident_ce
-        sides = [losses.prompted_supervised_loss([o[rows, tasks] for o in out_u], tgt, tasks, self._num_classes, loss)
-                 for tasks, tgt in ((u_tasks, targets[0]), (partner_tasks, targets[1]))]
+        # the student's heads on the mix: every task's (then each region's own is picked), or just the two own
+        heads = (lambda o, side, tasks: o[rows, tasks]) if self._student_makes_p_agg() else \
+            (lambda o, side, tasks: o[:, side])
+        sides = [losses.prompted_supervised_loss([heads(o, side, tasks) for o in out_u], tgt, tasks,
+                                                 self._num_classes, loss)
+                 for side, (tasks, tgt) in enumerate(((u_tasks, targets[0]), (partner_tasks, targets[1])))]
         return 0.5 * (sides[0] + sides[1])
 
     def _confident_ce(self, logits: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
@@ -718,12 +758,21 @@ class VerSemiTrainer(nnUNetTrainer):
 
     @torch.no_grad()
     def _update_ema(self) -> None:
+        """teacher = alpha teacher + (1 - alpha) student for floating-point tensors (one fused op over all of
+        them), copies of the others (e.g. BatchNorm's counters). Each tensor once: nnU-Net's decoder holds
+        its encoder, so the state dict lists the encoder's tensors under several keys."""
         student = self._plain_network().state_dict()
-        for k, v in self.ema_network.state_dict().items():
+        floats, targets, seen = [], [], set()
+        for k, v in self.ema_network.state_dict(keep_vars=True).items():  # the tensors themselves: shared ones alike
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
             if v.dtype.is_floating_point:
-                v.mul_(self.ema_alpha).add_(student[k].detach(), alpha=1 - self.ema_alpha)
+                floats.append(v)
+                targets.append(student[k].detach())
             else:
                 v.copy_(student[k])
+        torch._foreach_lerp_(floats, targets, 1 - self.ema_alpha)
 
     def _gather(self, vals: np.ndarray) -> np.ndarray:
         if not self.is_ddp:
