@@ -396,6 +396,7 @@ def test_benchmark_recognition_scores_stock_prompted_and_all_heads(pipeline):
     _run(["nnUNetv2_versemi_benchmark", "recognition", "-d", str(UNION_ID), "-c", "2d", "-tr", TRAINER, "-f", "0",
           "-o", str(out), "-device", "cpu", "--disable_tta"], pipeline["env"])
     result = json.loads((out / "recognition.json").read_text())
+    assert result["command"].startswith(f"nnUNetv2_versemi_benchmark recognition -d {UNION_ID} -c 2d")
     assert result["n_cases"] == 3 and set(result["cases"]) == {f[:-len(".nii.gz")] for f in
                                                              os.listdir(root / "raw" / UNION / "labelsTs")}
     for mode in ("prompted", "recognised", "all_heads"):
@@ -589,7 +590,7 @@ def test_ema_update_moves_the_teacher_by_one_minus_alpha(pipeline, tmp_path, mon
     trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch)
     student = trainer._plain_network().state_dict()
     teacher = trainer.ema_network.state_dict()
-    for k, v in teacher.items():
+    for v in teacher.values():
         if v.dtype.is_floating_point:
             v.zero_()
     trainer._update_ema()

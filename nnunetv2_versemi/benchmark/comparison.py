@@ -238,7 +238,7 @@ def _union(dataset: str) -> tuple[str, int]:
     return name, dataset_id(name)
 
 
-def _test_cases(raw: str, table: TaskTable, file_ending: str, num_channels: int) -> dict[str, list[str]]:
+def labeled_test_cases(raw: str, table: TaskTable, file_ending: str, num_channels: int) -> dict[str, list[str]]:
     """Per task: the table's test cases that have a label in labelsTs and all images in imagesTs."""
     out, problems = {}, []
     for t in table.tasks:
@@ -388,7 +388,7 @@ def prepare_benchmark(args: argparse.Namespace) -> BenchmarkContext:
         npp=args.npp,
         tta=not args.disable_tta,
         skip_val=args.skip_val,
-        test_cases=_test_cases(raw, table, dj["file_ending"], n_ch),
+        test_cases=labeled_test_cases(raw, table, dj["file_ending"], n_ch),
         file_ending=dj["file_ending"],
         num_channels=n_ch,
         methods=methods,

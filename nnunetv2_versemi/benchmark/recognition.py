@@ -14,13 +14,25 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from os.path import join
 
 import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import save_json
+from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from tqdm import tqdm
+
+from nnunetv2_versemi.benchmark.comparison import BenchmarkError, labeled_test_cases
+from nnunetv2_versemi.evaluation.evaluate import evaluate_folders
+from nnunetv2_versemi.inference.predict import (
+    check_folds,
+    load_model_table,
+    make_predictor,
+    resolve_model_folder,
+)
+from nnunetv2_versemi.nnunet_paths import link_or_copy, raw_folder
 
 MODES = ("prompted", "recognised", "all_heads")
 PROG = "nnUNetv2_versemi_benchmark recognition"
@@ -45,19 +57,6 @@ def _predict_case(predictor, net, data: torch.Tensor, mode: str, task: int) -> t
 
 
 def run_recognition(args: argparse.Namespace) -> dict:
-    from nnunetv2.inference.export_prediction import export_prediction_from_logits
-    from nnunetv2.paths import nnUNet_raw
-
-    from nnunetv2_versemi.benchmark.comparison import BenchmarkError, _test_cases
-    from nnunetv2_versemi.evaluation.evaluate import evaluate_folders
-    from nnunetv2_versemi.inference.predict import (
-        check_folds,
-        load_model_table,
-        make_predictor,
-        resolve_model_folder,
-    )
-    from nnunetv2_versemi.nnunet_paths import link_or_copy
-
     model = resolve_model_folder(args.d, args.c, args.tr, args.p)
     table = load_model_table(model)
     folds = [str(f) for f in args.f]
@@ -68,10 +67,10 @@ def run_recognition(args: argparse.Namespace) -> dict:
     if net.routing != "recognised":
         raise BenchmarkError(f"The model in {model} has no task classifier (trained before task recognition)")
     dataset_json, pm, cm = predictor.dataset_json, predictor.plans_manager, predictor.configuration_manager
-    raw = join(nnUNet_raw, pm.dataset_name)
+    raw = raw_folder(pm.dataset_name)
     fe = dataset_json["file_ending"]
     n_channels = len(dataset_json["channel_names"])
-    cases = [c for group in _test_cases(raw, table, fe, n_channels).values() for c in group]
+    cases = [c for group in labeled_test_cases(raw, table, fe, n_channels).values() for c in group]
     ref = join(args.o, "reference")  # exactly the scored cases (labelsTs may hold others)
     os.makedirs(ref, exist_ok=True)
     for c in cases:
@@ -114,6 +113,7 @@ def run_recognition(args: argparse.Namespace) -> dict:
             "n_cases": len(own)}
     ratio = np.array(seconds["recognised"]) / np.array(seconds["all_heads"])
     result = {
+        "command": " ".join(["nnUNetv2_versemi_benchmark", *(getattr(args, "argv", None) or sys.argv[1:])]),
         "model": model, "folds": folds, "tta": not args.disable_tta, "n_cases": len(cases),
         "device": args.device, "dice": dice,
         "stock_minus_prompted": {t: dice["recognised"][t] - dice["prompted"][t] for t in dice["prompted"]},

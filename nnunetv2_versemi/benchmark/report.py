@@ -14,9 +14,11 @@ import json
 import math
 import os
 import platform
+from importlib.metadata import version
 from os.path import join
 
 import numpy as np
+import torch
 
 from nnunetv2_versemi.tasktable import TaskTable
 
@@ -42,8 +44,6 @@ MEAN_ROW = "mean over tasks"
 
 
 def machine_info() -> dict:
-    import torch
-
     info = {
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
@@ -54,8 +54,6 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     try:
-        from importlib.metadata import version
-
         info["nnunetv2"] = version("nnunetv2")
     except Exception:  # metadata is informative only
         pass
@@ -90,8 +88,6 @@ def learning_curves(model_folder: str, folds: list, iterations: int = 1) -> dict
     """Per fold: train loss, validation loss and pseudo Dice (nnU-Net's ``mean_fg_dice``) per epoch, read from
     the checkpoint's logging (falls back to checkpoint_latest.pth); ``steps`` = optimizer steps at the end of
     each epoch (``iterations`` per epoch); ``switch_step``: where a VerSemi run switched its unlabeled terms on."""
-    import torch
-
     out = {}
     for fold in folds:
         for name in ("checkpoint_final.pth", "checkpoint_latest.pth"):

@@ -25,6 +25,8 @@ import re
 from os.path import isfile, join
 
 import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+from scipy import stats
 
 from nnunetv2_versemi.benchmark import report
 from nnunetv2_versemi.benchmark.comparison import (
@@ -35,6 +37,9 @@ from nnunetv2_versemi.benchmark.comparison import (
     prepare_benchmark,
     run_benchmark,
 )
+from nnunetv2_versemi.data.merge import MergeError, merge_datasets
+from nnunetv2_versemi.data.preprocess import plan_and_preprocess
+from nnunetv2_versemi.discovery import ensure_ext_trainer_env
 from nnunetv2_versemi.nnunet_paths import dataset_id, free_dataset_id
 from nnunetv2_versemi.tasktable import TABLE_KEY, TaskTable
 
@@ -47,7 +52,6 @@ SEEDS_CURVES_PNG = "seeds_learning_curves.png"
 def seed_union(union: str, seed_index: int, configuration: str, plans_preset: str | None, npp: int,
                claimed: set[int], log=print) -> str:
     """Name of the union of ``seed_index`` (0: ``union`` itself), merged, planned and preprocessed if needed."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 
     if seed_index == 0:
         return union
@@ -69,7 +73,6 @@ def seed_union(union: str, seed_index: int, configuration: str, plans_preset: st
             raise BenchmarkError(f"{join(raw_root, name)} exists but is not the benchmark's seed {seed_index} union "
                                  f"of {union}; remove or rename it")
     else:
-        from nnunetv2_versemi.data.merge import MergeError, merge_datasets
 
         name = f"Dataset{free_dataset_id(union_id, claimed):03d}_{suffix}"
         log(f"Seed {seed_index}: merging {', '.join(prov['sources'])} again with merge seed {mark['merge_seed']} "
@@ -89,7 +92,6 @@ def seed_union(union: str, seed_index: int, configuration: str, plans_preset: st
         save_json(new, join(folder, "dataset.json"), sort_keys=False)
     plans_file = join(os.environ["nnUNet_preprocessed"], name, "nnUNetPlans.json")
     if not isfile(plans_file) or TABLE_KEY not in load_json(plans_file):
-        from nnunetv2_versemi.data.preprocess import plan_and_preprocess
 
         union_plans = load_json(join(os.environ["nnUNet_preprocessed"], union, "nnUNetPlans.json"))
         base = _base_configuration(_apply_preset(union_plans, plans_preset), configuration)
@@ -101,7 +103,6 @@ def seed_union(union: str, seed_index: int, configuration: str, plans_preset: st
 
 def run_seeds(args) -> dict:
     """``args.seeds`` benchmarks (see the module docstring); returns the aggregate written to seeds.json."""
-    from nnunetv2_versemi.discovery import ensure_ext_trainer_env
 
     ensure_ext_trainer_env()
     if args.p != "nnUNetPlans":
@@ -132,7 +133,6 @@ def run_seeds(args) -> dict:
 # ---- aggregation --------------------------------------------------------------------------------------------
 def t_interval(values: list[float], level: float = 0.95) -> dict:
     """Mean and two-sided t confidence interval of ``values``."""
-    from scipy import stats
 
     arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], float)
     n = int(arr.size)

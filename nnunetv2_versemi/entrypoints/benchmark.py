@@ -59,7 +59,9 @@ def speed_main(argv: list[str] | None = None) -> None:
 def recognition_main(argv: list[str] | None = None) -> None:
     from nnunetv2_versemi.benchmark import recognition
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_recognition_parser().parse_args(argv)
+    args.argv = ["recognition", *argv]
     with input_errors_exit(recognition.PROG):
         recognition.run_recognition(args)
 

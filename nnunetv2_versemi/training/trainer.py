@@ -121,7 +121,8 @@ class VerSemiTrainer(nnUNetTrainer):
       - nnU-Net's optimizer, schedule, patch size, batch size, augmentation and deep supervision;
       - ``target_source = "ema"``: P_agg (and L_pseudo's labels) come from an EMA teacher (``ema_alpha``)
         without gradient ("detach": the student's prediction without gradient; "gradient": the official
-        behaviour);
+        behaviour); ``teacher_input = "unmixed"``: one teacher pass per step, on the unmixed images, whose
+        predictions CutMixed with the input's box give both ("mixed": P_agg from a second pass on the mix);
       - L_pseudo (``pseudo_weight = 1``, ``pseudo_threshold = 0.9``): lets the unlabeled images train the task
         heads directly; measured +2.1 Dice points over the paper's terms (``VerSemiTrainer_paperTerms``);
       - ``unlabeled_mix = "unlabeled"``: two unlabeled images are mixed as in the paper's formula
