@@ -14,7 +14,7 @@ from nnunetv2_versemi.benchmark import comparison as B
 from nnunetv2_versemi.benchmark import report, speed
 from nnunetv2_versemi.data import merge as M
 from nnunetv2_versemi.data.demo_data import generate_demo_datasets
-from nnunetv2_versemi.entrypoints.benchmark import benchmark_main, build_benchmark_parser, build_speed_parser
+from nnunetv2_versemi.entrypoints.benchmark import benchmark_main, build_benchmark_parser, speed_main
 from nnunetv2_versemi.entrypoints.data import plan_and_preprocess_main
 
 try:
@@ -420,37 +420,15 @@ def test_per_prompt_reference_matches_one_pass_network():
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_speed_ratios_are_computed_and_positive():
-    args = build_speed_parser().parse_args(
-        [
-            "-device",
-            "cpu",
-            "--patch",
-            "16",
-            "16",
-            "--batch-size",
-            "2",
-            "--main-tasks",
-            "2",
-            "--scale-tasks",
-            "2",
-            "3",
-            "--ref-tasks",
-            "2",
-            "--warmup",
-            "1",
-            "--steps",
-            "1",
-            "--slices",
-            "1",
-            "--pred-repeats",
-            "1",
-            "--no-memory",
-            "--trainers",
-            "VerSemiTrainer_paperTerms",
-        ]
-    )
-    result = speed.run_speed(args, log=lambda m: None)
+def test_speed_ratios_are_computed_and_positive(tmp_path, capsys):
+    argv = ["-device", "cpu", "--patch", "16", "16", "--batch-size", "2", "--main-tasks", "2", "--scale-tasks", "2",
+            "3", "--ref-tasks", "2", "--warmup", "1", "--steps", "1", "--slices", "1", "--pred-repeats", "1",
+            "--no-memory", "--trainers", "VerSemiTrainer_paperTerms"]
+    argv += ["-o", str(tmp_path)]
+    speed_main(argv)
+    result = json.loads((tmp_path / "speed.json").read_text())
+    assert result["command"] == " ".join(["nnUNetv2_versemi_benchmark", "speed", *argv])
+    assert "| ratio | value |" in capsys.readouterr().out
     assert set(result["training"]) == {"nnunet", "versemi@2", "versemi@3", "per_prompt@2",
                                        "VerSemiTrainer_paperTerms@2"}
     assert len(result["ratios"]) == 6 and "VerSemiTrainer_paperTerms@2 / nnunet (step time)" in result["ratios"]

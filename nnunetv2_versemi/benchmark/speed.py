@@ -649,7 +649,8 @@ def run_speed(args: argparse.Namespace, log=print) -> dict:
         f"device {device}, {torch.get_num_threads()} threads; contenders: {', '.join(c.name for c in contenders)}")
     train = measure_training(setup.plans, setup.configuration, contenders, setup.table_spec, setup.num_channels,
                              device, args.warmup, args.steps, not args.no_memory, log)
-    result = {"source": setup.source, "configuration": setup.configuration, "batch_size": cm.batch_size,
+    result = {"command": " ".join(["nnUNetv2_versemi_benchmark", *(getattr(args, "argv", None) or ["speed"])]),
+              "source": setup.source, "configuration": setup.configuration, "batch_size": cm.batch_size,
               "patch_size": list(cm.patch_size), "device": str(device), "threads": torch.get_num_threads(),
               "cpu_count": os.cpu_count(), "warmup": args.warmup, "steps": args.steps, "training": train}
     ratios = training_ratios(args, setup.main_tasks, train)

@@ -40,7 +40,9 @@ def speed_main(argv: list[str] | None = None) -> None:
 
     from nnunetv2_versemi.benchmark import speed
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_speed_parser().parse_args(argv)
+    args.argv = ["speed", *argv]
     if args.d is None and args.batch_size is None:
         args.batch_size = 4
     with input_errors_exit(speed.PROG):
