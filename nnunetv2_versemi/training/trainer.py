@@ -578,11 +578,15 @@ class VerSemiTrainer(nnUNetTrainer):
             task_prompts = torch.stack((u_tasks, partner_tasks), dim=1)
         step.prompts.append(torch.cat((task_prompts, synthetic), dim=1))
         pseudo = task_fg = None
-        if self.pseudo_weight > 0 or self._teacher_sees_unmixed():
-            unmixed = self._unmixed_predictions(u, partner)
+        if self.pseudo_weight > 0 or self.target_source == "ema":
+            teacher_on_mix = self.target_source == "ema" and self.teacher_input == "mixed"
+            unmixed, mixed = self._target_predictions(u, partner, x_u if teacher_on_mix else None,
+                                                      self.pseudo_weight > 0 or not teacher_on_mix)
             if self.pseudo_weight > 0:
                 pseudo = self._pseudo_targets(unmixed, u_tasks, partner_tasks, mu)
-            if self._teacher_sees_unmixed():
+            if teacher_on_mix:
+                task_fg = [self._task_foreground(o) for o in mixed]
+            elif self.target_source == "ema":
                 task_fg = [cutmix.mix(*self._own_and_partner(self._task_foreground(o), u.shape[0]),
                                       cutmix.resize_mask(mu, o.shape[3:])) for o in unmixed]
         step.unlabeled = _UnlabeledMix(x=x_u, mask=mu, tasks=u_tasks, partner_tasks=partner_tasks,
@@ -593,16 +597,13 @@ class VerSemiTrainer(nnUNetTrainer):
         the student runs every task head there."""
         return self.target_source != "ema"
 
-    def _teacher_sees_unmixed(self) -> bool:
-        return self.target_source == "ema" and self.teacher_input == "unmixed"
-
     def _task_foreground(self, logits: torch.Tensor) -> torch.Tensor:
         """Head outputs of every task (B, T, max_classes, *S) -> each task's foreground probability (B, T, *S)."""
         return torch.stack([losses.foreground_probability(logits[:, t], c)
                             for t, c in enumerate(self._num_classes[:-1])], dim=1)
 
     def _own_and_partner(self, per_image: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Maps of the unmixed images (:meth:`_unmixed_predictions` order) -> those of the images outside
+        """Maps of the unmixed images (:meth:`_target_predictions` order) -> those of the images outside
         and inside the boxes of the n unlabeled mixes."""
         if self.unlabeled_mix == "unlabeled":
             return per_image, per_image.roll(1, dims=0)
@@ -667,12 +668,8 @@ class VerSemiTrainer(nnUNetTrainer):
         (``target_source``). P_agg: with ``unsup_aggregate = "source"`` each region of the mix takes the
         foreground of its own source task's head; with "all", the max over every task head, as in the paper."""
         T = self.task_table.num_tasks
-        if un.task_fg is not None:
+        if un.task_fg is not None:  # the EMA teacher's
             task_fg = un.task_fg
-        elif self.target_source == "ema":
-            with torch.no_grad():
-                teacher = self.ema_network(un.x, self.ema_network.task_prompts(un.x.shape[0], un.x.device))
-            task_fg = [self._task_foreground(o) for o in teacher]
         else:
             task_fg = [self._task_foreground(o[:, :T] if self.target_source == "gradient" else o[:, :T].detach())
                        for o in out_u]
@@ -699,21 +696,27 @@ class VerSemiTrainer(nnUNetTrainer):
         return terms, stats
 
     @torch.no_grad()
-    def _unmixed_predictions(self, u: torch.Tensor, partner: torch.Tensor) -> list[torch.Tensor]:
+    def _target_predictions(self, u: torch.Tensor, partner: torch.Tensor, mix: torch.Tensor | None = None,
+                            unmixed: bool = True) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
         """Every task head's output (per scale, (B', T, max_classes, *S)) on the unmixed images of the unlabeled
-        mixes: the unlabeled batch (its partners are the same images rolled by one), or the unlabeled batch
-        followed by its labeled partners. The EMA teacher's with ``target_source = "ema"``, else the
-        student's without gradient."""
+        mixes (the unlabeled batch, whose partners are the same images rolled by one, or the unlabeled batch
+        followed by its labeled partners) and, if given, on the mixes themselves: one call for both. The EMA
+        teacher's with ``target_source = "ema"``, else the student's without gradient. Returns (on the unmixed
+        images, on the mixes), None for what was not asked."""
         net = self.ema_network if self.target_source == "ema" else self._plain_network()
-        unmixed = u if self.unlabeled_mix == "unlabeled" else torch.cat((u, partner))
+        groups = [u if self.unlabeled_mix == "unlabeled" else torch.cat((u, partner))] if unmixed else []
+        groups += [mix] if mix is not None else []
+        x = torch.cat(groups)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            out = net(unmixed, net.task_prompts(unmixed.shape[0], unmixed.device))
-        return list(out) if isinstance(out, (list, tuple)) else [out]
+            out = net(x, net.task_prompts(x.shape[0], x.device))
+        per_scale = [o.split([g.shape[0] for g in groups]) for o in (out if isinstance(out, (list, tuple)) else [out])]
+        per_group = [[parts[i] for parts in per_scale] for i in range(len(groups))]
+        return (per_group[0] if unmixed else None), (per_group[-1] if mix is not None else None)
 
     def _pseudo_targets(self, unmixed: list[torch.Tensor], u_tasks: torch.Tensor, partner_tasks: torch.Tensor,
                         mu: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Hard pseudo labels for L_pseudo from the heads' outputs on the unmixed images
-        (:meth:`_unmixed_predictions`), CutMixed with the same box as the input. Returns, per scale, the targets
+        (:meth:`_target_predictions`), CutMixed with the same box as the input. Returns, per scale, the targets
         under the outside image's task and under the inside image's task, (B, 1, *S) each, in that task's local
         classes (-1 where the label's probability is below ``pseudo_threshold``)."""
         outside, inside = [], []
