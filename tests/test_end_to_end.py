@@ -264,6 +264,7 @@ def test_present_class_dice_is_built_into_the_hard_label_loss(pipeline, tmp_path
     ({"unsup_aggregate": "max"}, "unsup_aggregate must be 'source' or 'all'"),
     ({"pseudo_weight": -1.0}, "pseudo_weight must be a number >= 0"),
     ({"pseudo_threshold": 1.0}, "pseudo_threshold must be None or a number in"),
+    ({"teacher_input": "both"}, "teacher_input must be 'unmixed' or 'mixed'"),
 ])
 def test_ill_schedule_attributes_fail_at_initialize(pipeline, tmp_path, monkeypatch, attrs, message):
     with pytest.raises(ValueError, match=message):
@@ -536,13 +537,14 @@ def test_default_trains_on_confident_ema_teacher_labels(pipeline, tmp_path, monk
 
 
 @pytest.mark.parametrize("name, teacher_images, student_prompts",
-                         [("VerSemiTrainer", 1, "own"), ("VerSemiTrainer_pseudoTeacher", 2, "own"),
+                         [("VerSemiTrainer_unmixedTeacher", 1, "own"), ("VerSemiTrainer_pseudoTeacher", 2, "own"),
                           ("VerSemiTrainer_paperTerms", 0, "every")])
 def test_teacher_passes_and_student_heads_on_the_unlabeled_mix(pipeline, tmp_path, monkeypatch, name,
                                                                teacher_images, student_prompts):
-    """The default runs the EMA teacher once per step, on the unmixed images, and the student only the two
-    region tasks' heads and the synthetic one on the unlabeled mix; the mixed-teacher form runs the teacher
-    once on the unmixed images and the mixes together, and a student-made P_agg needs every task head."""
+    """The unmixed-teacher form runs the EMA teacher once per step, on the unmixed images, and the student only
+    the two region tasks' heads and the synthetic one on the unlabeled mix; the mixed-teacher form runs the
+    teacher once on the unmixed images and the mixes together, and a student-made P_agg needs every task
+    head."""
     trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, name=name)
     labeled, unlabeled = _synthetic_batches(trainer)
     trainer.dataloader_unlabeled = iter([unlabeled])
@@ -566,9 +568,9 @@ def test_teacher_passes_and_student_heads_on_the_unlabeled_mix(pipeline, tmp_pat
         assert torch.equal(unlabeled_prompts[:, :T], torch.arange(T)[None].expand(len(unlabeled_prompts), -1))
 
 
-@pytest.mark.parametrize("name", ["VerSemiTrainer", "VerSemiTrainer_pseudoTeacher"])
+@pytest.mark.parametrize("name", ["VerSemiTrainer_unmixedTeacher", "VerSemiTrainer_pseudoTeacher"])
 def test_teacher_p_agg_on_the_unmixed_images_or_on_the_mix(pipeline, tmp_path, monkeypatch, name):
-    """Default: every task's foreground of the teacher on the unmixed images, cut with the mix's box; mixed
+    """Unmixed teacher input: every task's foreground of the teacher on the unmixed images, cut with the mix's box; mixed
     teacher input: the teacher's on the mix itself (computed in the same call as the pseudo labels)."""
     trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, name=name)
     labeled, unlabeled = _synthetic_batches(trainer)
@@ -579,12 +581,14 @@ def test_teacher_p_agg_on_the_unmixed_images_or_on_the_mix(pipeline, tmp_path, m
     trainer._add_unlabeled_mix(step, data, tasks)
     un = step.unlabeled
     u = unlabeled["data"]
-    x = u if name == "VerSemiTrainer" else un.x
+    unmixed = trainer.teacher_input == "unmixed"
+    assert unmixed == (name == "VerSemiTrainer_unmixedTeacher")
+    x = u if unmixed else un.x
     with torch.no_grad():
         teacher = trainer.ema_network(x, trainer.ema_network.task_prompts(x.shape[0], x.device))
     fg = torch.stack([1 - torch.softmax(teacher[0][:, t, :c], 1)[:, 0]
                       for t, c in enumerate(trainer._num_classes[:-1])], dim=1)
-    expected = torch.where(un.mask > 0.5, fg.roll(1, dims=0), fg) if name == "VerSemiTrainer" else fg
+    expected = torch.where(un.mask > 0.5, fg.roll(1, dims=0), fg) if unmixed else fg
     assert torch.allclose(un.task_fg[0], expected, atol=1e-5)
     assert 0 < float(un.mask.mean()) < 1
     assert len(un.task_fg) == len(teacher) and un.pseudo is not None
