@@ -37,13 +37,18 @@ def foreground_probability(logits: torch.Tensor, num_classes: int) -> torch.Tens
     return 1 - torch.softmax(logits[:, :num_classes].float(), dim=1)[:, 0]
 
 
+def task_foreground(task_logits: torch.Tensor, num_classes: Sequence[int]) -> torch.Tensor:
+    """Each task's foreground probability: head outputs of every task (B, T, max_classes, *S) -> (B, T, *S)."""
+    return torch.stack([foreground_probability(task_logits[:, t], num_classes[t])
+                        for t in range(task_logits.shape[1])], dim=1)
+
+
 def aggregate_task_foreground(task_logits: torch.Tensor, num_classes: Sequence[int]) -> torch.Tensor:
     """VerSemi's P_agg: element-wise max over the T task prompts of each task's foreground probability.
 
     task_logits: (B, T, max_classes, *S) -> (B, *S).
     """
-    fg = [foreground_probability(task_logits[:, t], num_classes[t]) for t in range(task_logits.shape[1])]
-    return torch.stack(fg, dim=1).max(dim=1).values
+    return task_foreground(task_logits, num_classes).max(dim=1).values
 
 
 def pick_task(per_task: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:

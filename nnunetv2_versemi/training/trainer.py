@@ -67,15 +67,14 @@ class _LabeledMix:
 @dataclass
 class _UnlabeledMix:
     """The unlabeled CutMix: input, box mask, tasks outside / inside the box, labeled partners (official
-    mixing), the pseudo labels of L_pseudo and (``teacher_input = "unmixed"``) the CutMix of every task's
-    foreground on the unmixed images."""
+    mixing), the pseudo labels of L_pseudo and (with the EMA teacher) every task's foreground on the mix."""
     x: torch.Tensor
     mask: torch.Tensor
     tasks: torch.Tensor
     partner_tasks: torch.Tensor
     partner_idx: torch.Tensor | None
     pseudo: tuple[list[torch.Tensor], list[torch.Tensor]] | None
-    task_fg: list[torch.Tensor] | None = None  # per scale (B, T, *S): the teacher's, on the unmixed images
+    task_fg: list[torch.Tensor] | None = None  # per scale (B, T, *S): the teacher's (``teacher_input``)
 
 
 @dataclass
@@ -585,9 +584,9 @@ class VerSemiTrainer(nnUNetTrainer):
             if self.pseudo_weight > 0:
                 pseudo = self._pseudo_targets(unmixed, u_tasks, partner_tasks, mu)
             if teacher_on_mix:
-                task_fg = [self._task_foreground(o) for o in mixed]
+                task_fg = [losses.task_foreground(o, self._num_classes[:-1]) for o in mixed]
             elif self.target_source == "ema":
-                task_fg = [cutmix.mix(*self._own_and_partner(self._task_foreground(o), u.shape[0]),
+                task_fg = [cutmix.mix(*self._own_and_partner(losses.task_foreground(o, self._num_classes[:-1]), u.shape[0]),
                                       cutmix.resize_mask(mu, o.shape[3:])) for o in unmixed]
         step.unlabeled = _UnlabeledMix(x=x_u, mask=mu, tasks=u_tasks, partner_tasks=partner_tasks,
                                        partner_idx=partner_idx, pseudo=pseudo, task_fg=task_fg)
@@ -596,11 +595,6 @@ class VerSemiTrainer(nnUNetTrainer):
         """Whether P_agg comes from the student's task heads on the mix (else from the EMA teacher), so that
         the student runs every task head there."""
         return self.target_source != "ema"
-
-    def _task_foreground(self, logits: torch.Tensor) -> torch.Tensor:
-        """Head outputs of every task (B, T, max_classes, *S) -> each task's foreground probability (B, T, *S)."""
-        return torch.stack([losses.foreground_probability(logits[:, t], c)
-                            for t, c in enumerate(self._num_classes[:-1])], dim=1)
 
     def _own_and_partner(self, per_image: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Maps of the unmixed images (:meth:`_target_predictions` order) -> those of the images outside
@@ -671,8 +665,8 @@ class VerSemiTrainer(nnUNetTrainer):
         if un.task_fg is not None:  # the EMA teacher's
             task_fg = un.task_fg
         else:
-            task_fg = [self._task_foreground(o[:, :T] if self.target_source == "gradient" else o[:, :T].detach())
-                       for o in out_u]
+            task_fg = [losses.task_foreground(o[:, :T] if self.target_source == "gradient" else o[:, :T].detach(),
+                                              self._num_classes[:-1]) for o in out_u]
         if self.unsup_aggregate == "source":
             agg = [losses.source_task_foreground(f, un.tasks, un.partner_tasks, cutmix.resize_mask(un.mask, f.shape[2:]))
                    for f in task_fg]
