@@ -265,6 +265,8 @@ def test_present_class_dice_is_built_into_the_hard_label_loss(pipeline, tmp_path
     ({"pseudo_weight": -1.0}, "pseudo_weight must be a number >= 0"),
     ({"pseudo_threshold": 1.0}, "pseudo_threshold must be None or a number in"),
     ({"teacher_input": "both"}, "teacher_input must be 'unmixed' or 'mixed'"),
+    ({"ema_alpha": 1.0}, r"ema_alpha must be a number in \[0, 1\)"),
+    ({"ema_alpha": "0.99"}, "ema_alpha must be a number in"),
 ])
 def test_ill_schedule_attributes_fail_at_initialize(pipeline, tmp_path, monkeypatch, attrs, message):
     with pytest.raises(ValueError, match=message):

@@ -270,6 +270,9 @@ class VerSemiTrainer(nnUNetTrainer):
         t = self.pseudo_threshold
         if t is not None and (not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 < t < 1):
             raise ValueError(f"{type(self).__name__}.pseudo_threshold must be None or a number in (0, 1), got {t!r}")
+        a = self.ema_alpha
+        if not isinstance(a, (int, float)) or isinstance(a, bool) or not 0 <= a < 1:
+            raise ValueError(f"{type(self).__name__}.ema_alpha must be a number in [0, 1), got {a!r}")
         for name in ("pseudo_weight", "recognition_weight", "recognition_lr"):
             v = getattr(self, name)
             if (v is not None or name != "recognition_lr") and (

@@ -99,6 +99,16 @@ class VerSemiTrainer_pseudoTeacher(VerSemiTrainer_unmixedTeacher):
         self.teacher_input = "mixed"
 
 
+class VerSemiTrainer_fastTeacher(VerSemiTrainer_unmixedTeacher):
+    """``VerSemiTrainer_unmixedTeacher`` with a faster EMA teacher, ``ema_alpha = 0.97``: about the pace the
+    encoder half of the teacher had while the EMA update ran once per state-dict key (docs/METHOD.md)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.ema_alpha = 0.97
+
+
 class VerSemiTrainer_sourceAgg(VerSemiTrainer_paperTerms):
     """P_agg from each region's own source task head instead of the max over every task head (see
     ``unsup_aggregate``)."""
