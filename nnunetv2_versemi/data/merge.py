@@ -190,9 +190,24 @@ def _list_labels(folder: str, file_ending: str) -> dict[str, str]:
 
 def _scan_source(src: _Source, unlabeled_dir: str | None) -> list[str]:
     """Fill the case lists of a source; return structural problems."""
+    where, img_dir = f"Dataset {src.dataset}", os.path.join(src.folder, "imagesTr")
+    if "dataset" not in src.dataset_json and not os.path.isdir(img_dir):
+        return [f"{where}: {img_dir} does not exist"]
+    problems = _scan_training_cases(src, where)
+    problems += unsafe_case_ids(src.train, where)
+    if not src.train:
+        problems.append(f"{where}: no training cases found")
+
+    problems += _scan_test_cases(src, where)
+    problems += _scan_unlabeled(src, unlabeled_dir, where)
+    problems += unsafe_case_ids([*src.test, *src.unlabeled], where)
+    return problems
+
+
+def _scan_training_cases(src: _Source, where: str) -> list[str]:
+    """Training images and labels of a source (imagesTr/labelsTr, or dataset.json's file list)."""
+    fe, nc, dj = src.file_ending, src.num_source_channels, src.dataset_json
     problems = []
-    fe, nc, where = src.file_ending, src.num_source_channels, f"Dataset {src.dataset}"
-    dj = src.dataset_json
     if "dataset" in dj:  # explicit file list in dataset.json (nnU-Net supports this instead of imagesTr)
         from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
@@ -206,8 +221,6 @@ def _scan_source(src: _Source, unlabeled_dir: str | None) -> list[str]:
                     problems.append(f"{where}: case {case}: file {f} listed in dataset.json does not exist")
     else:
         img_dir = os.path.join(src.folder, "imagesTr")
-        if not os.path.isdir(img_dir):
-            return [f"{where}: {img_dir} does not exist"]
         src.train, p = _list_channel_files(img_dir, fe, nc, where)
         problems += p
         labels = _list_labels(os.path.join(src.folder, "labelsTr"), fe)
@@ -222,10 +235,12 @@ def _scan_source(src: _Source, unlabeled_dir: str | None) -> list[str]:
             if case not in src.train:
                 problems.append(f"{where}: label {f} has no image in {img_dir}")
         src.train_labels = {c: labels[c] for c in src.train if c in labels}
-    problems += unsafe_case_ids(src.train, where)
-    if not src.train:
-        problems.append(f"{where}: no training cases found")
+    return problems
 
+
+def _scan_test_cases(src: _Source, where: str) -> list[str]:
+    """imagesTs (and labelsTs where present) of a source."""
+    fe, nc, problems = src.file_ending, src.num_source_channels, []
     ts_dir = os.path.join(src.folder, "imagesTs")
     if os.path.isdir(ts_dir):
         src.test, p = _list_channel_files(ts_dir, fe, nc, where)
@@ -240,7 +255,12 @@ def _scan_source(src: _Source, unlabeled_dir: str | None) -> list[str]:
                     )
                 else:
                     src.test_labels[case] = labels[case]
+    return problems
 
+
+def _scan_unlabeled(src: _Source, unlabeled_dir: str | None, where: str) -> list[str]:
+    """The unlabeled images of a source: ``unlabeled_dir`` if given, else the source's own folder."""
+    fe, nc, problems = src.file_ending, src.num_source_channels, []
     udir = unlabeled_dir if unlabeled_dir is not None else os.path.join(src.folder, UNLABELED_DIR)
     if unlabeled_dir is not None and not os.path.isdir(unlabeled_dir):
         problems.append(f"{where} (task {src.task}): unlabeled folder {unlabeled_dir} does not exist")
@@ -249,7 +269,6 @@ def _scan_source(src: _Source, unlabeled_dir: str | None) -> list[str]:
         problems += p
         if not src.unlabeled and not p:  # a normal state ("no unlabeled images yet"), not an error
             src.notes.append(f"{where} (task {src.task}): unlabeled folder {udir} is empty: no unlabeled images")
-    problems += unsafe_case_ids([*src.test, *src.unlabeled], where)
     return problems
 
 
@@ -805,11 +824,8 @@ def merge_datasets(
     if not sources:
         raise MergeError("No source datasets given")
     _check_arguments(labeled_fraction, labeled_cases, test_fraction)
-    resolved = [_resolve_dataset(s, raw) for s in sources]
+    resolved = _resolve_sources(sources, raw)
     names = [n for n, _ in resolved]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise MergeError(f"Dataset(s) given twice: {', '.join(dup)}")
     tasks = _task_names(names, task_names)
     target = _check_output(raw, output_id, output_name, names, overwrite)
     unlabeled_dirs = dict(unlabeled_dirs or {})
@@ -835,12 +851,27 @@ def merge_datasets(
         # pass 2: write into a hidden temporary folder next to the target, then rename it into place
         _write_union(jobs, table, pool, raw, target, num_channels, output_name, provenance, progress)
     if progress:
-        n = {k: sum(len(getattr(t, k)) for t in table.tasks) for k in ("labeled", "unlabeled", "test")}
-        print(
-            f"Wrote {final}: {len(table.tasks)} tasks, {n['labeled']} labeled, {n['unlabeled']} unlabeled and "
-            f"{n['test']} test cases, {table.num_merged_labels - 1} foreground labels ({time.time() - t0:.1f} s)"
-        )
+        _print_merge_summary(final, table, time.time() - t0)
     return final
+
+
+def _print_merge_summary(final: str, table: TaskTable, seconds: float) -> None:
+    """One line on what the merge wrote."""
+    n = {k: sum(len(getattr(t, k)) for t in table.tasks) for k in ("labeled", "unlabeled", "test")}
+    print(
+        f"Wrote {final}: {len(table.tasks)} tasks, {n['labeled']} labeled, {n['unlabeled']} unlabeled and "
+        f"{n['test']} test cases, {table.num_merged_labels - 1} foreground labels ({seconds:.1f} s)"
+    )
+
+
+def _resolve_sources(sources: list[str | int], raw: str) -> list[tuple[str, str]]:
+    """(name, folder) of each source dataset; each may be given once."""
+    resolved = [_resolve_dataset(s, raw) for s in sources]
+    names = [n for n, _ in resolved]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise MergeError(f"Dataset(s) given twice: {', '.join(dup)}")
+    return resolved
 
 
 def _check_task_options(tasks: list[str], unlabeled_dirs: dict, channels: dict, labeled_cases) -> None:

@@ -134,7 +134,6 @@ def preprocess_unlabeled(
     """
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from tqdm import tqdm
 
     name, raw, pp = _names(dataset_name_or_id)
     plans_file = os.path.join(pp, plans_identifier + ".json")
@@ -160,27 +159,36 @@ def preprocess_unlabeled(
             print(f"INFO: configuration {configuration} is not in {plans_identifier}.json of {name}; skipped")
             continue
         folder = unlabeled_folder(pp, pm.get_configuration(configuration).data_identifier)
-        if os.path.isdir(folder):
-            shutil.rmtree(folder)
-        os.makedirs(folder)
-        jobs = [
-            (c, fs, os.path.join(folder, c), plans, configuration, dataset_json) for c, fs in files.items()
-        ]
-        desc = f"Preprocessing unlabeled ({configuration})"
-        if n <= 1 or len(jobs) <= 1:
-            for j in tqdm(jobs, desc=desc, disable=not progress):
-                _preprocess_unlabeled_case(j)
-        else:
-            with multiprocessing.get_context("spawn").Pool(min(n, len(jobs))) as pool:
-                for _ in tqdm(
-                    pool.imap_unordered(_preprocess_unlabeled_case, jobs),
-                    total=len(jobs),
-                    desc=desc,
-                    disable=not progress,
-                ):
-                    pass
+        _preprocess_unlabeled_into(folder, files, plans, configuration, dataset_json, n, progress)
         out[configuration] = folder
     return out
+
+
+def _preprocess_unlabeled_into(folder: str, files: dict[str, list[str]], plans: dict, configuration: str,
+                               dataset_json: dict, n: int, progress: bool) -> None:
+    """Replaces ``folder`` with the preprocessed unlabeled cases ``files`` ({case: channel files}) of one
+    configuration, in ``n`` spawned workers (1: in this process)."""
+    from tqdm import tqdm
+
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    os.makedirs(folder)
+    jobs = [
+        (c, fs, os.path.join(folder, c), plans, configuration, dataset_json) for c, fs in files.items()
+    ]
+    desc = f"Preprocessing unlabeled ({configuration})"
+    if n <= 1 or len(jobs) <= 1:
+        for j in tqdm(jobs, desc=desc, disable=not progress):
+            _preprocess_unlabeled_case(j)
+    else:
+        with multiprocessing.get_context("spawn").Pool(min(n, len(jobs))) as pool:
+            for _ in tqdm(
+                pool.imap_unordered(_preprocess_unlabeled_case, jobs),
+                total=len(jobs),
+                desc=desc,
+                disable=not progress,
+            ):
+                pass
 
 
 def missing_unlabeled(
@@ -281,12 +289,7 @@ def plan_and_preprocess(
             [dataset_id], planner, gpu_memory_target, "DefaultPreprocessor", None, overwrite_plans_name
         )
     attach_task_table(name, plans_identifier)
-    path, written = write_splits(pp, table)
-    print(f"{'Wrote' if written else 'Kept'} task-stratified splits {path}")
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-
-    for line in describe_splits(load_json(path), table):
-        print(f"  {line}")
+    _write_and_describe_splits(pp, table)
     timings["planning"], t = time.time() - t, time.time()
     print("Preprocessing...")
     preprocess([dataset_id], plans_identifier, list(configurations), nps, verbose, show_progress_bar=progress)
@@ -296,3 +299,13 @@ def plan_and_preprocess(
     timings["unlabeled"] = time.time() - t
     print("Done: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     return plans_identifier
+
+
+def _write_and_describe_splits(pp: str, table: TaskTable) -> None:
+    """Task-stratified splits in the preprocessed folder (kept where they match), and a summary of them."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    path, written = write_splits(pp, table)
+    print(f"{'Wrote' if written else 'Kept'} task-stratified splits {path}")
+    for line in describe_splits(load_json(path), table):
+        print(f"  {line}")

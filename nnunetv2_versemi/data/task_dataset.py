@@ -17,6 +17,7 @@ from dataclasses import replace as dc_replace
 from os.path import isdir, isfile, join
 
 import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 
 from nnunetv2_versemi.errors import VerSemiInputError
 from nnunetv2_versemi.nnunet_paths import dataset_name, link_or_copy, preprocessed_folder, raw_folder
@@ -46,8 +47,6 @@ def union_splits_for_task(union: str, table: TaskTable, task: str) -> list[dict]
     """The union's cross-validation split (its preprocessed ``splits_final.json``, else the task-stratified
     split planning would write) restricted to one task's labeled cases; a fold without a validation case of
     the task validates on its training cases, as nnU-Net's fold 'all' does."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-
     from nnunetv2_versemi.data.splits import SPLITS_FILE, make_stratified_splits
 
     path = join(preprocessed_folder(union), SPLITS_FILE)
@@ -90,8 +89,6 @@ def write_task_dataset(union: str | int, task: str, output_name: str, replace: b
     checked and written in a temporary folder first, so a failure leaves no half-written dataset. Returns
     (dataset name, whether it was written now).
     """
-    from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
-
     union = dataset_name(union)
     src = raw_folder(union)
     table = find_task_table(union)
@@ -100,12 +97,30 @@ def write_task_dataset(union: str | int, task: str, output_name: str, replace: b
     raw_root = os.path.dirname(src)
     folder = join(raw_root, output_name)
     record = task_dataset_source(union, table, task)
+    if _existing_is_current(folder, record, union, replace):
+        return output_name, False
+    tmp = tempfile.mkdtemp(prefix=f".{output_name}.", dir=raw_root)
+    try:
+        _fill_task_dataset(tmp, union, table, task, output_name, record)
+        for stale in (folder, join(os.environ["nnUNet_preprocessed"], output_name)):
+            if isdir(stale):
+                shutil.rmtree(stale)
+        os.rename(tmp, folder)
+    finally:
+        if isdir(tmp):
+            shutil.rmtree(tmp)
+    return output_name, True
+
+
+def _existing_is_current(folder: str, record: dict, union: str, replace: bool) -> bool:
+    """Whether the task dataset in ``folder`` was written from the same source record (keep it); raises where
+    a folder there may not be replaced (see :func:`write_task_dataset`)."""
     if isfile(join(folder, "dataset.json")):
         existing = load_json(join(folder, "dataset.json"))
         found = existing.get(SOURCE_KEY)
         if found == record or (found is None and existing.get(_EARLIER_KEY) == record):
             # an earlier version's dataset with the same source record holds the same images and labels
-            return output_name, False
+            return True
         if found is None and _EARLIER_KEY not in existing:
             raise TaskDatasetError(f"{folder} exists and is not a task dataset written by nnunetv2_versemi; "
                                    "remove or rename it")
@@ -115,38 +130,34 @@ def write_task_dataset(union: str | int, task: str, output_name: str, replace: b
             raise TaskDatasetError(f"{folder} was written {why}")
     elif isdir(folder):
         raise TaskDatasetError(f"{folder} exists without a dataset.json; remove or rename it")
+    return False
 
+
+def _fill_task_dataset(tmp: str, union: str, table, task: str, output_name: str, record: dict) -> None:
+    """Writes the task's labeled images (linked), its labels in local classes, dataset.json and the union's
+    split restricted to the task into the folder ``tmp``."""
+    src = raw_folder(union)
     union_json = load_json(join(src, "dataset.json"))
     fe, channels = union_json["file_ending"], union_json["channel_names"]
     t = table.tasks[table.index(task)]
     one = _one_task_table(union, table, task)
     lut = t.merged_to_local_lut(table.num_merged_labels)
-    tmp = tempfile.mkdtemp(prefix=f".{output_name}.", dir=raw_root)
-    try:
-        os.makedirs(join(tmp, "imagesTr"))
-        os.makedirs(join(tmp, "labelsTr"))
-        for c in sorted(t.labeled):
-            for k in range(len(channels)):
-                link_or_copy(join(src, "imagesTr", f"{c}_{k:04d}{fe}"), join(tmp, "imagesTr", f"{c}_{k:04d}{fe}"))
-            _remap_label(join(src, "labelsTr", c + fe), join(tmp, "labelsTr", c + fe), lut)
-        save_json({
-            "channel_names": {str(k): "noNorm" for k in range(len(channels))},
-            "labels": one.merged_label_dict(),
-            "numTraining": len(t.labeled),
-            "file_ending": fe,
-            "overwrite_image_reader_writer": union_json.get("overwrite_image_reader_writer", "SimpleITKIO"),
-            "name": output_name,
-            "description": f"Task {task} of {union} alone: its labeled cases, images as normalized in the union, "
-                           f"labels as the task's classes 1..{len(t.labels)}",
-            SOURCE_KEY: record,
-            TABLE_KEY: one.to_dict(),
-        }, join(tmp, "dataset.json"), sort_keys=False)
-        save_json(union_splits_for_task(union, table, task), join(tmp, "splits_final.json"), sort_keys=False)
-        for stale in (folder, join(os.environ["nnUNet_preprocessed"], output_name)):
-            if isdir(stale):
-                shutil.rmtree(stale)
-        os.rename(tmp, folder)
-    finally:
-        if isdir(tmp):
-            shutil.rmtree(tmp)
-    return output_name, True
+    os.makedirs(join(tmp, "imagesTr"))
+    os.makedirs(join(tmp, "labelsTr"))
+    for c in sorted(t.labeled):
+        for k in range(len(channels)):
+            link_or_copy(join(src, "imagesTr", f"{c}_{k:04d}{fe}"), join(tmp, "imagesTr", f"{c}_{k:04d}{fe}"))
+        _remap_label(join(src, "labelsTr", c + fe), join(tmp, "labelsTr", c + fe), lut)
+    save_json({
+        "channel_names": {str(k): "noNorm" for k in range(len(channels))},
+        "labels": one.merged_label_dict(),
+        "numTraining": len(t.labeled),
+        "file_ending": fe,
+        "overwrite_image_reader_writer": union_json.get("overwrite_image_reader_writer", "SimpleITKIO"),
+        "name": output_name,
+        "description": f"Task {task} of {union} alone: its labeled cases, images as normalized in the union, "
+                       f"labels as the task's classes 1..{len(t.labels)}",
+        SOURCE_KEY: record,
+        TABLE_KEY: one.to_dict(),
+    }, join(tmp, "dataset.json"), sort_keys=False)
+    save_json(union_splits_for_task(union, table, task), join(tmp, "splits_final.json"), sort_keys=False)

@@ -53,15 +53,9 @@ def demo_data_main(argv: list[str] | None = None) -> None:
         print(Path(output) / name)
 
 
-def merge_main(argv: list[str] | None = None) -> None:
-    from nnunetv2_versemi.data.merge import (
-        DEFAULT_NAME,
-        UNLABELED_DIR,
-        MergeError,
-        merge_datasets,
-        parse_assignments,
-        parse_labeled_cases,
-    )
+def build_merge_parser() -> argparse.ArgumentParser:
+    """The parser of ``nnUNetv2_versemi_merge``."""
+    from nnunetv2_versemi.data.merge import DEFAULT_NAME, UNLABELED_DIR
 
     p = argparse.ArgumentParser(
         prog="nnUNetv2_versemi_merge",
@@ -77,6 +71,34 @@ def merge_main(argv: list[str] | None = None) -> None:
         help="one task name per source, in -d order (default: dataset name without DatasetXXX_; "
         "letters, digits, '-')",
     )
+    _add_case_selection_arguments(p)
+    p.add_argument(
+        "--unlabeled-dir",
+        nargs="+",
+        default=None,
+        metavar="TASK=DIR",
+        help="folder of unlabeled images (CASE_0000<ending>) of a task; default: the source's "
+        f"{UNLABELED_DIR}/ if present",
+    )
+    p.add_argument(
+        "--channel",
+        nargs="+",
+        default=None,
+        metavar="TASK=IDX",
+        help="use only this channel of a multi-channel task (when tasks differ in channel count)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing union dataset of the same name"
+    )
+    add_processes(p, "-np", default=default_processes(),
+                  help="worker processes for reading/writing (default: nnU-Net's default, at most the CPU count; "
+        "1 = no workers)")
+    p.add_argument("--no-pbar", action="store_true", help="no progress bars")
+    return p
+
+
+def _add_case_selection_arguments(p: argparse.ArgumentParser) -> None:
+    """Which training cases of each task keep their labels, and which become test cases."""
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "--labeled-fraction",
@@ -104,29 +126,13 @@ def merge_main(argv: list[str] | None = None) -> None:
         help="hold out this fraction of each task's training cases as test cases (in addition to "
         "the source's imagesTs)",
     )
-    p.add_argument(
-        "--unlabeled-dir",
-        nargs="+",
-        default=None,
-        metavar="TASK=DIR",
-        help="folder of unlabeled images (CASE_0000<ending>) of a task; default: the source's "
-        f"{UNLABELED_DIR}/ if present",
-    )
-    p.add_argument(
-        "--channel",
-        nargs="+",
-        default=None,
-        metavar="TASK=IDX",
-        help="use only this channel of a multi-channel task (when tasks differ in channel count)",
-    )
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace an existing union dataset of the same name"
-    )
-    add_processes(p, "-np", default=default_processes(),
-                  help="worker processes for reading/writing (default: nnU-Net's default, at most the CPU count; "
-        "1 = no workers)")
-    p.add_argument("--no-pbar", action="store_true", help="no progress bars")
-    a = p.parse_args(argv)
+
+
+def merge_main(argv: list[str] | None = None) -> None:
+    """Command line: ``nnUNetv2_versemi_merge``."""
+    from nnunetv2_versemi.data.merge import MergeError, merge_datasets, parse_assignments, parse_labeled_cases
+
+    a = build_merge_parser().parse_args(argv)
     with input_errors_exit("nnUNetv2_versemi_merge"):
         labeled_cases = parse_labeled_cases(a.labeled_cases)
         chans = parse_assignments(a.channel, "--channel")
@@ -151,16 +157,9 @@ def merge_main(argv: list[str] | None = None) -> None:
         )
 
 
-def plan_and_preprocess_main(argv: list[str] | None = None) -> None:
-    from nnunetv2_versemi.data.preprocess import (
-        DEFAULT_CONFIGURATIONS,
-        DEFAULT_NP,
-        attach_task_table,
-        plan_and_preprocess,
-        preprocess_unlabeled,
-    )
-    from nnunetv2_versemi.data.splits import write_splits
-    from nnunetv2_versemi.nnunet_paths import preprocessed_folder
+def build_plan_and_preprocess_parser() -> argparse.ArgumentParser:
+    """The parser of ``nnUNetv2_versemi_plan_and_preprocess``."""
+    from nnunetv2_versemi.data.preprocess import DEFAULT_CONFIGURATIONS
 
     p = argparse.ArgumentParser(
         prog="nnUNetv2_versemi_plan_and_preprocess",
@@ -210,32 +209,38 @@ def plan_and_preprocess_main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--no_pbar", action="store_true", help="no progress bars")
     p.add_argument("--verbose", action="store_true")
+    return p
+
+
+def plan_and_preprocess_main(argv: list[str] | None = None) -> None:
+    """Command line: ``nnUNetv2_versemi_plan_and_preprocess``."""
+    from nnunetv2_versemi.data.preprocess import plan_and_preprocess
+
+    p = build_plan_and_preprocess_parser()
     a = p.parse_args(argv)
     if a.np is not None and len(a.np) not in (1, len(a.c)):
         p.error(f"-np takes one number or one per configuration ({len(a.c)})")
     with input_errors_exit("nnUNetv2_versemi_plan_and_preprocess"):
         for d in a.d:
             if a.only_attach or a.only_unlabeled:
-                table = attach_task_table(d, a.p)
-                path, written = write_splits(preprocessed_folder(d), table)
-                print(f"Task table stored in {a.p}.json; {'wrote' if written else 'kept'} {path}")
-                if a.only_unlabeled:
-                    preprocess_unlabeled(
-                        d, a.p, a.c, a.np or [DEFAULT_NP.get(c, 4) for c in a.c], not a.no_pbar
-                    )
+                _attach_and_preprocess_unlabeled(d, a)
             else:
-                plan_and_preprocess(
-                    d,
-                    a.c,
-                    a.np,
-                    a.npfp,
-                    a.pl,
-                    a.gpu_memory_target,
-                    a.overwrite_plans_name,
-                    a.verify_dataset_integrity,
-                    not a.no_pbar,
-                    a.verbose,
-                )
+                plan_and_preprocess(d, a.c, a.np, a.npfp, a.pl, a.gpu_memory_target, a.overwrite_plans_name,
+                                    a.verify_dataset_integrity, not a.no_pbar, a.verbose)
+
+
+def _attach_and_preprocess_unlabeled(d: str, a: argparse.Namespace) -> None:
+    """--only-attach / --only-unlabeled: the task table into existing plans, the splits, and (with
+    --only-unlabeled) the unlabeled images."""
+    from nnunetv2_versemi.data.preprocess import DEFAULT_NP, attach_task_table, preprocess_unlabeled
+    from nnunetv2_versemi.data.splits import write_splits
+    from nnunetv2_versemi.nnunet_paths import preprocessed_folder
+
+    table = attach_task_table(d, a.p)
+    path, written = write_splits(preprocessed_folder(d), table)
+    print(f"Task table stored in {a.p}.json; {'wrote' if written else 'kept'} {path}")
+    if a.only_unlabeled:
+        preprocess_unlabeled(d, a.p, a.c, a.np or [DEFAULT_NP.get(c, 4) for c in a.c], not a.no_pbar)
 
 
 def extract_task_main(argv: list[str] | None = None) -> None:

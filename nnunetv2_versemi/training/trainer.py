@@ -150,8 +150,22 @@ class VerSemiTrainer(nnUNetTrainer):
         check_table_against_dataset(table, dataset_json)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.task_table = table
+        self._set_hyperparameters()
 
-        # --- VerSemi hyperparameters (ablations and short runs are subclasses that change these) ---
+        self.ema_network: VerSemiNetwork | None = None
+        self.recognition_optimizer: torch.optim.Optimizer | None = None
+        self.dataloader_unlabeled = None
+        self.global_step = 0
+        self.switch_epoch: int | None = None  # first epoch with the unlabeled terms on (None: stage 1)
+        self.validation_fallback: list[str] = []  # tasks validated on training cases in this fold (do_split)
+        self._empty_epochs = 0
+        self._uses_unlabeled = None  # -> initialize
+        for key in (*LOSS_TERMS, *STAT_KEYS, REC_KEY):
+            self.logger.local_logger.my_fantastic_logging.setdefault(f"versemi_{key}", [])
+
+    def _set_hyperparameters(self) -> None:
+        """VerSemi's hyperparameters and their defaults (ablations and short runs are subclasses that change
+        them after ``__init__``; ``initialize()`` validates them)."""
         self.labeled_balance = "tasks"  # or "cases" (tasks in proportion to their labeled case counts)
         self.unlabeled_batch_size: int | None = None  # None: the labeled batch size
         self.sup_weight = 1.0
@@ -194,17 +208,6 @@ class VerSemiTrainer(nnUNetTrainer):
         # final validation: a case whose recognised task has a mean probability below this gets a warning
         self.recognition_threshold = 0.5
         self.validate_prompted_too = True  # final validation also under each case's own prompt (extra entry)
-
-        self.ema_network: VerSemiNetwork | None = None
-        self.recognition_optimizer: torch.optim.Optimizer | None = None
-        self.dataloader_unlabeled = None
-        self.global_step = 0
-        self.switch_epoch: int | None = None  # first epoch with the unlabeled terms on (None: stage 1)
-        self.validation_fallback: list[str] = []  # tasks validated on training cases in this fold (do_split)
-        self._empty_epochs = 0
-        self._uses_unlabeled = None  # -> initialize
-        for key in (*LOSS_TERMS, *STAT_KEYS, REC_KEY):
-            self.logger.local_logger.my_fantastic_logging.setdefault(f"versemi_{key}", [])
 
     # structure, not a training hyperparameter: nnU-Net's predictors rebuild the network from the class alone
     static_head = True
@@ -254,8 +257,31 @@ class VerSemiTrainer(nnUNetTrainer):
 
     @override
     def initialize(self):
+        self._validate_hyperparameters()
         self._uses_unlabeled = self.unsup_weight > 0 or self.pseudo_weight > 0 or (
             self.cons_weight > 0 and self.unlabeled_mix == "labeled")
+        self._check_unlabeled_images()
+        super().initialize()
+        self._plain_network().recognition_detach = bool(self.recognition_detach)
+        tables = self.task_table
+        device = self.device
+        n_max = max(tables.num_classes_per_prompt())
+        self._num_classes = tables.num_classes_per_prompt()
+        class_valid = torch.zeros((tables.num_tasks, n_max), dtype=torch.bool)
+        for ti, t in enumerate(tables.tasks):
+            class_valid[ti, :t.num_classes] = True
+        self._merged_to_local = torch.from_numpy(tables.merged_to_local_lut()).to(device)
+        self._local_to_merged = torch.from_numpy(tables.local_to_merged_lut()).to(device)
+        self._class_valid = class_valid.to(device)
+        self._ds_weights = losses.deep_supervision_weights(
+            len(self._get_deep_supervision_scales()) if self.enable_deep_supervision else 1)
+        if self.target_source == "ema" and self._uses_unlabeled:
+            self.ema_network = copy.deepcopy(self._plain_network()).eval()
+            for p in self.ema_network.parameters():
+                p.requires_grad_(False)
+
+    def _validate_hyperparameters(self) -> None:
+        """Clear errors for attributes a subclass or user set to values the step cannot run with."""
         if self.unsup_aggregate not in ("source", "all"):
             raise ValueError(f"unsup_aggregate must be 'source' or 'all', got {self.unsup_aggregate!r}")
         if self.unlabeled_mix not in ("unlabeled", "labeled"):
@@ -278,6 +304,10 @@ class VerSemiTrainer(nnUNetTrainer):
             if (v is not None or name != "recognition_lr") and (
                     not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
                 raise ValueError(f"{type(self).__name__}.{name} must be a number >= 0, got {v!r}")
+
+    def _check_unlabeled_images(self) -> None:
+        """The unlabeled images the loss terms need are preprocessed, all of them (or, with
+        ``allow_labeled_only``, training goes on labeled-only, logged)."""
         if self._uses_unlabeled and not self._unlabeled_cases():
             if not self.allow_labeled_only:
                 raise FileNotFoundError(
@@ -299,24 +329,6 @@ class VerSemiTrainer(nnUNetTrainer):
                     f"{self._unlabeled_dir()}: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}. "
                     f"Run nnUNetv2_versemi_plan_and_preprocess -d {self.plans_manager.dataset_name} -c "
                     f"{self.configuration_name} --only-unlabeled")
-        super().initialize()
-        self._plain_network().recognition_detach = bool(self.recognition_detach)
-        tables = self.task_table
-        device = self.device
-        n_max = max(tables.num_classes_per_prompt())
-        self._num_classes = tables.num_classes_per_prompt()
-        class_valid = torch.zeros((tables.num_tasks, n_max), dtype=torch.bool)
-        for ti, t in enumerate(tables.tasks):
-            class_valid[ti, :t.num_classes] = True
-        self._merged_to_local = torch.from_numpy(tables.merged_to_local_lut()).to(device)
-        self._local_to_merged = torch.from_numpy(tables.local_to_merged_lut()).to(device)
-        self._class_valid = class_valid.to(device)
-        self._ds_weights = losses.deep_supervision_weights(
-            len(self._get_deep_supervision_scales()) if self.enable_deep_supervision else 1)
-        if self.target_source == "ema" and self._uses_unlabeled:
-            self.ema_network = copy.deepcopy(self._plain_network()).eval()
-            for p in self.ema_network.parameters():
-                p.requires_grad_(False)
 
     # --------------------------------------------------------------------------------------------- data
     @override
@@ -863,23 +875,10 @@ class VerSemiTrainer(nnUNetTrainer):
         means), "versemi_recognition" (the task recognised per case: mean probability over its patches) and,
         with ``validate_prompted_too``, "versemi_prompted" (each case under its own task's prompt; its files
         in validation_prompted/)."""
-        net, table = self._plain_network(), self.task_table
+        net = self._plain_network()
         base = self.dataset_class or infer_dataset_class(self.preprocessed_dataset_folder)
-        folder, prompted_folder = join(self.output_folder, "validation"), join(self.output_folder,
-                                                                               "validation_prompted")
-        prompted = None
-        if self.validate_prompted_too:
-            # nnU-Net loads each case right before predicting it: switch to the case's prompt there
-            with net.prompted(None), _dataset_hook(self, base,
-                                                    lambda case: setattr(net, "prompt", table.task_of_case(case))):
-                super().perform_actual_validation(False)
-            if self.local_rank == 0 and isdir(folder):
-                shutil.rmtree(prompted_folder, ignore_errors=True)
-                os.replace(folder, prompted_folder)
-                if isfile(join(prompted_folder, "summary.json")):
-                    prompted = load_json(join(prompted_folder, "summary.json"))
-            if self.is_ddp:
-                dist.barrier()
+        folder = join(self.output_folder, "validation")
+        prompted = self._validate_prompted(base) if self.validate_prompted_too else None
         probs: dict[str, list[np.ndarray]] = {}
         current: list[str] = []
 
@@ -897,26 +896,52 @@ class VerSemiTrainer(nnUNetTrainer):
                 super().perform_actual_validation(save_probabilities)
         finally:
             hook.remove()
-        summary_file = join(folder, "summary.json")
-        if self.local_rank == 0 and isfile(summary_file):
-            summary = load_json(summary_file)
-            summary["versemi_per_task"] = per_task_summary(summary, table)
-            summary["versemi_recognition"] = self._recognition_report(probs)
-            if prompted is not None:
-                summary["versemi_prompted"] = {"folder": "validation_prompted",
-                                               "foreground_mean": prompted["foreground_mean"],
-                                               "per_task": per_task_summary(prompted, table)}
-            if self.validation_fallback:
-                summary["versemi_validation_fallback"] = {
-                    "tasks": self.validation_fallback,
-                    "note": f"fold {self.fold} has no validation case of these tasks: they were validated on "
-                            "their training cases"}
-            save_json(summary, summary_file, sort_keys=False)
-            self.print_to_log_file("Validation Dice per task (stock prompt-free prediction):",
-                                   {k: v["Dice"] for k, v in summary["versemi_per_task"].items()})
-            if prompted is not None:
-                self.print_to_log_file("Validation Dice per task (each case under its own prompt):",
-                                       {k: v["Dice"] for k, v in summary["versemi_prompted"]["per_task"].items()})
+        if self.local_rank == 0 and isfile(join(folder, "summary.json")):
+            self._extend_summary(join(folder, "summary.json"), probs, prompted)
+
+    def _validate_prompted(self, base: type) -> dict | None:
+        """nnU-Net's final validation with each case under its own task's prompt, moved to
+        validation_prompted/; returns its summary.json (None where this rank has none)."""
+        net, table = self._plain_network(), self.task_table
+        folder, prompted_folder = join(self.output_folder, "validation"), join(self.output_folder,
+                                                                               "validation_prompted")
+        prompted = None
+        # nnU-Net loads each case right before predicting it: switch to the case's prompt there
+        with net.prompted(None), _dataset_hook(self, base,
+                                                lambda case: setattr(net, "prompt", table.task_of_case(case))):
+            super().perform_actual_validation(False)
+        if self.local_rank == 0 and isdir(folder):
+            shutil.rmtree(prompted_folder, ignore_errors=True)
+            os.replace(folder, prompted_folder)
+            if isfile(join(prompted_folder, "summary.json")):
+                prompted = load_json(join(prompted_folder, "summary.json"))
+        if self.is_ddp:
+            dist.barrier()
+        return prompted
+
+    def _extend_summary(self, summary_file: str, probs: dict[str, list[np.ndarray]], prompted: dict | None
+                        ) -> None:
+        """Adds the per-task means, the recognition report, the prompted validation and the fallback note to
+        nnU-Net's summary.json, and logs the per-task Dice."""
+        table = self.task_table
+        summary = load_json(summary_file)
+        summary["versemi_per_task"] = per_task_summary(summary, table)
+        summary["versemi_recognition"] = self._recognition_report(probs)
+        if prompted is not None:
+            summary["versemi_prompted"] = {"folder": "validation_prompted",
+                                           "foreground_mean": prompted["foreground_mean"],
+                                           "per_task": per_task_summary(prompted, table)}
+        if self.validation_fallback:
+            summary["versemi_validation_fallback"] = {
+                "tasks": self.validation_fallback,
+                "note": f"fold {self.fold} has no validation case of these tasks: they were validated on "
+                        "their training cases"}
+        save_json(summary, summary_file, sort_keys=False)
+        self.print_to_log_file("Validation Dice per task (stock prompt-free prediction):",
+                               {k: v["Dice"] for k, v in summary["versemi_per_task"].items()})
+        if prompted is not None:
+            self.print_to_log_file("Validation Dice per task (each case under its own prompt):",
+                                   {k: v["Dice"] for k, v in summary["versemi_prompted"]["per_task"].items()})
 
     def _recognition_report(self, probs: dict[str, list[np.ndarray]]) -> dict:
         """Per validation case: the task recognised (mean probability over the patches the network saw) against
