@@ -317,11 +317,8 @@ def _check_plain_nnunet_folds(pp: str, folds: list, methods: list[Method]) -> No
             "union (method b) cannot train them. Use --folds all, or merge more labeled cases")
 
 
-def prepare_benchmark(args: argparse.Namespace) -> BenchmarkContext:
-    """Every check that can fail, before anything is written or trained."""
-    _require_env()
-    union, union_id = _union(args.d)
-    raw, pp = join(os.environ["nnUNet_raw"], union), preprocessed_folder(union)
+def _load_union_plans(args: argparse.Namespace, union_id: int, pp: str) -> tuple[str, dict, TaskTable, dict]:
+    """The union's plans file, its plans, task table and plans with the preset applied; checks the configuration."""
     plans_file = join(pp, args.p + ".json")
     if not isfile(plans_file):
         raise BenchmarkError(
@@ -340,14 +337,23 @@ def prepare_benchmark(args: argparse.Namespace) -> BenchmarkContext:
             + (f" (with preset {args.plans_preset})" if args.plans_preset else "")
             + f"; it has {', '.join(plans_eff['configurations'])}"
         )
+    return plans_file, plans, table, plans_eff
 
-    data_id = PlansManager(plans_eff).get_configuration(args.c).data_identifier
+
+def _preprocessed_data_identifier(pp: str, plans_eff: dict, configuration: str, union_id: int) -> str:
+    """The data identifier of ``configuration``; checks that its preprocessed data exist."""
+    data_id = PlansManager(plans_eff).get_configuration(configuration).data_identifier
     if not isdir(join(pp, data_id)):
         raise BenchmarkError(
             f"{join(pp, data_id)} does not exist: preprocess configuration "
-            f"{_base_configuration(plans_eff, args.c)} with nnUNetv2_versemi_plan_and_preprocess -d {union_id} "
-            f"-c {_base_configuration(plans_eff, args.c)}"
+            f"{_base_configuration(plans_eff, configuration)} with nnUNetv2_versemi_plan_and_preprocess -d {union_id} "
+            f"-c {_base_configuration(plans_eff, configuration)}"
         )
+    return data_id
+
+
+def _raw_dataset_json(raw: str, table: TaskTable, plans_file: str) -> dict:
+    """The union's raw dataset.json; checks that its task table matches the plans'."""
     if not isfile(join(raw, "dataset.json")):
         raise BenchmarkError(f"{raw}/dataset.json not found: the benchmark reads the union's raw test cases")
     dj = load_json(join(raw, "dataset.json"))
@@ -355,6 +361,13 @@ def prepare_benchmark(args: argparse.Namespace) -> BenchmarkContext:
         raise BenchmarkError(
             f"The task tables of {raw}/dataset.json and {plans_file} differ: re-run the planning"
         )
+    return dj
+
+
+def _checked_methods(
+    args: argparse.Namespace, union: str, union_id: int, pp: str, data_id: str, table: TaskTable, plans_eff: dict
+) -> list[Method]:
+    """The methods of ``--methods``; checks for duplicates and, for VerSemi, preprocessed unlabeled cases."""
     methods = [method_by_name(m) for m in args.methods]
     if len({m.key for m in methods}) != len(methods):
         raise BenchmarkError(f"--methods lists a method twice: {args.methods}")
@@ -365,6 +378,18 @@ def prepare_benchmark(args: argparse.Namespace) -> BenchmarkContext:
                 f"{len(missing)} unlabeled case(s) of {union} are not preprocessed for {args.c} (e.g. {missing[0]}): "
                 f"run nnUNetv2_versemi_plan_and_preprocess -d {union_id} -c {_base_configuration(plans_eff, args.c)}"
             )
+    return methods
+
+
+def prepare_benchmark(args: argparse.Namespace) -> BenchmarkContext:
+    """Every check that can fail, before anything is written or trained."""
+    _require_env()
+    union, union_id = _union(args.d)
+    raw, pp = join(os.environ["nnUNet_raw"], union), preprocessed_folder(union)
+    plans_file, plans, table, plans_eff = _load_union_plans(args, union_id, pp)
+    data_id = _preprocessed_data_identifier(pp, plans_eff, args.c, union_id)
+    dj = _raw_dataset_json(raw, table, plans_file)
+    methods = _checked_methods(args, union, union_id, pp, data_id, table, plans_eff)
     folds = [_fold(f) for f in args.folds]
     _check_plain_nnunet_folds(pp, folds, methods)
     budget = Budget(args.epochs, args.iterations, args.val_iterations)

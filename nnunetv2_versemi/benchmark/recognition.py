@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import save_json
 from nnunetv2.inference.export_prediction import export_prediction_from_logits
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from tqdm import tqdm
 
 from nnunetv2_versemi.benchmark.comparison import BenchmarkError, labeled_test_cases
@@ -33,6 +34,7 @@ from nnunetv2_versemi.inference.predict import (
     resolve_model_folder,
 )
 from nnunetv2_versemi.nnunet_paths import link_or_copy, raw_folder
+from nnunetv2_versemi.tasktable import TaskTable
 
 MODES = ("prompted", "recognised", "all_heads")
 PROG = "nnUNetv2_versemi_benchmark recognition"
@@ -56,7 +58,8 @@ def _predict_case(predictor, net, data: torch.Tensor, mode: str, task: int) -> t
     return logits, seconds, seen
 
 
-def run_recognition(args: argparse.Namespace) -> dict:
+def _load_model(args: argparse.Namespace) -> tuple[str, TaskTable, list[str], nnUNetPredictor, torch.nn.Module]:
+    """The model folder, its task table, the one fold, and a predictor with its network (checks the classifier)."""
     model = resolve_model_folder(args.d, args.c, args.tr, args.p)
     table = load_model_table(model)
     folds = [str(f) for f in args.f]
@@ -66,16 +69,36 @@ def run_recognition(args: argparse.Namespace) -> dict:
     predictor, net = make_predictor(model, folds, args.chk, 0.5, not args.disable_tta, torch.device(args.device))
     if net.routing != "recognised":
         raise BenchmarkError(f"The model in {model} has no task classifier (trained before task recognition)")
-    dataset_json, pm, cm = predictor.dataset_json, predictor.plans_manager, predictor.configuration_manager
-    raw = raw_folder(pm.dataset_name)
-    fe = dataset_json["file_ending"]
-    n_channels = len(dataset_json["channel_names"])
-    cases = [c for group in labeled_test_cases(raw, table, fe, n_channels).values() for c in group]
-    ref = join(args.o, "reference")  # exactly the scored cases (labelsTs may hold others)
+    return model, table, folds, predictor, net
+
+
+def _reference_folder(out: str, raw: str, cases: list[str], fe: str) -> str:
+    """``out``/reference with the labels of exactly the scored cases (labelsTs may hold others)."""
+    ref = join(out, "reference")
     os.makedirs(ref, exist_ok=True)
     for c in cases:
         if not os.path.isfile(join(ref, c + fe)):
             link_or_copy(join(raw, "labelsTs", c + fe), join(ref, c + fe))
+    return ref
+
+
+def _case_recognition(table: TaskTable, task: int, seen: list) -> dict:
+    """The case's task, the task recognised from its mean patch probabilities, and the share of patches right."""
+    mean = np.concatenate(seen).mean(0)
+    return {"task": table.tasks[task].name,
+            "recognised": table.tasks[int(mean.argmax())].name,
+            "probability": round(float(mean.max()), 4),
+            "patches_recognised": float(np.mean(np.concatenate(seen).argmax(1) == task))}
+
+
+def _predict_cases(
+    args: argparse.Namespace, predictor, net, table: TaskTable, raw: str, cases: list[str]
+) -> tuple[dict, dict]:
+    """Every case preprocessed once and predicted under each mode (order alternating), exported to ``args.o``/mode;
+    returns the seconds per mode and the recognition per case."""
+    dataset_json, pm, cm = predictor.dataset_json, predictor.plans_manager, predictor.configuration_manager
+    fe = dataset_json["file_ending"]
+    n_channels = len(dataset_json["channel_names"])
     preprocessor = cm.preprocessor_class(verbose=False)
     os.makedirs(args.o, exist_ok=True)
     for mode in MODES:
@@ -94,16 +117,22 @@ def run_recognition(args: argparse.Namespace) -> dict:
             seconds[mode].append(sec)
             export_prediction_from_logits(logits, props, cm, pm, dataset_json, join(args.o, mode, case), False)
             if mode == "recognised":
-                mean = np.concatenate(seen).mean(0)
-                recognition[case] = {"task": table.tasks[task].name,
-                                     "recognised": table.tasks[int(mean.argmax())].name,
-                                     "probability": round(float(mean.max()), 4),
-                                     "patches_recognised": float(np.mean(np.concatenate(seen).argmax(1) == task))}
+                recognition[case] = _case_recognition(table, task, seen)
+    return seconds, recognition
+
+
+def _dice_per_mode(ref: str, out: str, table: TaskTable) -> dict:
+    """Mean Dice per task of each mode's predictions against ``ref`` (evaluations in ``out``/eval_<mode>)."""
     dice = {}
     for mode in MODES:
-        res = evaluate_folders(ref, join(args.o, mode), table, num_processes=1,
-                               output_dir=join(args.o, f"eval_{mode}"))
+        res = evaluate_folders(ref, join(out, mode), table, num_processes=1,
+                               output_dir=join(out, f"eval_{mode}"))
         dice[mode] = {t: agg["mean_over_classes"]["dice"]["mean"] for t, agg in res["tasks"].items()}
+    return dice
+
+
+def _recognition_accuracy(table: TaskTable, recognition: dict) -> dict:
+    """Per task: share of its cases recognised as it, mean share of patches recognised, number of cases."""
     accuracy = {}
     for t in table.tasks:
         own = [r for r in recognition.values() if r["task"] == t.name]
@@ -111,6 +140,20 @@ def run_recognition(args: argparse.Namespace) -> dict:
             "cases": float(np.mean([r["recognised"] == t.name for r in own])) if own else None,
             "patches": float(np.mean([r["patches_recognised"] for r in own])) if own else None,
             "n_cases": len(own)}
+    return accuracy
+
+
+def run_recognition(args: argparse.Namespace) -> dict:
+    model, table, folds, predictor, net = _load_model(args)
+    dataset_json, pm = predictor.dataset_json, predictor.plans_manager
+    raw = raw_folder(pm.dataset_name)
+    fe = dataset_json["file_ending"]
+    n_channels = len(dataset_json["channel_names"])
+    cases = [c for group in labeled_test_cases(raw, table, fe, n_channels).values() for c in group]
+    ref = _reference_folder(args.o, raw, cases, fe)
+    seconds, recognition = _predict_cases(args, predictor, net, table, raw, cases)
+    dice = _dice_per_mode(ref, args.o, table)
+    accuracy = _recognition_accuracy(table, recognition)
     ratio = np.array(seconds["recognised"]) / np.array(seconds["all_heads"])
     result = {
         "command": " ".join(["nnUNetv2_versemi_benchmark", *(getattr(args, "argv", None) or sys.argv[1:])]),

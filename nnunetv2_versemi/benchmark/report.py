@@ -108,41 +108,44 @@ def learning_curves(model_folder: str, folds: list, iterations: int = 1) -> dict
     return out
 
 
-def collect(
-    evals: dict[str, dict], states: list[dict], table: TaskTable, methods: list, baseline: str, meta: dict
-) -> dict:
-    """The report's content. ``evals``: method key -> evaluate_folders result; ``methods``: run.Method list."""
-    tasks = [t.name for t in table.tasks if any(t.name in e["tasks"] for e in evals.values())]
-    cases, summary = [], {}
-    for m in methods:
-        ev = evals[m.key]
-        per_task = {}
-        for case, r in sorted(ev["cases"].items()):
-            row = {"method": m.key, "method_label": m.label, "task": r["task"], "case": case}
-            for key in ("dice", "hd95", "iou", "asd"):
-                row[key] = _case_mean(r["metrics"], key)
-            cases.append(row)
-            per_task.setdefault(r["task"], []).append(row)
-        s = {}
-        for t in tasks:
-            rows = per_task.get(t, [])
-            s[t] = {
-                "dice": _stats([r["dice"] for r in rows]),
-                "hd95": _stats([r["hd95"] for r in rows]),
-                "n": len(rows),
-            }
-        task_means = [s[t]["dice"]["mean"] for t in tasks if s[t]["dice"]["mean"] is not None]
-        hd_means = [s[t]["hd95"]["mean"] for t in tasks if s[t]["hd95"]["mean"] is not None]
-        s[MEAN_ROW] = {
-            "dice": {
-                "mean": float(np.mean(task_means)) if task_means else None,
-                "std": None,
-                "n": len(task_means),
-            },
-            "hd95": {"mean": float(np.mean(hd_means)) if hd_means else None, "std": None, "n": len(hd_means)},
-            "n": sum(s[t]["n"] for t in tasks),
+def _case_rows(m, ev: dict) -> tuple[list[dict], dict[str, list[dict]]]:
+    """One row per test case of method ``m`` (its classes averaged per metric), also grouped by task."""
+    rows, per_task = [], {}
+    for case, r in sorted(ev["cases"].items()):
+        row = {"method": m.key, "method_label": m.label, "task": r["task"], "case": case}
+        for key in ("dice", "hd95", "iou", "asd"):
+            row[key] = _case_mean(r["metrics"], key)
+        rows.append(row)
+        per_task.setdefault(r["task"], []).append(row)
+    return rows, per_task
+
+
+def _method_summary(per_task: dict[str, list[dict]], tasks: list[str]) -> dict:
+    """Dice and HD95 statistics per task of one method, and their unweighted mean over tasks."""
+    s = {}
+    for t in tasks:
+        rows = per_task.get(t, [])
+        s[t] = {
+            "dice": _stats([r["dice"] for r in rows]),
+            "hd95": _stats([r["hd95"] for r in rows]),
+            "n": len(rows),
         }
-        summary[m.key] = s
+    task_means = [s[t]["dice"]["mean"] for t in tasks if s[t]["dice"]["mean"] is not None]
+    hd_means = [s[t]["hd95"]["mean"] for t in tasks if s[t]["hd95"]["mean"] is not None]
+    s[MEAN_ROW] = {
+        "dice": {
+            "mean": float(np.mean(task_means)) if task_means else None,
+            "std": None,
+            "n": len(task_means),
+        },
+        "hd95": {"mean": float(np.mean(hd_means)) if hd_means else None, "std": None, "n": len(hd_means)},
+        "n": sum(s[t]["n"] for t in tasks),
+    }
+    return s
+
+
+def _dice_minus_baseline(summary: dict, tasks: list[str], baseline: str) -> dict:
+    """Per method and task (and the mean over tasks): mean Dice minus the baseline's; empty without baseline."""
     diff = {}
     if baseline in summary:
         for key, s in summary.items():
@@ -150,12 +153,32 @@ def collect(
             for t in [*tasks, MEAN_ROW]:
                 a, b = summary[baseline][t]["dice"]["mean"], s[t]["dice"]["mean"]
                 diff[key][t] = None if a is None or b is None else b - a
+    return diff
+
+
+def _run_curves(states: list[dict]) -> dict:
+    """Learning curves of every run, or the error that reading its checkpoints raised."""
     curves = {}
     for st in states:
         try:
             curves[st["run"]] = learning_curves(st["model_folder"], st["folds"], st["budget"]["iterations"])
         except Exception as e:  # a broken checkpoint must not lose the report
             curves[st["run"]] = {"error": repr(e)}
+    return curves
+
+
+def collect(
+    evals: dict[str, dict], states: list[dict], table: TaskTable, methods: list, baseline: str, meta: dict
+) -> dict:
+    """The report's content. ``evals``: method key -> evaluate_folders result; ``methods``: run.Method list."""
+    tasks = [t.name for t in table.tasks if any(t.name in e["tasks"] for e in evals.values())]
+    cases, summary = [], {}
+    for m in methods:
+        rows, per_task = _case_rows(m, evals[m.key])
+        cases += rows
+        summary[m.key] = _method_summary(per_task, tasks)
+    diff = _dice_minus_baseline(summary, tasks, baseline)
+    curves = _run_curves(states)
     return nan_to_none(
         {
             **meta,
@@ -192,11 +215,10 @@ def _signed(v: float | None, scale: float = 100.0) -> str:
     return "n/a" if v is None else f"{v * scale:+.1f}"
 
 
-def markdown(results: dict) -> str:
-    methods = results["methods"]
-    rows = [*results["tasks"], MEAN_ROW]
+def _markdown_header(results: dict) -> list[str]:
+    """Title and the bullet list of command, budget, device and test cases."""
     b = results["budget"]
-    lines = [
+    return [
         f"# VerSemi benchmark: {results['dataset']} ({results['configuration']})",
         "",
         f"- command: `{results['command']}`",
@@ -213,6 +235,13 @@ def markdown(results: dict) -> str:
         f"test-time mirroring: {'on' if results['tta'] else 'off'}",
         f"- test cases per task: {', '.join(f'{t} {len(c)}' for t, c in results['test_cases'].items())}",
         "",
+    ]
+
+
+def _dice_section(results: dict, rows: list[str]) -> list[str]:
+    """The Dice table: mean ± std per task and method, with the difference to the baseline in brackets."""
+    methods = results["methods"]
+    lines = [
         "## Dice (%), mean ± std over test cases; in brackets the difference to "
         + next((m["label"] for m in methods if m["key"] == results["baseline"]), results["baseline"]),
         "",
@@ -229,7 +258,13 @@ def markdown(results: dict) -> str:
                 cell += f" ({_signed(diff[m['key']][t])})"
             cells.append(cell)
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
-    lines += [
+    return lines
+
+
+def _hd95_section(results: dict, rows: list[str]) -> list[str]:
+    """The HD95 table: mean ± std (and n) per task and method."""
+    methods = results["methods"]
+    lines = [
         "",
         "## HD95 (mm), mean ± std over test cases with both masks non-empty",
         "",
@@ -240,7 +275,12 @@ def markdown(results: dict) -> str:
         return f"{_fmt(s, 2)} (n={s['n']})" if s["mean"] is not None else "n/a"
 
     lines += markdown_table([m["label"] for m in methods], rows, hd95)
-    lines += [
+    return lines
+
+
+def _runs_section(results: dict) -> list[str]:
+    """The table of runs: trainer, dataset, budget, training and prediction seconds, skipped or not."""
+    lines = [
         "",
         "## Runs",
         "",
@@ -254,6 +294,15 @@ def markdown(results: dict) -> str:
             f"{st['budget']['epochs']} x {st['budget']['iterations']} | {train:.0f} | "
             f"{(st.get('predict_seconds') or 0):.0f} | {'yes' if st.get('skipped_on_last_invocation') else 'no'} |"
         )
+    return lines
+
+
+def markdown(results: dict) -> str:
+    rows = [*results["tasks"], MEAN_ROW]
+    lines = _markdown_header(results)
+    lines += _dice_section(results, rows)
+    lines += _hd95_section(results, rows)
+    lines += _runs_section(results)
     lines += [
         "",
         f"Figures: `{BOXPLOT_PNG}` (Dice per test case, per task and method), `{CURVES_PNG}` (train loss and "

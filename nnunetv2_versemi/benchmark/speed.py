@@ -76,29 +76,51 @@ SYNTH_DATASET = "Dataset999_VerSemiSpeed"
 
 
 # ---- plans and task tables ------------------------------------------------------------------------------
-def synthetic_plans(
-    patch_size: tuple[int, ...] = (64, 64),
-    batch_size: int = 4,
-    base_features: int = 32,
-    num_channels: int = 1,
-) -> tuple[dict, str]:
-    """An nnU-Net plans dict with one configuration ("2d" or "3d_fullres") of nnU-Net's default PlainConvUNet
-    for ``patch_size`` at isotropic spacing: stages and kernels from nnU-Net's ``get_pool_and_conv_props``,
-    features doubling up to 512 (2d) / 320 (3d). Returns (plans, configuration name)."""
+def _synthetic_topology(patch_size: tuple[int, ...]) -> tuple[list, list]:
+    """nnU-Net's pooling strides and conv kernels for ``patch_size`` at isotropic spacing; checks the patch."""
     dim = len(patch_size)
-    if dim not in (2, 3):
-        raise SpeedError(f"patch_size must have 2 or 3 entries, got {patch_size}")
     # nnU-Net's own topology for isotropic spacing: pooling down to a 4-voxel bottleneck edge, 3x3(x3) kernels
     _, strides, kernels, planned_patch, _ = get_pool_and_conv_props([1.0] * dim, list(patch_size), 4, 999999)
     if [int(p) for p in planned_patch] != [int(p) for p in patch_size]:
         raise SpeedError(f"nnU-Net's network topology needs patch_size {list(patch_size)} to be "
                          f"{[int(p) for p in planned_patch]} (divisible by its total pooling)")
+    return strides, kernels
+
+
+def _synthetic_architecture(dim: int, strides: list, kernels: list, base_features: int) -> dict:
+    """The ``architecture`` entry: nnU-Net's default PlainConvUNet with features doubling up to the cap."""
     n_stages = len(strides)
     conv = "torch.nn.modules.conv.Conv2d" if dim == 2 else "torch.nn.modules.conv.Conv3d"
     norm = f"torch.nn.modules.instancenorm.InstanceNorm{dim}d"
     cap = 512 if dim == 2 else 320
-    name = "2d" if dim == 2 else "3d_fullres"
-    config = {
+    return {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        "arch_kwargs": {
+            "n_stages": n_stages,
+            "features_per_stage": [min(base_features * 2**i, cap) for i in range(n_stages)],
+            "conv_op": conv,
+            "kernel_sizes": [list(k) for k in kernels],
+            "strides": [list(st) for st in strides],
+            "n_conv_per_stage": [2] * n_stages,
+            "n_conv_per_stage_decoder": [2] * (n_stages - 1),
+            "conv_bias": True,
+            "norm_op": norm,
+            "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+            "dropout_op": None,
+            "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.LeakyReLU",
+            "nonlin_kwargs": {"inplace": True},
+        },
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+    }
+
+
+def _synthetic_configuration(
+    name: str, patch_size: tuple[int, ...], batch_size: int, num_channels: int, architecture: dict
+) -> dict:
+    """One plans configuration ``name`` for ``patch_size`` at isotropic spacing, unnormalized channels."""
+    dim = len(patch_size)
+    return {
         "data_identifier": f"nnUNetPlans_{name}",
         "preprocessor_name": "DefaultPreprocessor",
         "batch_size": int(batch_size),
@@ -118,28 +140,43 @@ def synthetic_plans(
             "order_z": 0,
             "force_separate_z": None,
         },
-        "architecture": {
-            "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-            "arch_kwargs": {
-                "n_stages": n_stages,
-                "features_per_stage": [min(base_features * 2**i, cap) for i in range(n_stages)],
-                "conv_op": conv,
-                "kernel_sizes": [list(k) for k in kernels],
-                "strides": [list(st) for st in strides],
-                "n_conv_per_stage": [2] * n_stages,
-                "n_conv_per_stage_decoder": [2] * (n_stages - 1),
-                "conv_bias": True,
-                "norm_op": norm,
-                "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-                "dropout_op": None,
-                "dropout_op_kwargs": None,
-                "nonlin": "torch.nn.LeakyReLU",
-                "nonlin_kwargs": {"inplace": True},
-            },
-            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-        },
+        "architecture": architecture,
         "batch_dice": True,
     }
+
+
+def _synthetic_intensity_properties(num_channels: int) -> dict:
+    """Foreground intensity properties of ``num_channels`` channels of values in [-1, 1]."""
+    return {
+        str(c): {
+            "max": 1.0,
+            "mean": 0.0,
+            "median": 0.0,
+            "min": -1.0,
+            "percentile_00_5": -1.0,
+            "percentile_99_5": 1.0,
+            "std": 1.0,
+        }
+        for c in range(num_channels)
+    }
+
+
+def synthetic_plans(
+    patch_size: tuple[int, ...] = (64, 64),
+    batch_size: int = 4,
+    base_features: int = 32,
+    num_channels: int = 1,
+) -> tuple[dict, str]:
+    """An nnU-Net plans dict with one configuration ("2d" or "3d_fullres") of nnU-Net's default PlainConvUNet
+    for ``patch_size`` at isotropic spacing: stages and kernels from nnU-Net's ``get_pool_and_conv_props``,
+    features doubling up to 512 (2d) / 320 (3d). Returns (plans, configuration name)."""
+    dim = len(patch_size)
+    if dim not in (2, 3):
+        raise SpeedError(f"patch_size must have 2 or 3 entries, got {patch_size}")
+    strides, kernels = _synthetic_topology(patch_size)
+    name = "2d" if dim == 2 else "3d_fullres"
+    architecture = _synthetic_architecture(dim, strides, kernels, base_features)
+    config = _synthetic_configuration(name, patch_size, batch_size, num_channels, architecture)
     plans = {
         "dataset_name": SYNTH_DATASET,
         "plans_name": "nnUNetPlans",
@@ -151,18 +188,7 @@ def synthetic_plans(
         "configurations": {name: config},
         "experiment_planner_used": "synthetic (nnunetv2_versemi.benchmark.speed)",
         "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {
-            str(c): {
-                "max": 1.0,
-                "mean": 0.0,
-                "median": 0.0,
-                "min": -1.0,
-                "percentile_00_5": -1.0,
-                "percentile_99_5": 1.0,
-                "std": 1.0,
-            }
-            for c in range(num_channels)
-        },
+        "foreground_intensity_properties_per_channel": _synthetic_intensity_properties(num_channels),
     }
     return plans, name
 
@@ -315,14 +341,17 @@ def fake_batch(
     for i, t in enumerate(tasks):
         values = torch.tensor([0, *table.tasks[t].merged_values], dtype=torch.float32)
         seg[i] = values[torch.randint(0, len(values), (1, *patch), generator=g)]
-    scales = (
-        trainer._get_deep_supervision_scales() if trainer.enable_deep_supervision else [[1.0] * len(patch)]
-    )
-    targets = []
-    for s in scales:
-        shape = [max(1, round(p * f)) for p, f in zip(patch, s)]
-        targets.append(torch.nn.functional.interpolate(seg, size=shape, mode="nearest").to(device))
+    targets = [torch.nn.functional.interpolate(seg, size=shape, mode="nearest").to(device)
+               for shape in output_shapes(trainer.network, data[:1].to(device))]
     return {"data": data.to(device), "target": targets, "keys": keys}
+
+
+@torch.no_grad()
+def output_shapes(network: nn.Module, x: torch.Tensor) -> list[tuple[int, ...]]:
+    """Spatial shape of each output (deep-supervision scale) of the network's prompt-free forward on ``x``:
+    the shapes of the targets nnU-Net's loader delivers for it."""
+    out = network(x)
+    return [tuple(o.shape[2:]) for o in (out if isinstance(out, (list, tuple)) else [out])]
 
 
 @dataclass
@@ -435,6 +464,79 @@ def _table_factory(spec):
     return table_for
 
 
+def _warm_up(contenders: list[Contender], prepared: dict, warmup: int) -> None:
+    """``warmup`` untimed training steps of every contender."""
+    for c in contenders:
+        tr, batch = prepared[c.name]
+        for _ in range(warmup):
+            tr.train_step(batch)
+
+
+def _timed_rounds(contenders: list[Contender], prepared: dict, out: dict, steps: int, device, log) -> None:
+    """``steps`` rounds of one timed step per contender, interleaved; appends the times to ``out``."""
+    for r in range(steps):
+        for c in contenders:
+            tr, batch = prepared[c.name]
+            _sync(device)
+            t0 = time.perf_counter()
+            tr.train_step(batch)
+            _sync(device)
+            out[c.name]["times"].append(time.perf_counter() - t0)
+        log(f"round {r + 1}/{steps}: " + ", ".join(f"{k} {v['times'][-1]:.3f}s" for k, v in out.items()))
+
+
+def _cuda_peak_memory(contenders: list[Contender], prepared: dict, out: dict) -> None:
+    """Peak CUDA allocation of one step per contender over the allocation before it, into ``out``."""
+    for c in contenders:
+        tr, batch = prepared[c.name]
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        tr.train_step(batch)
+        torch.cuda.synchronize()
+        out[c.name]["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _cpu_peak_memory(
+    contenders: list[Contender],
+    plans: dict,
+    configuration: str,
+    table_spec: dict | None,
+    num_channels: int,
+    warmup: int,
+    out: dict,
+    log,
+) -> None:
+    """Peak resident-set growth per contender, each probed by :func:`memory_probe` in a fresh process."""
+    ctx = multiprocessing.get_context("spawn")
+    for c in contenders:
+        log(f"memory probe {c.name} (fresh process)")
+        with ctx.Pool(1) as pool:
+            res = pool.apply(
+                memory_probe,
+                (
+                    (
+                        c,
+                        plans,
+                        configuration,
+                        table_spec,
+                        num_channels,
+                        max(2, warmup),
+                        torch.get_num_threads(),
+                    ),
+                ),
+            )
+        out[c.name]["peak_mib"] = res["peak_mib"]
+
+
+def _time_statistics(out: dict) -> None:
+    """Median, mean and minimum of each contender's step times, added to its entry."""
+    for v in out.values():
+        v["median_s"] = statistics.median(v["times"])
+        v["mean_s"] = statistics.fmean(v["times"])
+        v["min_s"] = min(v["times"])
+
+
 def measure_training(
     plans: dict,
     configuration: str,
@@ -455,53 +557,14 @@ def measure_training(
         for c in contenders:
             log(f"building {c.name}")
             prepared[c.name] = _prepare(c, plans, configuration, table_for, num_channels, device)
-        for c in contenders:
-            tr, batch = prepared[c.name]
-            for _ in range(warmup):
-                tr.train_step(batch)
-        for r in range(steps):
-            for c in contenders:
-                tr, batch = prepared[c.name]
-                _sync(device)
-                t0 = time.perf_counter()
-                tr.train_step(batch)
-                _sync(device)
-                out[c.name]["times"].append(time.perf_counter() - t0)
-            log(f"round {r + 1}/{steps}: " + ", ".join(f"{k} {v['times'][-1]:.3f}s" for k, v in out.items()))
+        _warm_up(contenders, prepared, warmup)
+        _timed_rounds(contenders, prepared, out, steps, device, log)
         if memory and device.type == "cuda":
-            for c in contenders:
-                tr, batch = prepared[c.name]
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                tr.train_step(batch)
-                torch.cuda.synchronize()
-                out[c.name]["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            _cuda_peak_memory(contenders, prepared, out)
         del prepared
     if memory and device.type == "cpu":
-        ctx = multiprocessing.get_context("spawn")
-        for c in contenders:
-            log(f"memory probe {c.name} (fresh process)")
-            with ctx.Pool(1) as pool:
-                res = pool.apply(
-                    memory_probe,
-                    (
-                        (
-                            c,
-                            plans,
-                            configuration,
-                            table_spec,
-                            num_channels,
-                            max(2, warmup),
-                            torch.get_num_threads(),
-                        ),
-                    ),
-                )
-            out[c.name]["peak_mib"] = res["peak_mib"]
-    for v in out.values():
-        v["median_s"] = statistics.median(v["times"])
-        v["mean_s"] = statistics.fmean(v["times"])
-        v["min_s"] = min(v["times"])
+        _cpu_peak_memory(contenders, plans, configuration, table_spec, num_channels, warmup, out, log)
+    _time_statistics(out)
     return out
 
 

@@ -76,19 +76,17 @@ def plans_main(argv: list[str] | None = None) -> None:
     run_preset_command(p.parse_args(argv), p.prog)
 
 
-def build_benchmark_parser() -> argparse.ArgumentParser:
-    from nnunetv2_versemi.benchmark import comparison
-
-    p = argparse.ArgumentParser(
-        prog=comparison.PROG,
-        description="VerSemi vs nnU-Net baselines on one union dataset: same labeled cases, test cases and "
-        "budget for every method. Subcommands: 'speed' (step time/memory), 'plans' (apply a plans preset).",
-    )
+def _add_union_arguments(p: argparse.ArgumentParser) -> None:
+    """-d, -c, -p: the union dataset, its configuration and plans."""
     p.add_argument(
         "-d", required=True, help="union dataset id or name (nnUNetv2_versemi_merge + plan_and_preprocess)"
     )
     p.add_argument("-c", required=True, help="configuration, e.g. 2d (or one a --plans-preset adds)")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier of the union (default: nnUNetPlans)")
+
+
+def _add_budget_arguments(p: argparse.ArgumentParser) -> None:
+    """--epochs, --iterations, --val-iterations, --budget-per: the training budget of every model."""
     p.add_argument(
         "--epochs", type=int, default=1000, help="epochs per trained model (default: 1000, nnU-Net's)"
     )
@@ -103,6 +101,10 @@ def build_benchmark_parser() -> argparse.ArgumentParser:
         help="model (default): every trained model gets the budget; task: the runs on the union get T times "
         "the iterations per epoch (T tasks), as many labeled batches per task as each per-task model",
     )
+
+
+def _add_run_arguments(p: argparse.ArgumentParser, methods: list[str]) -> None:
+    """--folds, --methods (default: ``methods``), -o: what is trained and where the report goes."""
     p.add_argument(
         "--folds",
         nargs="+",
@@ -112,7 +114,7 @@ def build_benchmark_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         nargs="+",
-        default=[m.letter for m in comparison.METHODS],
+        default=methods,
         help="a/alone b/union c/noUnsup d/versemi (default: all four), or trainer class names (ablations, "
         "trained on the union)",
     )
@@ -121,6 +123,10 @@ def build_benchmark_parser() -> argparse.ArgumentParser:
         default=None,
         help="report folder (default: $nnUNet_results/<union>/benchmark__<benchmark plans>__<c>)",
     )
+
+
+def _add_execution_arguments(p: argparse.ArgumentParser) -> None:
+    """-device, --npp, --plans-preset, --seeds, --disable_tta, --skip-val: how the benchmark runs."""
     add_device(p)
     p.add_argument(
         "--npp",
@@ -148,6 +154,20 @@ def build_benchmark_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip nnU-Net's final validation of each model (the report uses the test cases only)",
     )
+
+
+def build_benchmark_parser() -> argparse.ArgumentParser:
+    from nnunetv2_versemi.benchmark import comparison
+
+    p = argparse.ArgumentParser(
+        prog=comparison.PROG,
+        description="VerSemi vs nnU-Net baselines on one union dataset: same labeled cases, test cases and "
+        "budget for every method. Subcommands: 'speed' (step time/memory), 'plans' (apply a plans preset).",
+    )
+    _add_union_arguments(p)
+    _add_budget_arguments(p)
+    _add_run_arguments(p, [m.letter for m in comparison.METHODS])
+    _add_execution_arguments(p)
     return p
 
 
