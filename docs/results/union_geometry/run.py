@@ -1,0 +1,47 @@
+"""Per-task nnU-Net on Spleen (seed-0 per-task dataset) with the union's 2d spacing/patch: does the union's
+resampling explain the union models' loss on Spleen?"""
+import json, os, sys, copy, subprocess
+import numpy as np, SimpleITK as sitk, torch
+def main():
+    pp = os.environ["nnUNet_preprocessed"]
+    ds = sys.argv[1]          # e.g. Dataset993_VSBench990_Spleen
+    task = sys.argv[2]        # Spleen
+    mode = sys.argv[3]        # "union" or "own"
+    plans = json.load(open(f"{pp}/{ds}/nnUNetPlans.json"))
+    union = json.load(open(f"{pp}/Dataset990_PaperDemoL20/nnUNetPlans.json"))["configurations"]["2d"]
+    cfg = copy.deepcopy(plans["configurations"]["2d"])
+    if mode == "union":
+        cfg.update(spacing=union["spacing"], patch_size=union["patch_size"], median_image_size_in_voxels=union["median_image_size_in_voxels"])
+    cfg["batch_size"] = 4
+    cfg["data_identifier"] = f"nnUNetPlans_2d_{mode}sp"
+    plans["configurations"] = {"2d": plans["configurations"]["2d"], f"2d_{mode}sp": cfg}
+    name = f"nnUNetPlans_{mode}sp"
+    plans["plans_name"] = name
+    json.dump(plans, open(f"{pp}/{ds}/{name}.json", "w"), indent=1)
+    subprocess.run(["nnUNetv2_preprocess", "-d", ds[7:10], "-plans_name", name, "-c", f"2d_{mode}sp", "-np", "1"], check=True)
+    from nnunetv2.run.run_training import get_trainer_from_args
+    tr = get_trainer_from_args(ds[7:10], f"2d_{mode}sp", "all", "nnUNetTrainer", name, device=torch.device("cpu"))
+    tr.num_epochs, tr.num_iterations_per_epoch, tr.num_val_iterations_per_epoch = 20, 50, 4
+    tr.run_training()
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    p = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
+    p.initialize_from_trained_model_folder(tr.output_folder_base, use_folds=("all",), checkpoint_name="checkpoint_final.pth")
+    raw = os.environ["nnUNet_raw"] + "/Dataset990_PaperDemoL20"
+    dj = json.load(open(raw + "/dataset.json"))
+    t = [x for x in dj["versemi"]["tasks"] if x["name"] == task][0]
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"pred_{task}_{mode}")
+    cases = sorted(f for f in os.listdir(raw + "/imagesTs") if f.startswith(task))
+    p.predict_from_files([[raw + "/imagesTs/" + f] for f in cases], out, save_probabilities=False, overwrite=True,
+                         num_processes_preprocessing=1, num_processes_segmentation_export=1)
+    res = {}
+    for f in cases:
+        c = f.replace("_0000.nii.gz", "")
+        pr = sitk.GetArrayFromImage(sitk.ReadImage(f"{out}/{c}.nii.gz")) > 0
+        gt = sitk.GetArrayFromImage(sitk.ReadImage(f"{raw}/labelsTs/{c}.nii.gz"))
+        gt = np.isin(gt, t["merged_values"] if "merged_values" in t else [l["merged"] for l in t["labels"]])
+        res[c] = 2 * (pr & gt).sum() / (pr.sum() + gt.sum())
+    print("RESULT", task, mode, {k: round(float(v), 4) for k, v in res.items()}, "mean", round(float(np.mean(list(res.values()))), 4))
+
+
+if __name__ == "__main__":
+    main()
