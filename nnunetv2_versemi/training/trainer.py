@@ -598,11 +598,11 @@ class VerSemiTrainer(nnUNetTrainer):
                                                       self.pseudo_weight > 0 or not teacher_on_mix)
             if self.pseudo_weight > 0:
                 pseudo = self._pseudo_targets(unmixed, u_tasks, partner_tasks, mu)
-            if teacher_on_mix:
-                task_fg = [losses.task_foreground(o, self._num_classes[:-1]) for o in mixed]
-            elif self.target_source == "ema":
-                task_fg = [cutmix.mix(*self._own_and_partner(losses.task_foreground(o, self._num_classes[:-1]), u.shape[0]),
-                                      cutmix.resize_mask(mu, o.shape[3:])) for o in unmixed]
+            if self.target_source == "ema":
+                fg = [losses.task_foreground(o, self._num_classes[:-1]) for o in (mixed if teacher_on_mix else unmixed)]
+                # on the unmixed images: cut together with the mix's box, as the input was
+                task_fg = fg if teacher_on_mix else [
+                    cutmix.mix(*self._own_and_partner(f, u.shape[0]), cutmix.resize_mask(mu, f.shape[2:])) for f in fg]
         step.unlabeled = _UnlabeledMix(x=x_u, mask=mu, tasks=u_tasks, partner_tasks=partner_tasks,
                                        partner_idx=partner_idx, pseudo=pseudo, task_fg=task_fg)
 
@@ -683,8 +683,8 @@ class VerSemiTrainer(nnUNetTrainer):
             task_fg = [losses.task_foreground(o[:, :T] if self.target_source == "gradient" else o[:, :T].detach(),
                                               self._num_classes[:-1]) for o in out_u]
         if self.unsup_aggregate == "source":
-            agg = [losses.source_task_foreground(f, un.tasks, un.partner_tasks, cutmix.resize_mask(un.mask, f.shape[2:]))
-                   for f in task_fg]
+            agg = [losses.source_task_foreground(f, un.tasks, un.partner_tasks,
+                                                 cutmix.resize_mask(un.mask, f.shape[2:])) for f in task_fg]
         else:
             agg = [f.max(dim=1).values for f in task_fg]
         p_syn = [losses.foreground_probability(o[:, -1], 2) for o in out_u]  # the synthetic prompt comes last
