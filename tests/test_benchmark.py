@@ -45,7 +45,7 @@ TINY = [
     "1",
     "--skip-val",
 ]
-METHOD_KEYS = ["alone", "union", "noUnsup", "versemi"]
+METHOD_KEYS = ["alone", "union", "noUnsup", "versemi", "pseudo"]
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +111,10 @@ def test_report_files_rows_and_columns(bench):
             assert r["n"] == "1" and r["dice_mean"] != ""
 
     md = (out / "report.md").read_text()
-    for label in [m.label for m in B.METHODS] + tasks + [report.MEAN_ROW]:
+    for label in [m.label for m in B.METHODS if m.key in METHOD_KEYS] + tasks + [report.MEAN_ROW]:
         assert label in md
-    # learning curves: one point per epoch for every run (3 per-task runs + 3 union runs)
-    assert len(results["curves"]) == 6
+    # learning curves: one point per epoch for every run (2 x 3 per-task runs + 3 union runs)
+    assert len(results["curves"]) == 9
     for curves in results["curves"].values():
         assert len(curves["0"]["train_loss"]) == 1 and len(curves["0"]["pseudo_dice"]) == 1
 
@@ -122,9 +122,11 @@ def test_report_files_rows_and_columns(bench):
 def test_runs_are_real_nnunet_model_folders(bench):
     results = json.loads((bench["out"] / "results.json").read_text())
     by_run = {r["run"]: r for r in results["runs"]}
-    assert sorted(by_run) == ["alone-DemoCT", "alone-DemoMC", "alone-DemoMR", "noUnsup", "union", "versemi"]
+    assert sorted(by_run) == ["alone-DemoCT", "alone-DemoMC", "alone-DemoMR", "noUnsup", "pseudo-DemoCT",
+                              "pseudo-DemoMC", "pseudo-DemoMR", "union", "versemi"]
     expected = {
         "alone": "nnUNetTrainer",
+        "pseudo": "nnUNetTrainer",
         "union": "nnUNetTrainer",
         "noUnsup": "VerSemiTrainer_noUnsup",
         "versemi": "VerSemiTrainer",
@@ -149,12 +151,12 @@ def test_resume_skips_finished_runs(bench, capsys):
     out = bench["out"]
     watched = sorted(Path(os.environ["nnUNet_results"]).rglob("checkpoint_final.pth"))
     watched += sorted((out / B.PRED_DIR).rglob("*.nii.gz"))
-    assert len(watched) == 6 + 4 * 3
+    assert len(watched) == 9 + 5 * 3
     before = {p: p.stat().st_mtime_ns for p in watched}
     capsys.readouterr()
     benchmark_main(["-d", str(UNION), "-c", "2d", *TINY, "-o", str(out)])
     log = capsys.readouterr().out
-    assert log.count("Skipping ") == 6 and "Training " not in log
+    assert log.count("Skipping ") == 9 and "Training " not in log and "Pseudo-labeling" not in log
     assert {p: p.stat().st_mtime_ns for p in watched} == before
     results = json.loads((out / "results.json").read_text())
     assert all(r["skipped_on_last_invocation"] for r in results["runs"])
@@ -167,6 +169,67 @@ def test_bad_input_fails_before_training(bench, tmp_path, capsys):
         benchmark_main(["-d", str(UNION), "-c", "3d_lowres", *TINY, "-o", str(tmp_path / "r")])
     assert "error" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_pseudo_label_method_trains_on_labeled_plus_a_predictions(bench, tmp_path, capsys):
+    """(e): each task's dataset holds its labeled cases with their true labels plus its unlabeled images
+    labeled by (a)'s model (exactly what that model predicts), in the task's classes; validation folds stay
+    on true labels; e without a is refused before anything is written."""
+    import SimpleITK as sitk
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunetv2_versemi.nnunet_paths import dataset_name, raw_folder
+    from nnunetv2_versemi.tasktable import find_task_table
+
+    with pytest.raises(SystemExit):
+        benchmark_main(["-d", str(UNION), "-c", "2d", *TINY, "--methods", "e", "-o", str(tmp_path / "r")])
+    assert "add a to --methods" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+    results = json.loads((bench["out"] / "results.json").read_text())
+    by_run = {r["run"]: r for r in results["runs"]}
+    table = find_task_table(UNION)
+    raw = Path(os.environ["nnUNet_raw"])
+    mc = table.tasks[table.index("DemoMC")]
+    folder = raw / by_run["pseudo-DemoMC"]["dataset"]
+    meta = json.loads((folder / "dataset.json").read_text())
+    assert meta["numTraining"] == len(mc.labeled) + len(mc.unlabeled) == 5
+    assert meta["versemi_task_of"]["made_by"]["model_folder"] == by_run["alone-DemoMC"]["model_folder"]
+    assert sorted(p.name for p in (folder / "labelsTr").iterdir()) == sorted(
+        c + ".nii.gz" for c in [*mc.labeled, *mc.unlabeled])
+    splits = json.loads((folder / "splits_final.json").read_text())
+    assert all(set(mc.unlabeled) <= set(s["train"]) and not set(mc.unlabeled) & set(s["val"]) for s in splits)
+    # the pseudo labels are (a)'s predictions of the unlabeled images, in DemoMC's classes 0..2
+    pred = nnUNetPredictor(tile_step_size=0.5, use_mirroring=True, device=torch.device("cpu"),
+                           perform_everything_on_device=False, allow_tqdm=False)
+    pred.initialize_from_trained_model_folder(by_run["alone-DemoMC"]["model_folder"], [0], "checkpoint_final.pth")
+    case = mc.unlabeled[0]
+    expected = pred.predict_single_npy_array(
+        *_read_image(Path(raw_folder(dataset_name(UNION))) / "imagesUnlabeled" / f"{case}_0000.nii.gz"))
+    got = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / f"{case}.nii.gz")))
+    assert got.max() <= 2 and (got == expected).mean() > 0.999
+
+
+def _read_image(path: Path):
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    return SimpleITKIO().read_images([str(path)])
+
+
+def test_present_class_dice_method_is_a_per_task_nnunet_run(bench, tmp_path):
+    """(f): nnUNetTrainer_presentClassDice on the same per-task datasets as (a), reported beside it."""
+    out = tmp_path / "f"
+    benchmark_main(["-d", str(UNION), "-c", "2d", *TINY, "--methods", "a", "f", "-o", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    by_run = {r["run"]: r for r in results["runs"]}
+    assert sorted(by_run) == ["alone-DemoCT", "alone-DemoMC", "alone-DemoMR", "alonePCD-DemoCT",
+                              "alonePCD-DemoMC", "alonePCD-DemoMR"]
+    for t in ("DemoCT", "DemoMR", "DemoMC"):
+        assert by_run[f"alonePCD-{t}"]["dataset"] == by_run[f"alone-{t}"]["dataset"]
+        ckpt = torch.load(Path(by_run[f"alonePCD-{t}"]["model_folder"]) / "fold_0" / "checkpoint_final.pth",
+                          map_location="cpu", weights_only=False)
+        assert ckpt["trainer_name"] == "nnUNetTrainer_presentClassDice"
+    header, rows = _csv(out / "summary.csv")
+    assert {r["method"] for r in rows} == {"alone", "alonePCD"}
 
 
 def test_budget_per_task_scales_only_the_union_runs(bench):

@@ -256,6 +256,27 @@ def test_present_class_dice_is_built_into_the_hard_label_loss(pipeline, tmp_path
     assert isinstance(dc, PresentClassDiceLoss) and dc.batch_dice == default.configuration_manager.batch_dice
 
 
+def test_plain_nnunet_trainer_with_present_class_dice(pipeline, tmp_path, monkeypatch):
+    """nnUNetTrainer_presentClassDice: nnU-Net's loss (same deep-supervision weights, same CE) with the
+    present-class Dice; the trainer nnU-Net finds by name for one dataset."""
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    from nnunetv2_versemi.training.losses import PresentClassDiceLoss
+
+    stock = _fresh_trainer(pipeline, tmp_path, monkeypatch, name="nnUNetTrainer")
+    ours = _fresh_trainer(pipeline, tmp_path, monkeypatch, name="nnUNetTrainer_presentClassDice")
+    assert type(stock.loss.loss.dc) is MemoryEfficientSoftDiceLoss
+    assert type(ours.loss.loss.dc) is PresentClassDiceLoss and not ours.loss.loss.dc.do_bg
+    assert list(ours.loss.weight_factors) == pytest.approx(list(stock.loss.weight_factors))
+    # on a batch where every class is present the two Dice terms agree; with a class absent they differ
+    torch.manual_seed(0)
+    x = [torch.randn(2, 4, 8, 8)]
+    y = [torch.randint(0, 4, (2, 1, 8, 8))]
+    assert float(ours.loss.loss(x[0], y[0])) == pytest.approx(float(stock.loss.loss(x[0], y[0])), rel=1e-4)
+    y0 = [torch.randint(0, 2, (2, 1, 8, 8))]
+    assert float(ours.loss.loss(x[0], y0[0])) != pytest.approx(float(stock.loss.loss(x[0], y0[0])), rel=1e-3)
+
+
 @pytest.mark.parametrize("attrs,message", [
     ({"switch_dice": 1.5}, "switch_dice must be a number in"),
     ({"stage1_min_fraction": 0.8, "stage1_fraction": 0.5}, "must not exceed stage1_fraction"),

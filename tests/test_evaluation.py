@@ -113,6 +113,20 @@ def test_empty_mask_conventions(ref_full, pred_full, expected):
             assert m[k] == v, k
 
 
+def test_false_positive_components_count_blobs_away_from_the_reference():
+    ref = np.zeros((10, 20, 20), bool)
+    ref[2:6, 2:8, 2:8] = True
+    pred = ref.copy()
+    pred[5:8, 7:10, 7:10] = True  # touches the reference: part of a true-positive component
+    assert binary_metrics(ref, pred)["fp_components"] == 0
+    pred[8, 15, 15] = True  # a single voxel far away
+    pred[0, 18:20, 0:3] = True  # a small blob
+    pred[9, 0, 19] = pred[8, 1, 18] = True  # diagonal neighbours: one component
+    assert binary_metrics(ref, pred)["fp_components"] == 3
+    assert binary_metrics(ref, np.zeros_like(ref))["fp_components"] == 0
+    assert binary_metrics(np.zeros_like(ref), pred)["fp_components"] == 4
+
+
 def test_other_label_values_count_as_background():
     ref = np.zeros((4, 4, 4), int)
     pred = np.zeros((4, 4, 4), int)

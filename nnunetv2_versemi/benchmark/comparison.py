@@ -12,6 +12,12 @@ with ``--budget-per task`` the runs on the union get T times the iterations, T =
   (b) ``union``   nnUNetTrainer on the union's labeled cases (merged labels).
   (c) ``noUnsup`` VerSemiTrainer_noUnsup (prompts, synthetic task, no unlabeled images).
   (d) ``versemi`` VerSemiTrainer.
+  (e) ``pseudo``  nnU-Net with pseudo labels, per task (the recipe nnU-Net's maintainers recommend for unlabeled
+                  images): (a)'s model of the task predicts the task's unlabeled images, and a fresh
+                  nnUNetTrainer trains on the labeled cases plus these pseudo-labeled ones, with (a)'s budget.
+                  Its compute is (a)'s training, the prediction of the unlabeled images and one more training.
+  (f) ``alonePCD`` nnUNetTrainer_presentClassDice on each task alone: (a) with VerSemi's present-class Dice,
+                  which tells how much of VerSemi's gain over (a) is its loss alone.
 
 The budget is set without code: training runs in this process. Each trainer is instantiated the way
 ``nnunetv2.run.run_training.get_trainer_from_args`` does it, then ``num_epochs``,
@@ -47,8 +53,10 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from functools import partial
 from os.path import isdir, isfile, join
 
 import numpy as np
@@ -64,7 +72,7 @@ from tqdm import tqdm
 
 from nnunetv2_versemi.benchmark import report
 from nnunetv2_versemi.data.preprocess import missing_unlabeled, plan_and_preprocess
-from nnunetv2_versemi.data.task_dataset import write_task_dataset
+from nnunetv2_versemi.data.task_dataset import write_pseudo_labeled_task_dataset, write_task_dataset
 from nnunetv2_versemi.discovery import ensure_ext_trainer_env
 from nnunetv2_versemi.errors import VerSemiInputError
 from nnunetv2_versemi.evaluation.evaluate import evaluate_folders
@@ -108,7 +116,12 @@ METHODS = (
     Method("union", "b", "(b) nnU-Net on the union", "nnUNetTrainer"),
     Method("noUnsup", "c", "(c) VerSemi, labeled only", "VerSemiTrainer_noUnsup", prompted=True),
     Method("versemi", "d", "(d) VerSemi", "VerSemiTrainer", prompted=True),
+    Method("pseudo", "e", "(e) nnU-Net with pseudo labels, each task alone", "nnUNetTrainer", per_task=True),
+    Method("alonePCD", "f", "(f) nnU-Net, each task alone, present-class Dice", "nnUNetTrainer_presentClassDice",
+           per_task=True),
 )
+PSEUDO = "pseudo"
+DEFAULT_METHODS = ("a", "b", "c", "d", "e")
 BASELINE = "alone"
 
 
@@ -163,8 +176,9 @@ class TrainingRun:
     test_cases: list[str]
     task: str | None = None
     task_index: int | None = None
-    local_to_merged: list[int] | None = None  # method a: task class index -> merged value
+    local_to_merged: list[int] | None = None  # per-task methods: task class index -> merged value
     budget: Budget = field(default_factory=Budget)
+    prepare: Callable[[], None] | None = None  # writes the run's dataset when it needs other runs' models (e)
 
     @property
     def name(self) -> str:
@@ -371,6 +385,10 @@ def _checked_methods(
     methods = [method_by_name(m) for m in args.methods]
     if len({m.key for m in methods}) != len(methods):
         raise BenchmarkError(f"--methods lists a method twice: {args.methods}")
+    keys = [m.key for m in methods]
+    if PSEUDO in keys and BASELINE not in keys:
+        raise BenchmarkError("Method e (nnU-Net with pseudo labels) labels the unlabeled images with the models of "
+                             "method a: add a to --methods")
     if any(m.key == "versemi" for m in methods):
         missing = missing_unlabeled(pp, data_id, table)
         if missing:
@@ -426,9 +444,10 @@ def prepare_benchmark(args: argparse.Namespace) -> BenchmarkContext:
 
 
 # ---- per-task datasets (method a) -----------------------------------------------------------------------
-def alone_dataset_name(ctx: BenchmarkContext, task: Task) -> str:
-    """The per-task dataset of ``task``: reused when present, else under the first free id after the union."""
-    suffix = f"VSBench{ctx.union_id:03d}_{task.name}"
+def alone_dataset_name(ctx: BenchmarkContext, task: Task, kind: str = "") -> str:
+    """The per-task dataset of ``task`` (``kind`` "PL": its pseudo-labeled version for method e): reused when
+    present, else under the first free id after the union."""
+    suffix = f"VSBench{ctx.union_id:03d}_{task.name}{kind}"
     raw_root = os.environ["nnUNet_raw"]
     for d in sorted(os.listdir(raw_root)) if isdir(raw_root) else []:
         if re.fullmatch(r"Dataset\d{3}_" + re.escape(suffix), d):
@@ -441,16 +460,23 @@ def ensure_alone_dataset(ctx: BenchmarkContext, task: Task) -> str:
     removed, when the union was merged again), planned and preprocessed by the package's plan-and-preprocess
     (stock nnU-Net planning); returns its name."""
     name, written = write_task_dataset(ctx.union, task.name, alone_dataset_name(ctx, task), replace=True)
-    pp = join(os.environ["nnUNet_preprocessed"], name)
     if written:
         ctx.log(f"Wrote per-task dataset {name} ({len(task.labeled)} labeled cases of task {task.name})")
-        models = join(os.environ["nnUNet_results"], name)
-        if isdir(models):
-            shutil.rmtree(models)  # trained on the labeled cases of an earlier merge
+    _plan_task_dataset(ctx, name, task.labeled, written)
+    return name
+
+
+def _plan_task_dataset(ctx: BenchmarkContext, name: str, cases: list[str], written: bool) -> None:
+    """Plans and preprocesses a per-task dataset unless its plans and the preprocessed ``cases`` are there,
+    after removing its models when it was written now; writes the benchmark's copy of its plans."""
+    pp = join(os.environ["nnUNet_preprocessed"], name)
+    models = join(os.environ["nnUNet_results"], name)
+    if written and isdir(models):
+        shutil.rmtree(models)  # trained on the cases of an earlier version of the dataset
     plans_file = join(pp, ctx.plans + ".json")
     data_dir = join(pp, ctx.data_identifier)
     have = set(os.listdir(data_dir)) if isdir(data_dir) else set()
-    if not isfile(plans_file) or not all(f"{c}.b2nd" in have or f"{c}.npz" in have for c in task.labeled):
+    if not isfile(plans_file) or not all(f"{c}.b2nd" in have or f"{c}.npz" in have for c in cases):
         ctx.log(f"Planning and preprocessing {name} ({ctx.base_configuration})")
         identifier = plan_and_preprocess(name, [ctx.base_configuration], [max(1, ctx.npp)], max(1, ctx.npp),
                                          overwrite_plans_name=None if ctx.plans == "nnUNetPlans" else ctx.plans,
@@ -460,37 +486,59 @@ def ensure_alone_dataset(ctx: BenchmarkContext, task: Task) -> str:
 
     _write_json_if_changed(join(pp, ctx.bench_plans + ".json"),
                            _bench_plans(load_json(plans_file), ctx.bench_plans, ctx.preset))
-    return name
+
+
+def ensure_pseudo_dataset(ctx: BenchmarkContext, task: Task, alone: TrainingRun, name: str) -> None:
+    """Method e's dataset of ``task``: the task's labeled cases plus its unlabeled images labeled by (a)'s model
+    (all its folds, ensembled as nnU-Net predicts), rewritten when (a)'s checkpoints changed; then planned and
+    preprocessed like (a)'s."""
+    made_by = {"model_folder": alone.model_folder(), "folds": [str(f) for f in alone.folds],
+               "checkpoints_mtime": [int(os.path.getmtime(alone.checkpoint(f))) for f in alone.folds]}
+    current = join(os.environ["nnUNet_raw"], name, "dataset.json")
+    if isfile(current) and load_json(current).get("versemi_task_of", {}).get("made_by") == made_by:
+        written = False
+    else:
+        ctx.log(f"Pseudo-labeling {len(task.unlabeled)} unlabeled images of {task.name} with {alone.name}")
+        tmp = tempfile.mkdtemp(prefix=".pseudo_", dir=ctx.out)
+        try:
+            fe = ctx.file_ending
+            cases = sorted(task.unlabeled)
+            images = [[join(ctx.raw, "imagesUnlabeled", f"{c}_{k:04d}{fe}") for k in range(ctx.num_channels)]
+                      for c in cases]
+            predictor = _predictor(ctx, alone)
+            predictor.predict_from_files(images, [join(tmp, c) for c in cases], save_probabilities=False,
+                                         overwrite=True, num_processes_preprocessing=max(1, ctx.npp),
+                                         num_processes_segmentation_export=max(1, ctx.npp))
+            name, written = write_pseudo_labeled_task_dataset(ctx.union, task.name, name,
+                                                              {c: join(tmp, c + fe) for c in cases}, made_by)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        ctx.log(f"Wrote {name}: {len(task.labeled)} labeled + {len(task.unlabeled)} pseudo-labeled cases")
+    _plan_task_dataset(ctx, name, [*task.labeled, *task.unlabeled], written)
 
 
 # ---- runs ---------------------------------------------------------------------------------------------
 def build_runs(ctx: BenchmarkContext) -> list[TrainingRun]:
-    runs = []
+    """One run per method on the union, one per method and task for the per-task methods; method e's runs come
+    last, as they need (a)'s models."""
+    runs: list[TrainingRun] = []
     all_cases = sorted(c for cases in ctx.test_cases.values() for c in cases)
-    for m in ctx.methods:
+    for m in sorted(ctx.methods, key=lambda m: m.key == PSEUDO):
         if not m.per_task:
             budget, plans = union_budget(ctx)
             runs.append(TrainingRun(m, ctx.union, plans, ctx.configuration, ctx.folds, all_cases, budget=budget))
             continue
         for ti, t in enumerate(ctx.table.tasks):
             if not ctx.test_cases[t.name]:
-                ctx.log(f"Task {t.name} has no labeled test case: no per-task baseline run for it")
+                ctx.log(f"Task {t.name} has no labeled test case: no per-task {m.key} run for it")
                 continue
-            name = ensure_alone_dataset(ctx, t)
-            runs.append(
-                TrainingRun(
-                    m,
-                    name,
-                    ctx.bench_plans,
-                    ctx.configuration,
-                    ctx.folds,
-                    ctx.test_cases[t.name],
-                    task=t.name,
-                    task_index=ti,
-                    local_to_merged=[0, *t.merged_values],
-                    budget=ctx.budget,
-                )
-            )
+            name = alone_dataset_name(ctx, t, "PL") if m.key == PSEUDO else ensure_alone_dataset(ctx, t)
+            run = TrainingRun(m, name, ctx.bench_plans, ctx.configuration, ctx.folds, ctx.test_cases[t.name],
+                              task=t.name, task_index=ti, local_to_merged=[0, *t.merged_values], budget=ctx.budget)
+            if m.key == PSEUDO:
+                alone = next(r for r in runs if r.method.key == BASELINE and r.task == t.name)
+                run.prepare = partial(ensure_pseudo_dataset, ctx, t, alone, name)
+            runs.append(run)
     return runs
 
 
@@ -552,6 +600,16 @@ def _image_lists(ctx: BenchmarkContext, cases: list[str]) -> list[list[str]]:
     return [[join(ctx.raw, "imagesTs", f"{c}_{k:04d}{fe}") for k in range(ctx.num_channels)] for c in cases]
 
 
+def _predictor(ctx: BenchmarkContext, run: TrainingRun) -> nnUNetPredictor:
+    """nnU-Net's predictor of the run's model (all its folds), with the benchmark's test-time settings."""
+    device = _device(ctx.device)
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=ctx.tta,
+                                perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
+                                verbose_preprocessing=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(run.model_folder(), run.folds, CHECKPOINT)
+    return predictor
+
+
 def predict_run(ctx: BenchmarkContext, run: TrainingRun) -> float:
     """Predict the run's test cases into the method's prediction folder (merged labels); returns seconds."""
     out = prediction_folder(ctx, run.method)
@@ -559,18 +617,7 @@ def predict_run(ctx: BenchmarkContext, run: TrainingRun) -> float:
     if not todo:
         return 0.0
     t0 = time.time()
-    device = _device(ctx.device)
-    predictor = nnUNetPredictor(
-        tile_step_size=0.5,
-        use_gaussian=True,
-        use_mirroring=ctx.tta,
-        perform_everything_on_device=device.type == "cuda",
-        device=device,
-        verbose=False,
-        verbose_preprocessing=False,
-        allow_tqdm=False,
-    )
-    predictor.initialize_from_trained_model_folder(run.model_folder(), run.folds, CHECKPOINT)
+    predictor = _predictor(ctx, run)
     os.makedirs(out, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".predict_", dir=out)
     fe = ctx.file_ending
@@ -640,6 +687,10 @@ def train_and_predict(ctx: BenchmarkContext, runs: list[TrainingRun]) -> list[di
                 _save_state(ctx, run, state)
                 continue
             state["skipped_on_last_invocation"] = False
+            if run.prepare is not None:
+                t0 = time.time()
+                run.prepare()
+                state["prepare_seconds"] = time.time() - t0
             train_s = dict(state.get("train_seconds", {}))
             for fold in run.folds:
                 if isfile(run.checkpoint(fold)):

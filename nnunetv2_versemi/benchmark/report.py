@@ -28,7 +28,7 @@ SUMMARY_CSV = "summary.csv"
 REPORT_MD = "report.md"
 BOXPLOT_PNG = "dice_boxplot.png"
 CURVES_PNG = "learning_curves.png"
-CASE_COLUMNS = ["method", "method_label", "task", "case", "dice", "hd95", "iou", "asd"]
+CASE_COLUMNS = ["method", "method_label", "task", "case", "dice", "hd95", "iou", "asd", "fp_components"]
 SUMMARY_COLUMNS = [
     "method",
     "method_label",
@@ -38,9 +38,12 @@ SUMMARY_COLUMNS = [
     "dice_std",
     "hd95_mean",
     "hd95_std",
+    "fp_components_mean",
     "dice_minus_baseline",
 ]
 MEAN_ROW = "mean over tasks"
+#: per task and method in every summary: Dice and HD95 (means over classes), false-positive components (sums)
+SUMMARY_METRICS = ("dice", "hd95", "fp_components")
 
 
 def machine_info() -> dict:
@@ -115,6 +118,8 @@ def _case_rows(m, ev: dict) -> tuple[list[dict], dict[str, list[dict]]]:
         row = {"method": m.key, "method_label": m.label, "task": r["task"], "case": case}
         for key in ("dice", "hd95", "iou", "asd"):
             row[key] = _case_mean(r["metrics"], key)
+        # false-positive components: summed over the task's classes (what a reader counts in the image)
+        row["fp_components"] = float(sum(m.get("fp_components") or 0 for m in r["metrics"].values()))
         rows.append(row)
         per_task.setdefault(r["task"], []).append(row)
     return rows, per_task
@@ -128,19 +133,13 @@ def _method_summary(per_task: dict[str, list[dict]], tasks: list[str]) -> dict:
         s[t] = {
             "dice": _stats([r["dice"] for r in rows]),
             "hd95": _stats([r["hd95"] for r in rows]),
+            "fp_components": _stats([r["fp_components"] for r in rows]),
             "n": len(rows),
         }
-    task_means = [s[t]["dice"]["mean"] for t in tasks if s[t]["dice"]["mean"] is not None]
-    hd_means = [s[t]["hd95"]["mean"] for t in tasks if s[t]["hd95"]["mean"] is not None]
-    s[MEAN_ROW] = {
-        "dice": {
-            "mean": float(np.mean(task_means)) if task_means else None,
-            "std": None,
-            "n": len(task_means),
-        },
-        "hd95": {"mean": float(np.mean(hd_means)) if hd_means else None, "std": None, "n": len(hd_means)},
-        "n": sum(s[t]["n"] for t in tasks),
-    }
+    s[MEAN_ROW] = {"n": sum(s[t]["n"] for t in tasks)}
+    for key in SUMMARY_METRICS:
+        means = [s[t][key]["mean"] for t in tasks if s[t][key]["mean"] is not None]
+        s[MEAN_ROW][key] = {"mean": float(np.mean(means)) if means else None, "std": None, "n": len(means)}
     return s
 
 
@@ -275,6 +274,14 @@ def _hd95_section(results: dict, rows: list[str]) -> list[str]:
         return f"{_fmt(s, 2)} (n={s['n']})" if s["mean"] is not None else "n/a"
 
     lines += markdown_table([m["label"] for m in methods], rows, hd95)
+    lines += ["", "## False-positive components per test case (mean), prediction components touching no "
+              "reference voxel of their class", ""]
+
+    def fp(t: str, i: int) -> str:
+        s = results["summary"][methods[i]["key"]][t].get("fp_components") or {"mean": None}
+        return "n/a" if s["mean"] is None else f"{s['mean']:.1f}"
+
+    lines += markdown_table([m["label"] for m in methods], rows, fp)
     return lines
 
 
@@ -423,7 +430,7 @@ def write_report(out_dir: str, results: dict) -> list[str]:
         w.writerow(SUMMARY_COLUMNS)
         for key, s in results["summary"].items():
             for t in [*results["tasks"], MEAN_ROW]:
-                d, h = s[t]["dice"], s[t]["hd95"]
+                d, h, fp = s[t]["dice"], s[t]["hd95"], s[t].get("fp_components") or {"mean": None}
                 diff = (results["dice_minus_baseline"].get(key) or {}).get(t)
                 w.writerow(
                     [
@@ -435,6 +442,7 @@ def write_report(out_dir: str, results: dict) -> list[str]:
                         _csv_value(d["std"]),
                         _csv_value(h["mean"]),
                         _csv_value(h["std"]),
+                        _csv_value(fp["mean"]),
                         _csv_value(diff),
                     ]
                 )

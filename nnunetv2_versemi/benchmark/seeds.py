@@ -174,9 +174,13 @@ def aggregate(per_seed: list[dict], unions: list[str]) -> dict:
     tasks = per_seed[0]["tasks"]
     rows = [*tasks, report.MEAN_ROW]
     summary, paired, collapsed = {}, {}, []
+    others: dict[str, dict] = {"hd95": {}, "fp_components": {}}
     for m in methods:
         key = m["key"]
         summary[key] = {t: _mean_std([r["summary"][key][t]["dice"]["mean"] for r in per_seed]) for t in rows}
+        for metric in ("hd95", "fp_components"):
+            others[metric][key] = {t: _mean_std([(r["summary"][key][t].get(metric) or {}).get("mean")
+                                                 for r in per_seed]) for t in rows}
         for s, r in enumerate(per_seed):
             for t in tasks:
                 dice = [c["dice"] for c in r["cases"] if c["method"] == key and c["task"] == t]
@@ -211,6 +215,8 @@ def aggregate(per_seed: list[dict], unions: list[str]) -> dict:
         "machine": per_seed[0]["machine"],
         "test_cases": [r["test_cases"] for r in per_seed],
         "dice_over_seeds": summary,
+        "hd95_over_seeds": others["hd95"],
+        "fp_components_over_seeds": others["fp_components"],
         "paired_difference_to_baseline": paired,
         "paired_differences": between,
         "collapsed": collapsed,
@@ -220,6 +226,10 @@ def aggregate(per_seed: list[dict], unions: list[str]) -> dict:
 
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def _plain(s: dict, digits: int) -> str:
+    return "n/a" if s["mean"] is None else f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
 def _ci(ci: dict) -> str:
@@ -254,6 +264,14 @@ def seeds_markdown(agg: dict) -> str:
         return "n/a" if s["mean"] is None else f"{_pct(s['mean'])} ± {_pct(s['std'])}"
 
     lines += report.markdown_table([m["label"] for m in methods], rows, dice)
+    for metric, title, digits in (("hd95", "HD95 (mm)", 1), ("fp_components", "False-positive components per test "
+                                                                          "case", 1)):
+        table = agg.get(f"{metric}_over_seeds") or {}
+        if not table:
+            continue
+        lines += ["", f"## {title}, mean ± std over seeds of each seed's mean over test cases", ""]
+        lines += report.markdown_table([m["label"] for m in methods], rows,
+                                       lambda t, i, table=table, d=digits: _plain(table[methods[i]["key"]][t], d))
     compared = [m for m in methods if m["key"] in agg["paired_difference_to_baseline"]]
 
     def paired(t: str, i: int) -> str:

@@ -7,8 +7,11 @@ labeled training cases (imagesTr/labelsTr), unlabeled images (imagesUnlabeled) a
 cases (imagesTs/labelsTs). Geometry is in millimetres, so shapes stay physically round at anisotropic
 spacing and ``scale`` changes only the resolution, never the anatomy.
 
-Presets: ``demo`` (three small tasks, ids 901-903) and ``paper`` (four tasks shaped like the VerSemi
-paper's Pancreas-CT, LA, Spleen and Lung tumour datasets, scaled down for CPU, ids 911-914).
+Presets: ``demo`` (three small tasks, ids 901-903), ``paper`` (four tasks shaped like the VerSemi
+paper's Pancreas-CT, LA, Spleen and Lung tumour datasets, scaled down for CPU, ids 911-914) and ``hard``
+(three tasks with headroom for few labels: low target contrast, distractors whose intensity overlaps the
+target's, contrast that changes sign between cases, a small second class, anisotropic and differing
+spacings; ids 921-923; calibrated in docs/DEMO_DATA.md).
 """
 
 from __future__ import annotations
@@ -262,6 +265,86 @@ def _mr_chamber(
     return _mr_finish(rng, grid, signal), chamber.astype(np.uint8)
 
 
+# ---- hard phantoms: what two labeled cases do not cover ---------------------------------------------------
+#: appearance modes of a hard target: enhancing, hypodense, or iso-intense inside a bright rim (as between
+#: contrast phases and sequences); two labeled cases never show all three
+_MODES = ("bright", "dark", "rim")
+
+
+def _paint(rng: np.random.Generator, grid: Grid, image: np.ndarray, mask: np.ndarray, mode: str,
+           contrast: float) -> None:
+    """Add ``contrast`` to ``mask`` in ``image`` as ``mode`` says (rim: a 1.5 mm shell, interior unchanged)."""
+    if mode == "rim":
+        shell = mask & (_depth(grid, mask) <= max(1.5, min(grid.spacing[1:])))
+        image[shell] += contrast
+    else:
+        image[mask] += contrast if mode == "bright" else -contrast
+
+
+def _distractors(
+    rng: np.random.Generator, grid: Grid, free: np.ndarray, count: tuple[int, int], radius: tuple[float, float]
+) -> list[np.ndarray]:
+    """Round blobs in ``free`` that are not the target: what a model must learn to leave out."""
+    blobs = []
+    for _ in range(int(rng.integers(count[0], count[1] + 1))):
+        r = rng.uniform(*radius)
+        blobs.append(_ellipsoid(grid, _place(rng, grid, free, r), r * rng.uniform(0.9, 1.1, 3)) & free)
+        free = free & ~ndimage.binary_dilation(blobs[-1], iterations=2)
+    return blobs
+
+
+def _ct_organ_modes(
+    rng: np.random.Generator,
+    grid: Grid,
+    radius: tuple[float, float],
+    contrast: tuple[float, float],
+    modes: tuple[str, ...] = _MODES,
+    lesion: tuple[float, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """CT torso with a lobed organ (label 1) in one of ``modes`` per case and smaller round distractors drawn
+    from the same modes and contrasts: a few labeled cases show only part of the organ's appearance, and
+    intensity alone does not separate it from the distractors (size and shape do). With ``lesion`` the organ
+    holds a small hypodense spot (label 2)."""
+    hu, free = _ct_torso(rng, grid)
+    r = rng.uniform(*radius)
+    center = _place(rng, grid, free, 1.2 * r)
+    organ = _lobed_blob(rng, grid, center, r, int(rng.integers(2, 4)), spread=0.5, elongation=0.3) & free
+    room = free & ~ndimage.binary_dilation(organ, iterations=3)
+    for blob in _distractors(rng, grid, room, (1, 2), (0.35 * radius[0], 0.5 * radius[0])):
+        _paint(rng, grid, hu, blob, modes[int(rng.integers(len(modes)))], rng.uniform(*contrast))
+    _paint(rng, grid, hu, organ, modes[int(rng.integers(len(modes)))], rng.uniform(*contrast))
+    label = organ.astype(np.uint8)
+    if lesion is not None:
+        spot = _inner_blob(rng, grid, organ, rng.uniform(*lesion))
+        hu[spot] = rng.normal(0, 8)  # water-like, whatever the organ's mode
+        label[spot] = 2
+    return _ct_finish(rng, grid, hu), label
+
+
+def _mr_gland(
+    rng: np.random.Generator, grid: Grid, radius: tuple[float, float], contrast: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """MR pelvis-like volume: a gland (label 1) brighter, darker, or iso-intense inside a bright rim (one mode
+    per case), under a bias field, beside a large bright bladder-like distractor and smaller darker muscles."""
+    signal = np.zeros(grid.shape)
+    body = _ellipsoid(grid, rng.normal(0, 1.0, 3), grid.half * rng.uniform(0.85, 0.97, 3))
+    tissue = rng.normal(300, 30)
+    signal[body] = tissue
+    r = rng.uniform(*radius)
+    gland = _lobed_blob(rng, grid, _place(rng, grid, body, 1.2 * r), r, 2, spread=0.4, elongation=0.3) & body
+    free = body & ~ndimage.binary_dilation(gland, iterations=3)
+    bladder, *muscles = _distractors(rng, grid, free, (2, 3), (0.4 * radius[0], 0.6 * radius[0]))
+    signal[bladder] = tissue * rng.uniform(2.0, 2.5)
+    for m in muscles:
+        signal[m] = tissue * (1 - rng.uniform(*contrast))
+    _paint(rng, grid, signal, gland, _MODES[int(rng.integers(3))], tissue * rng.uniform(*contrast))
+    signal = signal * (1 + 0.05 * _smooth_noise(rng, grid, 1.5)) * _bias_field(rng, grid, 0.15)
+    signal *= rng.uniform(0.6, 1.4)
+    sd = rng.uniform(8, 16)
+    image = np.hypot(signal + rng.normal(0, sd, grid.shape), rng.normal(0, sd, grid.shape))
+    return image.astype(np.float32), gland.astype(np.uint8)
+
+
 # ---- tasks and presets ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TaskSpec:
@@ -355,6 +438,43 @@ PRESETS: dict[str, dict] = {
                 (2.0, 1.25, 1.25),
                 partial(_ct_lung_tumour, radius=(2.5, 5.0)),
                 "Lung-tumour-like CT: small soft-tissue tumour in an air-filled lung",
+            ),
+        ],
+    },
+    "hard": {
+        "first_id": 921,
+        "counts": {"labeled": 20, "unlabeled": 20, "test": 12},
+        "tasks": [
+            TaskSpec(
+                "HardOrganCT",
+                "CT",
+                ("organ",),
+                (24, 48, 48),
+                (2.0, 1.0, 1.0),
+                partial(_ct_organ_modes, radius=(6.0, 9.0), contrast=(70, 110)),
+                "CT-like torso: lobed organ, enhancing, hypodense or rim-enhancing, among smaller round "
+                "distractors of the same appearances",
+            ),
+            TaskSpec(
+                "HardKidneyCT",
+                "CT",
+                ("kidney", "cyst"),
+                (16, 48, 48),
+                (4.0, 1.25, 1.25),
+                partial(_ct_organ_modes, radius=(9.0, 12.0), contrast=(70, 110), modes=("bright", "rim"),
+                        lesion=(4.5, 6.5)),
+                "CT-like torso with 4 mm slices: organ (enhancing or rim-enhancing) holding a small water-like "
+                "cyst, smaller distractors",
+            ),
+            TaskSpec(
+                "HardProstateMR",
+                "MRI",
+                ("gland",),
+                (16, 48, 48),
+                (3.0, 0.8, 0.8),
+                partial(_mr_gland, radius=(7.0, 10.0), contrast=(0.3, 0.5)),
+                "MR-like pelvis: gland brighter, darker or rim-bright against its surroundings, bias field, "
+                "bright bladder and dark muscle distractors",
             ),
         ],
     },

@@ -21,7 +21,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json, save
 
 from nnunetv2_versemi.errors import VerSemiInputError
 from nnunetv2_versemi.nnunet_paths import dataset_name, link_or_copy, preprocessed_folder, raw_folder
-from nnunetv2_versemi.tasktable import TABLE_KEY, TaskLabel, TaskTable, find_task_table
+from nnunetv2_versemi.tasktable import TABLE_KEY, Task, TaskLabel, TaskTable, find_task_table
 
 #: dataset.json key of a written task dataset: what it was built from (union, task, labeled cases, labels)
 SOURCE_KEY = "versemi_task_of"
@@ -99,17 +99,24 @@ def write_task_dataset(union: str | int, task: str, output_name: str, replace: b
     record = task_dataset_source(union, table, task)
     if _existing_is_current(folder, record, union, replace):
         return output_name, False
+    _write_into_place(raw_root, output_name, lambda tmp: _fill_task_dataset(tmp, union, table, task, output_name,
+                                                                            record))
+    return output_name, True
+
+
+def _write_into_place(raw_root: str, output_name: str, fill) -> None:
+    """``fill`` a temporary folder beside the target, then replace the target and its preprocessed folder by
+    it; a failure leaves no half-written dataset."""
     tmp = tempfile.mkdtemp(prefix=f".{output_name}.", dir=raw_root)
     try:
-        _fill_task_dataset(tmp, union, table, task, output_name, record)
-        for stale in (folder, join(os.environ["nnUNet_preprocessed"], output_name)):
+        fill(tmp)
+        for stale in (join(raw_root, output_name), join(os.environ["nnUNet_preprocessed"], output_name)):
             if isdir(stale):
                 shutil.rmtree(stale)
-        os.rename(tmp, folder)
+        os.rename(tmp, join(raw_root, output_name))
     finally:
         if isdir(tmp):
             shutil.rmtree(tmp)
-    return output_name, True
 
 
 def _existing_is_current(folder: str, record: dict, union: str, replace: bool) -> bool:
@@ -161,3 +168,59 @@ def _fill_task_dataset(tmp: str, union: str, table, task: str, output_name: str,
         TABLE_KEY: one.to_dict(),
     }, join(tmp, "dataset.json"), sort_keys=False)
     save_json(union_splits_for_task(union, table, task), join(tmp, "splits_final.json"), sort_keys=False)
+
+
+def write_pseudo_labeled_task_dataset(union: str | int, task: str, output_name: str, pseudo_labels: dict[str, str],
+                                      made_by: dict) -> tuple[str, bool]:
+    """Write (or keep) ``output_name``: the task dataset of ``task`` (:func:`write_task_dataset`'s content) plus
+    the task's unlabeled images of the union as training cases, labeled by ``pseudo_labels`` (unlabeled case
+    id -> label file in the task's classes 1..K, e.g. a per-task model's predictions); nnU-Net's pseudo-label
+    recipe. The union's split restricted to the task gets every pseudo-labeled case added to each fold's
+    training cases (validation stays on true labels). ``made_by`` (what made the labels: model folder,
+    checkpoint times) goes into the record: a folder with the same record is kept, any other one written by
+    this package is replaced together with its preprocessed folder. Returns (dataset name, whether written).
+    """
+    union = dataset_name(union)
+    src = raw_folder(union)
+    table = find_task_table(union)
+    if task not in table.names:
+        raise TaskDatasetError(f"{union} has no task '{task}' (tasks: {', '.join(table.names)})")
+    t = table.tasks[table.index(task)]
+    missing = sorted(set(t.unlabeled) - set(pseudo_labels))
+    if missing:
+        raise TaskDatasetError(f"No pseudo label for {len(missing)} unlabeled case(s) of {task}, e.g. {missing[0]}")
+    record = {**task_dataset_source(union, table, task), "pseudo_labeled": sorted(t.unlabeled), "made_by": made_by}
+    raw_root = os.path.dirname(src)
+    folder = join(raw_root, output_name)
+    if _existing_is_current(folder, record, union, replace=True):
+        return output_name, False
+
+    def fill(tmp: str) -> None:
+        _fill_task_dataset(tmp, union, table, task, output_name, record)
+        _add_pseudo_labeled(tmp, src, t, pseudo_labels)
+
+    _write_into_place(raw_root, output_name, fill)
+    return output_name, True
+
+
+def _add_pseudo_labeled(tmp: str, union_raw: str, task: Task, pseudo_labels: dict[str, str]) -> None:
+    """Links the task's unlabeled images into ``tmp``/imagesTr, copies their pseudo labels (checked to hold
+    only the task's classes) into labelsTr, and adds them to the dataset.json's case count, its one-task
+    table's labeled cases and every fold's training cases."""
+    meta = load_json(join(tmp, "dataset.json"))
+    fe, n_ch = meta["file_ending"], len(meta["channel_names"])
+    lut = np.arange(len(task.labels) + 1)
+    for c in sorted(task.unlabeled):
+        for k in range(n_ch):
+            link_or_copy(join(union_raw, "imagesUnlabeled", f"{c}_{k:04d}{fe}"),
+                         join(tmp, "imagesTr", f"{c}_{k:04d}{fe}"))
+        _remap_label(pseudo_labels[c], join(tmp, "labelsTr", c + fe), lut)
+    one = TaskTable.from_dataset_json(meta)
+    pseudo = sorted(task.unlabeled)
+    meta[TABLE_KEY] = TaskTable(tasks=[dc_replace(one.tasks[0], labeled=sorted([*one.tasks[0].labeled, *pseudo]))]
+                                ).to_dict()
+    meta["numTraining"] = len(task.labeled) + len(pseudo)
+    save_json(meta, join(tmp, "dataset.json"), sort_keys=False)
+    splits = load_json(join(tmp, "splits_final.json"))
+    save_json([{"train": sorted([*s["train"], *pseudo]), "val": s["val"]} for s in splits],
+              join(tmp, "splits_final.json"), sort_keys=False)

@@ -115,8 +115,8 @@ def _add_run_arguments(p: argparse.ArgumentParser, methods: list[str]) -> None:
         "--methods",
         nargs="+",
         default=methods,
-        help="a/alone b/union c/noUnsup d/versemi (default: all four), or trainer class names (ablations, "
-        "trained on the union)",
+        help="a/alone b/union c/noUnsup d/versemi e/pseudo f/alonePCD (default: a b c d e), or trainer class names "
+        "(ablations, trained on the union)",
     )
     p.add_argument(
         "-o",
@@ -166,7 +166,7 @@ def build_benchmark_parser() -> argparse.ArgumentParser:
     )
     _add_union_arguments(p)
     _add_budget_arguments(p)
-    _add_run_arguments(p, [m.letter for m in comparison.METHODS])
+    _add_run_arguments(p, list(comparison.DEFAULT_METHODS))
     _add_execution_arguments(p)
     return p
 

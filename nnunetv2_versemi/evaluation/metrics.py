@@ -14,6 +14,9 @@ Empty masks (R = reference, P = prediction of this class):
 - exactly one empty: ``dice = iou = 0``; surface distances are undefined, so ``hd95 = asd = NaN``
   (``one_empty`` is set). NaN distances are left out of the means; the aggregates report how many
   (``n_one_empty``) and over how many cases each distance mean runs (``n``).
+
+``fp_components``: connected components of P (face, edge and corner neighbours) that touch no voxel of R,
+i.e. scattered false positives (0 when P is empty).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from medpy.metric.binary import assd as _medpy_assd
 from medpy.metric.binary import hd95 as _medpy_hd95
+from scipy import ndimage
 
-METRICS = ("dice", "iou", "hd95", "asd")
+METRICS = ("dice", "iou", "hd95", "asd", "fp_components")
 
 
 def _normalize_spacing(spacing: Sequence[float] | float | None, ndim: int) -> tuple[float, ...]:
@@ -51,7 +55,8 @@ def binary_metrics(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float] |
     n_ref = int(np.count_nonzero(ref))
     n_pred = int(np.count_nonzero(pred))
     tp = int(np.count_nonzero(ref & pred))
-    out = {"n_ref": n_ref, "n_pred": n_pred, "tp": tp, "fp": n_pred - tp, "fn": n_ref - tp}
+    out = {"n_ref": n_ref, "n_pred": n_pred, "tp": tp, "fp": n_pred - tp, "fn": n_ref - tp,
+           "fp_components": false_positive_components(ref, pred)}
     if n_ref == 0 and n_pred == 0:
         out.update(dice=1.0, iou=1.0, hd95=0.0, asd=0.0, both_empty=True, one_empty=False)
     elif n_ref == 0 or n_pred == 0:
@@ -66,6 +71,15 @@ def binary_metrics(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float] |
             one_empty=False,
         )
     return out
+
+
+def false_positive_components(ref: np.ndarray, pred: np.ndarray) -> int:
+    """Connected components of ``pred`` (full neighbourhood) without any voxel in ``ref``."""
+    if not pred.any():
+        return 0
+    components, n = ndimage.label(pred, structure=np.ones((3,) * pred.ndim, bool))
+    touching = np.unique(components[ref & pred])
+    return int(n - np.count_nonzero(touching))
 
 
 def compute_case_metrics(

@@ -173,6 +173,26 @@ class PresentClassDiceLoss(torch.nn.Module):
         return -dc[present].mean()
 
 
+def present_class_dice_ce(batch_dice: bool, ignore_label: int | None, ddp: bool,
+                          deep_supervision_scales: int | None) -> torch.nn.Module:
+    """nnU-Net's Dice + CE loss (``DC_and_CE_loss`` with the settings of ``nnUNetTrainer._build_loss``) whose
+    Dice is :class:`PresentClassDiceLoss`, passed through the loss's own ``dice_class`` argument; wrapped in
+    nnU-Net's ``DeepSupervisionWrapper`` with nnU-Net's scale weights when ``deep_supervision_scales`` is a
+    number of scales (under DDP the lowest scale keeps a tiny weight, as in nnU-Net, so that every output
+    receives a gradient)."""
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+
+    loss = DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": ddp}, {},
+                          weight_ce=1, weight_dice=1, ignore_label=ignore_label, dice_class=PresentClassDiceLoss)
+    if deep_supervision_scales is None:
+        return loss
+    weights = [1 / (2**i) for i in range(deep_supervision_scales)]
+    if deep_supervision_scales > 1:
+        weights[-1] = 1e-6 if ddp else 0.0
+    return DeepSupervisionWrapper(loss, [w / sum(weights) for w in weights])
+
+
 def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of logits (B, C, *S) against class indices (B, *S), averaged over the voxels whose target
     is >= 0 (-1: no label); 0, with gradient, when no voxel has one."""

@@ -485,15 +485,11 @@ class VerSemiTrainer(nnUNetTrainer):
     def _build_loss(self):
         """nnU-Net's Dice + CE (deep supervision); with ``dice_present_classes_only`` its Dice averages only over
         the classes present in the target (see :class:`losses.PresentClassDiceLoss`)."""
-        loss = super()._build_loss()
-        if self.dice_present_classes_only:
-            from nnunetv2.utilities.helpers import softmax_helper_dim1
-
-            inner = getattr(loss, "loss", loss)  # DeepSupervisionWrapper holds nnU-Net's DC_and_CE_loss
-            inner.dc = losses.PresentClassDiceLoss(apply_nonlin=softmax_helper_dim1,
-                                                   batch_dice=self.configuration_manager.batch_dice, do_bg=False,
-                                                   smooth=1e-5, ddp=self.is_ddp)
-        return loss
+        if not self.dice_present_classes_only or self.label_manager.has_regions:
+            return super()._build_loss()
+        return losses.present_class_dice_ce(
+            self.configuration_manager.batch_dice, self.label_manager.ignore_label, self.is_ddp,
+            len(self._get_deep_supervision_scales()) if self.enable_deep_supervision else None)
 
     def _hard_loss(self, logits: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
         if self.enable_deep_supervision:

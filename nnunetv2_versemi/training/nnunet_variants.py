@@ -1,0 +1,26 @@
+"""Plain nnU-Net trainers (one dataset, no prompts) with one of VerSemi's changes, for single-task users and
+for attributing VerSemi's gains: class name = ``-tr`` value = results folder name."""
+
+from __future__ import annotations
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from typing_extensions import override
+
+from nnunetv2_versemi.training import losses
+
+
+class nnUNetTrainer_presentClassDice(nnUNetTrainer):
+    """nnUNetTrainer whose Dice averages over the classes present in the target
+    (:class:`~nnunetv2_versemi.training.losses.PresentClassDiceLoss`); everything else is nnU-Net's.
+
+    With batch Dice and few labeled cases, a small class absent from a batch costs its full Dice for any
+    prediction of it, which can hold it at 0 for good; here absent classes only get the cross-entropy term.
+    Region-based label sets keep nnU-Net's loss."""
+
+    @override
+    def _build_loss(self):
+        if self.label_manager.has_regions:
+            return super()._build_loss()
+        return losses.present_class_dice_ce(
+            self.configuration_manager.batch_dice, self.label_manager.ignore_label, self.is_ddp,
+            len(self._get_deep_supervision_scales()) if self.enable_deep_supervision else None)
