@@ -50,8 +50,10 @@ SEEDS_CURVES_PNG = "seeds_learning_curves.png"
 
 
 def seed_union(union: str, seed_index: int, configuration: str, plans_preset: str | None, npp: int,
-               claimed: set[int], log=print) -> str:
-    """Name of the union of ``seed_index`` (0: ``union`` itself), merged, planned and preprocessed if needed."""
+               claimed: set[int], log=print, new_id: int | None = None) -> str:
+    """Name of the union of ``seed_index`` (0: ``union`` itself), merged, planned and preprocessed if needed;
+    a new one gets ``new_id`` (default: the first free id after the union's), so that benchmarks of several
+    seeds can run side by side with id ranges of their own."""
 
     if seed_index == 0:
         return union
@@ -74,7 +76,7 @@ def seed_union(union: str, seed_index: int, configuration: str, plans_preset: st
                                  f"of {union}; remove or rename it")
     else:
 
-        name = f"Dataset{free_dataset_id(union_id, claimed):03d}_{suffix}"
+        name = f"Dataset{new_id if new_id is not None else free_dataset_id(union_id, claimed):03d}_{suffix}"
         log(f"Seed {seed_index}: merging {', '.join(prov['sources'])} again with merge seed {mark['merge_seed']} "
             f"into {name}")
         try:

@@ -49,6 +49,27 @@ class VerSemiTrainer_paperTerms(VerSemiTrainer):
         self.target_source = "detach"
 
 
+class VerSemiTrainer_unsupOnly(VerSemiTrainer):
+    """The default without L_pseudo: the unlabeled images train only through the paper's L_unsup (the EMA
+    teacher's P_agg as its target); with ``_pseudoOnly`` it attributes the default's unlabeled gain to its
+    two terms."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.pseudo_weight = 0.0
+
+
+class VerSemiTrainer_pseudoOnly(VerSemiTrainer):
+    """The default without the paper's L_unsup: the unlabeled images train only the task heads, through
+    L_pseudo on the EMA teacher's confident labels (the stage switch as in the default)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.unsup_weight = 0.0
+
+
 class VerSemiTrainer_supOnly(VerSemiTrainer_noUnsup):
     """Only L_sup: each labeled case under its own prompt (no synthetic task, no L_spec, no unlabeled images);
     the prompted multi-task baseline the VerSemi terms are measured against."""
