@@ -20,7 +20,7 @@ def demo_data_main(argv: list[str] | None = None) -> None:
         "imagesTs/labelsTs) into $nnUNet_raw or --output.",
     )
     parser.add_argument(
-        "--preset", choices=sorted(PRESETS), default="demo", help="demo: ids 901-903; paper: 911-914"
+        "--preset", choices=sorted(PRESETS), default="demo", help="demo: ids 901-903; paper: 911-914; hard: 921-923"
     )
     parser.add_argument("--output", "-o", help="target folder (default: $nnUNet_raw)")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same data (default 0)")

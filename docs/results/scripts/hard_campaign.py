@@ -33,7 +33,7 @@ PER_TASK = {"a", "e", "f"}
 
 
 def union_of(setting: str, seed: int, np_: int) -> str:
-    fraction, first, name, _ = SETTINGS[setting]
+    fraction, first, name = SETTINGS[setting][:3]
     if seed == 0:
         if not os.path.isdir(join(os.environ["nnUNet_raw"], f"Dataset{first}_{name}")):
             merge_main(["-d", "921", "922", "923", "-o", str(first), "-n", name, "--labeled-fraction", str(fraction),
