@@ -215,3 +215,26 @@ def test_classifier_standardisation_survives_sync_batchnorm_conversion():
     out = converted[0](x)
     torch.testing.assert_close(out.std(0, unbiased=False) * 8 ** 0.5, torch.ones(8), atol=1e-3, rtol=1e-3)
     assert converted[0](x[:1]).shape == (1, 8)  # one sample: running statistics, no error
+
+
+def test_gpu_check_dry_run_on_cpu(union, tmp_path, capsys):
+    """``nnUNetv2_versemi_benchmark gpu -device cpu``: the GPU script end to end, the 2 ranks on gloo."""
+    from nnunetv2_versemi.entrypoints.benchmark import benchmark_main
+
+    out = tmp_path / "gpu"
+    benchmark_main(["gpu", "-device", "cpu", "-o", str(out), "-d", UNION, "--epochs", "2", "--iterations", "2",
+                    "--patch", "16", "16", "--main-tasks", "2", "--scale-tasks", "2", "--warmup", "1", "--steps",
+                    "1", "--no-memory"])
+    result = json.loads((out / "gpu_check.json").read_text())
+    assert result["ddp"]["passed"] and result["ddp"]["world_size"] == 2 and result["ddp"]["skipped"] is None
+    assert result["ddp"]["batch_per_rank"] == [2, 2]
+    assert result["speed"]["ratios"]["versemi@2 / nnunet (step time)"] > 0
+    assert "checks: all passed" in capsys.readouterr().out
+
+
+def test_gpu_check_refuses_bad_ranks(tmp_path, capsys):
+    from nnunetv2_versemi.entrypoints.benchmark import benchmark_main
+
+    with pytest.raises(SystemExit) as e:
+        benchmark_main(["gpu", "-device", "cpu", "-o", str(tmp_path), "--ranks", "0", "--no-speed"])
+    assert e.value.code == 2 and "--ranks must be at least 1" in capsys.readouterr().err
