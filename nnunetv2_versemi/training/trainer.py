@@ -408,7 +408,8 @@ class VerSemiTrainer(nnUNetTrainer):
             folder = self._unlabeled_dir()
             world, rank = (dist.get_world_size(), dist.get_rank()) if self.is_ddp else (1, 0)
             dataset_class = infer_dataset_class(folder)
-            dataset_u = dataset_class(folder, self._unlabeled_shard(dataset_class.get_identifiers(folder), world, rank))
+            shard = self._unlabeled_shard(dataset_class.get_identifiers(folder), world, rank)
+            dataset_u = dataset_class(folder, shard)
             global_u = self.unlabeled_batch_size or self.configuration_manager.batch_size
             dl_u = nnUNetDataLoader(dataset_u, split_global_batch(global_u, world, rank), initial_patch_size,
                                     cm.patch_size, lm, oversample_foreground_percent=0.0, transforms=u_transforms)
