@@ -14,7 +14,7 @@ PROG = "nnUNetv2_versemi_benchmark"
 
 def benchmark_main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    subcommands = {"speed": speed_main, "recognition": recognition_main, "plans": plans_main}
+    subcommands = {"speed": speed_main, "recognition": recognition_main, "plans": plans_main, "gpu": gpu_main}
     if argv and argv[0] in subcommands:
         subcommands[argv[0]](argv[1:])
         return
@@ -56,6 +56,45 @@ def speed_main(argv: list[str] | None = None) -> None:
                       default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o))
         with open(os.path.join(args.o, "speed.md"), "w") as f:
             f.write(text)
+
+
+GPU_SPEED_DEFAULTS = ["--patch", "96", "96", "96", "--batch-size", "2", "--main-tasks", "4", "--scale-tasks", "4",
+                      "--warmup", "3", "--steps", "10", "--no-reference", "--no-prediction"]
+
+
+def gpu_main(argv: list[str] | None = None) -> None:
+    """``nnUNetv2_versemi_benchmark gpu``: flags it does not know go to the ``speed`` measurement, after the
+    GPU check's defaults (GPU_SPEED_DEFAULTS), so any of them can be replaced."""
+    import numpy as np
+
+    from nnunetv2_versemi.benchmark import gpu_check
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog=f"{PROG} gpu", description=gpu_check.__doc__.split("\n\n")[0])
+    add_device(p)
+    p.add_argument("-o", required=True, help="folder for gpu_check.json, gpu_check.md and the ranks' logs")
+    p.add_argument("--ranks", type=int, default=2, help="DDP ranks (default 2: one per GPU)")
+    p.add_argument("--epochs", type=int, default=4, help="DDP check: epochs (interrupted and resumed halfway)")
+    p.add_argument("--iterations", type=int, default=5, help="DDP check: iterations per epoch (default 5)")
+    p.add_argument("-d", default=None, help="DDP check: an existing union (2d) instead of the tiny demo union")
+    p.add_argument("-np", type=int, default=1, help="worker processes for building the union and validation")
+    p.add_argument("--no-speed", action="store_true", help="skip the step-time ratio")
+    args, rest = p.parse_known_args(argv)
+    speed_args = build_speed_parser().parse_args([*GPU_SPEED_DEFAULTS, *rest, "-device", args.device])
+    speed_args.argv = ["gpu", *argv]
+    with input_errors_exit(f"{PROG} gpu"):
+        result = gpu_check.run_gpu_check(speed_args, args.ranks, args.epochs, args.iterations, args.d, args.o,
+                                         args.np, args.no_speed, log=lambda m: print(f"[gpu] {m}", flush=True))
+    result["command"] = " ".join([PROG, "gpu", *argv])
+    text = gpu_check.markdown(result)
+    print(text)
+    os.makedirs(args.o, exist_ok=True)
+    with open(os.path.join(args.o, "gpu_check.json"), "w") as f:
+        json.dump(result, f, indent=2, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o))
+    with open(os.path.join(args.o, "gpu_check.md"), "w") as f:
+        f.write(text)
+    if not result["ddp"]["passed"]:
+        raise SystemExit(1)
 
 
 def recognition_main(argv: list[str] | None = None) -> None:

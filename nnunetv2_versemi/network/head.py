@@ -99,26 +99,36 @@ RECOGNITION_INPUTS = ("stages", "bottleneck")
 ROUTINGS = ("recognised", "all_heads")
 
 
-class ScaledStandardize(nn.BatchNorm1d):
-    """Per-channel standardisation of (N, C) features (a batch norm without affine parameters), scaled by
-    1/sqrt(C) so the standardised vector has a norm near 1.
+class ScaledStandardize(nn.Module):
+    """Per-channel standardisation of (N, C) features (a batch norm without affine parameters: batch statistics
+    in training, running ones in eval), scaled by 1/sqrt(C) so the standardised vector has a norm near 1.
 
     Without the scale, a linear layer behind it under nnU-Net's SGD (learning rate 0.01, momentum 0.99) moves its
     logits by about C times the learning rate per step: it overshoots, and while the backbone's features
     drift it ends confidently wrong (cross-entropy near 10, measured). With it, the logits move by about the
     learning rate per step.
+
+    Not a ``BatchNorm1d`` subclass (same buffers and state-dict keys as one, so checkpoints load either way):
+    under ``-num_gpus`` nnU-Net converts every batch norm into a plain ``SyncBatchNorm``, which would drop the
+    scale and the one-sample fallback.
     """
 
-    def __init__(self, num_features: int):
-        super().__init__(num_features, affine=False)
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.scale = num_features ** -0.5
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.shape[0] < 2:
-            # one sample (batch size 1, e.g. a 3d CPU preset): no batch statistics, use the running ones
-            return F.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps) * self.scale
-        return super().forward(x) * self.scale
+        # one sample (batch size 1, e.g. a 3d CPU preset): no batch statistics, use the running ones
+        batch_stats = self.training and x.shape[0] >= 2
+        if batch_stats:
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(x, self.running_mean, self.running_var, None, None, batch_stats, self.momentum,
+                            self.eps) * self.scale
 
 
 class VerSemiNetwork(nn.Module):

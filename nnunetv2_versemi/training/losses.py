@@ -174,16 +174,18 @@ class PresentClassDiceLoss(torch.nn.Module):
 
 
 def present_class_dice_ce(batch_dice: bool, ignore_label: int | None, ddp: bool,
-                          deep_supervision_scales: int | None) -> torch.nn.Module:
+                          deep_supervision_scales: int | None, gather_dice: bool | None = None) -> torch.nn.Module:
     """nnU-Net's Dice + CE loss (``DC_and_CE_loss`` with the settings of ``nnUNetTrainer._build_loss``) whose
     Dice is :class:`PresentClassDiceLoss`, passed through the loss's own ``dice_class`` argument; wrapped in
     nnU-Net's ``DeepSupervisionWrapper`` with nnU-Net's scale weights when ``deep_supervision_scales`` is a
     number of scales (under DDP the lowest scale keeps a tiny weight, as in nnU-Net, so that every output
-    receives a gradient)."""
+    receives a gradient). ``gather_dice`` (default: ``ddp``): the batch Dice sums over every rank's batch, as
+    nnU-Net's does."""
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
-    loss = DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": ddp}, {},
+    gather = ddp if gather_dice is None else gather_dice
+    loss = DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": gather}, {},
                           weight_ce=1, weight_dice=1, ignore_label=ignore_label, dice_class=PresentClassDiceLoss)
     if deep_supervision_scales is None:
         return loss

@@ -149,6 +149,10 @@ class VerSemiTrainer(nnUNetTrainer):
         table = TaskTable.from_plans(plans)
         check_table_against_dataset(table, dataset_json)
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp and device.type != "cuda":
+            # nnU-Net takes DDP to mean CUDA and moves every rank to cuda:<rank>; a CPU process group (gloo, as in
+            # the tests) keeps the device it was given, without a gradient scaler
+            self.device, self.grad_scaler = device, None
         self.task_table = table
         self._set_hyperparameters()
 
@@ -261,7 +265,8 @@ class VerSemiTrainer(nnUNetTrainer):
         self._uses_unlabeled = self.unsup_weight > 0 or self.pseudo_weight > 0 or (
             self.cons_weight > 0 and self.unlabeled_mix == "labeled")
         self._check_unlabeled_images()
-        super().initialize()
+        with _ddp_without_device_ids(self.device):
+            super().initialize()
         self._plain_network().recognition_detach = bool(self.recognition_detach)
         tables = self.task_table
         device = self.device
@@ -401,8 +406,10 @@ class VerSemiTrainer(nnUNetTrainer):
                 cm.patch_size, rotation, None, mirror_axes, dummy_2d, use_mask_for_norm=cm.use_mask_for_norm,
                 is_cascaded=False, foreground_labels=lm.foreground_labels, regions=None, ignore_label=None)
             folder = self._unlabeled_dir()
-            dataset_u = infer_dataset_class(folder)(folder)
             world, rank = (dist.get_world_size(), dist.get_rank()) if self.is_ddp else (1, 0)
+            dataset_class = infer_dataset_class(folder)
+            shard = self._unlabeled_shard(dataset_class.get_identifiers(folder), world, rank)
+            dataset_u = dataset_class(folder, shard)
             global_u = self.unlabeled_batch_size or self.configuration_manager.batch_size
             dl_u = nnUNetDataLoader(dataset_u, split_global_batch(global_u, world, rank), initial_patch_size,
                                     cm.patch_size, lm, oversample_foreground_percent=0.0, transforms=u_transforms)
@@ -411,6 +418,14 @@ class VerSemiTrainer(nnUNetTrainer):
         _ = next(mt_train)
         _ = next(mt_val)
         return mt_train, mt_val
+
+    @staticmethod
+    def _unlabeled_shard(identifiers: list[str], world: int, rank: int) -> list[str]:
+        """This rank's share of the unlabeled pool: every world-th case of the sorted pool, so ranks never draw
+        the same unlabeled image in a step, whatever their random states (the whole pool when it has fewer
+        cases than ranks)."""
+        identifiers = sorted(identifiers)
+        return identifiers[rank::world] if len(identifiers) >= world else identifiers
 
     @override
     def on_train_end(self):
@@ -464,9 +479,9 @@ class VerSemiTrainer(nnUNetTrainer):
             return
         dice = self.per_task_pseudo_dice()
         below = [k for k, v in dice.items() if not v >= self.switch_dice]
-        if nxt < self.stage1_min_fraction * self.num_epochs:
-            return
-        if below and nxt < self.stage1_fraction * self.num_epochs:
+        due = nxt >= self.stage1_min_fraction * self.num_epochs and (
+            not below or nxt >= self.stage1_fraction * self.num_epochs)
+        if not self._rank_zero_decides(due):
             return
         self.switch_epoch = nxt
         why = (f"every task's pseudo Dice >= {self.switch_dice}" if not below else
@@ -475,6 +490,15 @@ class VerSemiTrainer(nnUNetTrainer):
         self.print_to_log_file(
             f"VerSemi: unlabeled terms on from epoch {nxt} (step {nxt * self.num_iterations_per_epoch}): {why}. "
             f"Pseudo Dice per task: { {k: round(v, 4) for k, v in dice.items()} }")
+
+    def _rank_zero_decides(self, decision: bool) -> bool:
+        """Rank 0's decision on every rank (DDP): the switch changes the loss graph, and ranks that switched at
+        different epochs would train different models with one averaged gradient."""
+        if not self.is_ddp:
+            return decision
+        shared = [decision]
+        dist.broadcast_object_list(shared, src=0)
+        return bool(shared[0])
 
     def _in_stage_two(self) -> bool:
         return self.unsup_schedule == "stage" and self.switch_epoch is not None \
@@ -485,11 +509,17 @@ class VerSemiTrainer(nnUNetTrainer):
     def _build_loss(self):
         """nnU-Net's Dice + CE (deep supervision); with ``dice_present_classes_only`` its Dice averages only over
         the classes present in the target (see :class:`losses.PresentClassDiceLoss`)."""
+        # under DDP each rank's batch Dice stays its own (DDP averages the gradients): the loss is called once
+        # per task present in a rank's batch, with that task's classes, so the ranks' calls do not pair up in
+        # the all-gather nnU-Net's Dice would make
         if not self.dice_present_classes_only or self.label_manager.has_regions:
-            return super()._build_loss()
+            loss = super()._build_loss()
+            inner = getattr(loss, "loss", loss)  # DeepSupervisionWrapper holds nnU-Net's DC_and_CE_loss
+            getattr(inner.dc, "_orig_mod", inner.dc).ddp = False  # nnU-Net may have compiled its Dice
+            return loss
         return losses.present_class_dice_ce(
             self.configuration_manager.batch_dice, self.label_manager.ignore_label, self.is_ddp,
-            len(self._get_deep_supervision_scales()) if self.enable_deep_supervision else None)
+            len(self._get_deep_supervision_scales()) if self.enable_deep_supervision else None, gather_dice=False)
 
     def _hard_loss(self, logits: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
         if self.enable_deep_supervision:
@@ -769,7 +799,14 @@ class VerSemiTrainer(nnUNetTrainer):
     def _update_ema(self) -> None:
         """teacher = alpha teacher + (1 - alpha) student for floating-point tensors (one fused op over all of
         them), copies of the others (e.g. BatchNorm's counters). Each tensor once: nnU-Net's decoder holds
-        its encoder, so the state dict lists the encoder's tensors under several keys."""
+        its encoder, so the state dict lists the encoder's tensors under several keys.
+
+        Under DDP the student's buffers (the task classifier's running statistics) are first made rank 0's: each
+        rank's forward updated them with its own batch, and DDP broadcasts them only at the next forward, after
+        the teacher would have averaged in a different value on every rank."""
+        if self.is_ddp:
+            for buffer in self._plain_network().buffers():
+                dist.broadcast(buffer, src=0)
         student = self._plain_network().state_dict()
         floats, targets, seen = [], [], set()
         for k, v in self.ema_network.state_dict(keep_vars=True).items():  # the tensors themselves: shared ones alike
@@ -892,6 +929,10 @@ class VerSemiTrainer(nnUNetTrainer):
                 super().perform_actual_validation(save_probabilities)
         finally:
             hook.remove()
+        if self.is_ddp:  # each rank predicted its share of the cases; rank 0 writes the report of all
+            shares = [None] * dist.get_world_size()
+            dist.all_gather_object(shares, probs)
+            probs = {case: p for share in shares for case, p in share.items()}
         if self.local_rank == 0 and isfile(join(folder, "summary.json")):
             self._extend_summary(join(folder, "summary.json"), probs, prompted)
 
@@ -1019,6 +1060,26 @@ class VerSemiTrainer(nnUNetTrainer):
             self.ema_network.load_state_dict(ema if ema is not None else self._plain_network().state_dict())
         if self.recognition_optimizer is not None and state.get("recognition_optimizer") is not None:
             self.recognition_optimizer.load_state_dict(state["recognition_optimizer"])
+
+
+@contextlib.contextmanager
+def _ddp_without_device_ids(device: torch.device):
+    """nnU-Net's ``initialize`` wraps the network in ``DDP(network, device_ids=[rank])``, which only a CUDA module
+    accepts; a CPU module (a gloo process group) must come without device ids. nnU-Net has no hook for the
+    wrapper, so its module's ``DDP`` name is swapped for the call."""
+    if device.type == "cuda":
+        yield
+        return
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
+
+    def cpu_ddp(module, device_ids=None, **kwargs):
+        return DDP(module, **kwargs)
+
+    nnunet_trainer_module.DDP = cpu_ddp
+    try:
+        yield
+    finally:
+        nnunet_trainer_module.DDP = DDP
 
 
 @contextlib.contextmanager
