@@ -51,8 +51,8 @@ from nnunetv2_versemi.names import (
     unsafe_case_ids,
 )
 from nnunetv2_versemi.nnunet_paths import raw_folder
-from nnunetv2_versemi.writers import dataset_lock, make_temporary_beside, move_into_place
 from nnunetv2_versemi.tasktable import TABLE_KEY, Task, TaskLabel, TaskTable
+from nnunetv2_versemi.writers import dataset_lock, make_temporary_beside, move_into_place
 
 DEFAULT_NAME = "VerSemiUnion"
 UNLABELED_DIR = "imagesUnlabeled"

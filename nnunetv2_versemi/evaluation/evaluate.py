@@ -30,9 +30,9 @@ from nnunetv2_versemi.evaluation.labelio import (
     read_label_map,
     resample_to_reference,
 )
+from nnunetv2_versemi.evaluation.metrics import METRICS, aggregate, compute_case_metrics
 from nnunetv2_versemi.imageio import geometry_difference
 from nnunetv2_versemi.inputs import output_folder_problem
-from nnunetv2_versemi.evaluation.metrics import METRICS, aggregate, compute_case_metrics
 from nnunetv2_versemi.tasktable import TaskTable, TaskTableError
 
 PROG = "nnUNetv2_versemi_evaluate"
