@@ -262,20 +262,22 @@ def recognise_case(predictor, net, image: np.ndarray, props: dict, tasks: list[i
     return scores / max(scores.sum(), 1e-12)
 
 
-#: a recognised task needs this margin over the runner-up and over chance (1 / number of tasks)
+#: a recognised task must beat the runner-up by this much, and chance (1 / number of tasks) by half of it (the
+#: same condition for two tasks: 0.6 against 0.4)
 RECOGNITION_MARGIN = 0.2
 
 
 def recognition_doubt(case: str, scores: np.ndarray, names: list[str], margin: float = RECOGNITION_MARGIN
                       ) -> str | None:
-    """A warning when a case's task is not recognised clearly: the most likely task beats the runner-up or
-    chance (1/T) by less than ``margin`` (two tasks at 0.503 and 0.497 are a coin flip); None when clear."""
+    """A warning when a case's task is not recognised clearly: the most likely task beats the runner-up by less
+    than ``margin`` or chance (1/T) by less than ``margin / 2`` (two tasks at 0.503 and 0.497 are a coin flip);
+    None when it is clear."""
     if len(scores) < 2:
         return None
     order = np.argsort(scores)[::-1]
     best, second = order[0], order[1]
     chance = 1.0 / len(scores)
-    if scores[best] - scores[second] >= margin and scores[best] - chance >= margin:
+    if scores[best] - scores[second] >= margin and scores[best] - chance >= margin / 2:
         return None
     return (f"case {case}: task not recognised clearly: predicted as {names[best]} ({scores[best]:.3f}), runner-up "
             f"{names[second]} ({scores[second]:.3f}), chance {chance:.3f}. Check the case, or name its task with "
