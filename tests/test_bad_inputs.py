@@ -671,7 +671,15 @@ def _pr_plans_json_list(inp):
     return dict(task="CT", model_folder=model), [r"plans.json holds a JSON list, expected a JSON object"]
 
 
-PREDICT = [_pr_output_is_a_file, _pr_output_below_a_file, _pr_text_image, _pr_zero_byte_image, _pr_truncated_image,
+def _pr_channel_geometry(inp):
+    _img(inp / "a_0000.nii.gz")
+    img = sitk.GetImageFromArray(np.zeros((4, 6, 6), np.float32))
+    img.SetOrigin((0.0, 0.0, 50.0))
+    sitk.WriteImage(img, str(inp / "a_0001.nii.gz"))
+    return dict(task="Pro"), [r"Case a: channel file .*a_0001.nii.gz does not match .*a_0000.nii.gz: origin"]
+
+
+PREDICT = [_pr_output_is_a_file, _pr_channel_geometry, _pr_output_below_a_file, _pr_text_image, _pr_zero_byte_image, _pr_truncated_image,
            _pr_2d_image, _pr_overflowing_image, _pr_dataset_json_list, _pr_plans_json_list,
            _pr_unknown_task, _pr_missing_fold, _pr_channel_count, _pr_lone_second_channel, _pr_vector_image,
            _pr_4d_image, _pr_no_images, _pr_missing_input, _pr_auto_fits_no_task, _pr_not_a_model]

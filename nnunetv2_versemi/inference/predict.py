@@ -24,7 +24,13 @@ from tqdm import tqdm
 
 from nnunetv2_versemi.discovery import ensure_ext_trainer_env
 from nnunetv2_versemi.errors import VerSemiInputError
-from nnunetv2_versemi.imageio import image_dimension, intensity_problem, read_checked
+from nnunetv2_versemi.imageio import (
+    geometry_difference,
+    geometry_of,
+    image_dimension,
+    intensity_problem,
+    read_checked,
+)
 from nnunetv2_versemi.inference.prompted import plain_network, prompted
 from nnunetv2_versemi.inputs import output_folder_problem, read_json_object
 from nnunetv2_versemi.nnunet_paths import dataset_name
@@ -130,6 +136,7 @@ def check_case_images(cases: dict[str, list[str]], dimension: int | None) -> Non
     """Read every file of every case as the predictor will (all checks before the model loads): readable, a
     complete gzip stream, finite values float32 normalization can handle, the model's dimensionality."""
     for case in sorted(cases):
+        first = None
         for f in cases[case]:
             try:
                 arr, props, _ = read_checked(f, "image")
@@ -140,6 +147,11 @@ def check_case_images(cases: dict[str, list[str]], dimension: int | None) -> Non
             if dimension is not None and image_dimension(props) != dimension:
                 raise PredictionError(f"Case {case}: {f} is a {image_dimension(props)}d image; the model was "
                                       f"trained on {dimension}d images")
+            if first is None:
+                first = (f, arr.shape, geometry_of(props))
+            elif arr.shape != first[1] or (diff := geometry_difference(first[2], geometry_of(props))) is not None:
+                what = f"shape {arr.shape[1:]} vs {first[1][1:]}" if arr.shape != first[1] else diff
+                raise PredictionError(f"Case {case}: channel file {f} does not match {first[0]}: {what}")
 
 
 def make_predictor(model_folder: str, folds: list[str], checkpoint: str, step_size: float, tta: bool,
