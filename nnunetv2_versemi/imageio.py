@@ -58,9 +58,11 @@ def read_checked(path: str, what: str = "image", reader: type | None = None) -> 
         raise ValueError(f"not a format nnU-Net reads ({', '.join(supported_endings())})")
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise ValueError("the file is empty (0 bytes)")
+    import zlib
+
     try:
         check_compressed_stream(path)
-    except (OSError, EOFError, ValueError) as e:
+    except (OSError, EOFError, ValueError, zlib.error) as e:
         raise ValueError(f"broken gzip stream ({type(e).__name__}: {e})") from e
     errors = []
     for rw in [reader] if reader is not None else readers_for(split):

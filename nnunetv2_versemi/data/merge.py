@@ -408,7 +408,9 @@ def _validate_case(job: _Job) -> dict:
                     problems.append(
                         f"{where}: label {job.label} has non-integer values {non_int[:5].tolist()}"
                     )
-                undeclared = sorted(set(found.astype(int).tolist()) - set(job.declared_labels))
+                declared = set(job.declared_labels)
+                undeclared = [int(v) if abs(v) < 2**62 else v for v in found.tolist()
+                              if v not in declared and float(v).is_integer()][:10]
                 if undeclared:
                     problems.append(
                         f"{where}: label {job.label} has values {undeclared} not declared in dataset.json "
