@@ -68,10 +68,20 @@ def _corrupt_shape(raw):
     return [r"case kidtr002", r"kidtr002\.nii\.gz has shape \(16, 15, 16\)"]
 
 
-def _corrupt_geometry(raw):
-    p = os.path.join(raw, "Dataset501_Liver", "labelsTr", "livtr000.nii.gz")
-    S.write(S.read(p), p, origin=(0.0, 0.0, 0.0))
-    return [r"case livtr000", r"livtr000\.nii\.gz geometry differs.*origin"]
+def _label_header(name: str, dataset: str, case: str, **header) -> Callable:
+    """A row: one label file rewritten with another header field (origin, direction or spacing)."""
+    def corrupt(raw):
+        p = os.path.join(raw, dataset, "labelsTr", f"{case}.nii.gz")
+        S.write(S.read(p), p, **header)
+        return [rf"case {case}", rf"{case}\.nii\.gz geometry differs.*{next(iter(header))}"]
+    corrupt.__name__ = f"_corrupt_{name}"
+    return corrupt
+
+
+_corrupt_geometry = _label_header("geometry", "Dataset501_Liver", "livtr000", origin=(0.0, 0.0, 0.0))
+_corrupt_label_direction = _label_header("label_direction", "Dataset502_Atrium", "atrtr000",
+                                         direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+_corrupt_label_spacing = _label_header("label_spacing", "Dataset502_Atrium", "atrtr003", spacing=(0.8, 0.9, 3.0))
 
 
 def _corrupt_channels(raw):
@@ -232,18 +242,6 @@ def _corrupt_byte_flip(raw):
     return [r"Dataset501_Liver, case livtr003: cannot read image file .*livtr003_0000\.nii\.gz"]
 
 
-def _corrupt_label_direction(raw):
-    p = os.path.join(raw, "Dataset502_Atrium", "labelsTr", "atrtr000.nii.gz")
-    S.write(S.read(p), p, direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
-    return [r"case atrtr000", r"atrtr000\.nii\.gz geometry differs.*direction"]
-
-
-def _corrupt_label_spacing(raw):
-    p = os.path.join(raw, "Dataset502_Atrium", "labelsTr", "atrtr003.nii.gz")
-    S.write(S.read(p), p, spacing=(0.8, 0.9, 3.0))
-    return [r"case atrtr003", r"atrtr003\.nii\.gz geometry differs.*spacing"]
-
-
 def _corrupt_reserved_auto(raw):
     os.rename(os.path.join(raw, "Dataset503_Kidney"), os.path.join(raw, "Dataset503_auto"))
     return [r"Task name\(s\) \['auto'\] are reserved.*--task auto"]
@@ -312,14 +310,14 @@ def _existing(raw, name, dataset_json=None):
             json.dump(dataset_json, f)
 
 
-def _held_lock(raw):
+def _held_lock(raw, dataset_id=600):
     """The output id's lock, held (as by a merge running in another process) while the row runs."""
     import contextlib
 
     from nnunetv2_versemi.writers import dataset_lock
 
     stack = contextlib.ExitStack()
-    stack.enter_context(dataset_lock(raw, 600))
+    stack.enter_context(dataset_lock(raw, dataset_id))
     return stack
 
 
@@ -725,19 +723,9 @@ EXTRACT = {
                                 "TaskDatasetError", [r"Task name 'Li_ver' must be letters, digits or '-' only"]),
     "reserved-task-name": (dict(task="all"), lambda raw: _union_with_task_named(raw, "all"), "TaskDatasetError",
                            [r"Task name\(s\) \['all'\] are reserved"]),
-    "second-writer": (dict(output_id=610), lambda raw: _held_lock_610(raw), "WriterLockError",
+    "second-writer": (dict(output_id=610), lambda raw: _held_lock(raw, 610), "WriterLockError",
                       [rf"Dataset id 610 in .* is being written by process {os.getpid()}"]),
 }
-
-
-def _held_lock_610(raw):
-    import contextlib
-
-    from nnunetv2_versemi.writers import dataset_lock
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(dataset_lock(raw, 610))
-    return stack
 
 
 @pytest.fixture(scope="module")
