@@ -215,6 +215,8 @@ def build_plan_and_preprocess_parser() -> argparse.ArgumentParser:
 def plan_and_preprocess_main(argv: list[str] | None = None) -> None:
     """Command line: ``nnUNetv2_versemi_plan_and_preprocess``."""
     from nnunetv2_versemi.data.preprocess import plan_and_preprocess
+    from nnunetv2_versemi.nnunet_paths import dataset_id, dataset_name, preprocessed_folder
+    from nnunetv2_versemi.writers import dataset_lock
 
     p = build_plan_and_preprocess_parser()
     a = p.parse_args(argv)
@@ -222,11 +224,14 @@ def plan_and_preprocess_main(argv: list[str] | None = None) -> None:
         p.error(f"-np takes one number or one per configuration ({len(a.c)})")
     with input_errors_exit("nnUNetv2_versemi_plan_and_preprocess"):
         for d in a.d:
-            if a.only_attach or a.only_unlabeled:
-                _attach_and_preprocess_unlabeled(d, a)
-            else:
-                plan_and_preprocess(d, a.c, a.np, a.npfp, a.pl, a.gpu_memory_target, a.overwrite_plans_name,
-                                    a.verify_dataset_integrity, not a.no_pbar, a.verbose)
+            # one writer per preprocessed dataset: a second planning of the same id is refused
+            name = dataset_name(d)
+            with dataset_lock(os.path.dirname(preprocessed_folder(name)), dataset_id(name)):
+                if a.only_attach or a.only_unlabeled:
+                    _attach_and_preprocess_unlabeled(d, a)
+                else:
+                    plan_and_preprocess(d, a.c, a.np, a.npfp, a.pl, a.gpu_memory_target, a.overwrite_plans_name,
+                                        a.verify_dataset_integrity, not a.no_pbar, a.verbose)
 
 
 def _attach_and_preprocess_unlabeled(d: str, a: argparse.Namespace) -> None:
