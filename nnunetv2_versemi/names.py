@@ -22,10 +22,16 @@ _DATASET_FOLDER = re.compile(r"Dataset(\d{3})_(.+)")
 _ROOT_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
 
+def split_dataset_folder_name(dataset: str) -> tuple[int, str] | None:
+    """``"Dataset950_X"`` -> ``(950, "X")``; None for anything not of that form."""
+    m = _DATASET_FOLDER.fullmatch(dataset)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
 def default_task_name(dataset: str) -> str:
     """A source dataset's task name when none is given: its name without ``DatasetXXX_``."""
-    m = _DATASET_FOLDER.fullmatch(dataset)
-    return m.group(2) if m else dataset
+    split = split_dataset_folder_name(dataset)
+    return split[1] if split else dataset
 
 
 def task_name_problem(name: str) -> str | None:

@@ -11,7 +11,6 @@ sees) and a one-task union at the same time, so ``plan_and_preprocess`` plans it
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from dataclasses import replace as dc_replace
 from os.path import isdir, isfile, join
@@ -25,6 +24,7 @@ from nnunetv2_versemi.names import (
     dataset_id_problem,
     dataset_name_problem,
     id_in_use_problem,
+    split_dataset_folder_name,
     task_name_problem,
 )
 from nnunetv2_versemi.nnunet_paths import (
@@ -137,12 +137,12 @@ def write_task_dataset(union: str | int, task: str, output_name: str, replace: b
 def _check_output_name(output_name: str, union: str) -> int:
     """The id of ``output_name`` (``DatasetXXX_Name``), checked by the rules every command applies; never the
     union's own id."""
-    m = re.fullmatch(r"Dataset(\d{3})_(.*)", output_name)
-    if m is None:
+    split = split_dataset_folder_name(output_name)
+    if split is None:
         raise TaskDatasetError(f"'{output_name}' is not an nnU-Net dataset name (DatasetXXX_Name)")
-    if (problem := dataset_name_problem(m.group(2))) is not None:
+    out_id, name = split
+    if (problem := dataset_name_problem(name)) is not None:
         raise TaskDatasetError(problem)
-    out_id = int(m.group(1))
     if out_id == dataset_id(union):
         raise TaskDatasetError(f"Output id {out_id} is the union's own id ({union}): a second "
                                f"Dataset{out_id:03d}_* would make every -d {out_id} fail. Pick another id")
