@@ -20,7 +20,6 @@ foreground statistics) or ``"zscore"`` (per image, per channel).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -251,6 +250,15 @@ class TaskTable:
 
 
 # ---- finding the table of a dataset, a preprocessed folder or a model folder -----------------------------
+def _json_object(path: Path) -> dict:
+    from nnunetv2_versemi.inputs import read_json_object
+
+    try:
+        return read_json_object(path)
+    except ValueError as e:
+        raise TaskTableError(str(e)) from e
+
+
 def table_from_folder(folder: str | os.PathLike) -> TaskTable | None:
     """The task table of a folder's dataset.json, else of its plans.json (model folders hold both); None when
     neither holds one."""
@@ -258,7 +266,7 @@ def table_from_folder(folder: str | os.PathLike) -> TaskTable | None:
     for name, loader in (("dataset.json", TaskTable.from_dataset_json), ("plans.json", TaskTable.from_plans)):
         f = folder / name
         if f.is_file():
-            content = json.loads(f.read_text())
+            content = _json_object(f)
             if TABLE_KEY in content:
                 return loader(content, where=str(f))
     return None
@@ -281,7 +289,7 @@ def find_task_table(dataset: str | int | None = None, path: str | os.PathLike | 
             return table
         if not p.is_file():
             raise TaskTableError(f"{p} does not exist")
-        content = json.loads(p.read_text())
+        content = _json_object(p)
         if p.name == "plans.json" or (TABLE_KEY not in content and "plans_name" in content):
             return TaskTable.from_plans(content, where=str(p))
         return TaskTable.from_dataset_json(content, where=str(p))

@@ -24,6 +24,7 @@ from nnunetv2_versemi.inference import predict as P
 from nnunetv2_versemi.nnunet_paths import DatasetNotFoundError
 from nnunetv2_versemi.plans_presets import PlansPresetError, apply_to_plans_file
 from nnunetv2_versemi.tasktable import TABLE_KEY, Task, TaskLabel, TaskTable
+from nnunetv2_versemi.writers import WriterLockError
 
 try:
     from tests import _synth as S
@@ -67,10 +68,20 @@ def _corrupt_shape(raw):
     return [r"case kidtr002", r"kidtr002\.nii\.gz has shape \(16, 15, 16\)"]
 
 
-def _corrupt_geometry(raw):
-    p = os.path.join(raw, "Dataset501_Liver", "labelsTr", "livtr000.nii.gz")
-    S.write(S.read(p), p, origin=(0.0, 0.0, 0.0))
-    return [r"case livtr000", r"livtr000\.nii\.gz geometry differs.*origin"]
+def _label_header(name: str, dataset: str, case: str, **header) -> Callable:
+    """A row: one label file rewritten with another header field (origin, direction or spacing)."""
+    def corrupt(raw):
+        p = os.path.join(raw, dataset, "labelsTr", f"{case}.nii.gz")
+        S.write(S.read(p), p, **header)
+        return [rf"case {case}", rf"{case}\.nii\.gz geometry differs.*{next(iter(header))}"]
+    corrupt.__name__ = f"_corrupt_{name}"
+    return corrupt
+
+
+_corrupt_geometry = _label_header("geometry", "Dataset501_Liver", "livtr000", origin=(0.0, 0.0, 0.0))
+_corrupt_label_direction = _label_header("label_direction", "Dataset502_Atrium", "atrtr000",
+                                         direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+_corrupt_label_spacing = _label_header("label_spacing", "Dataset502_Atrium", "atrtr003", spacing=(0.8, 0.9, 3.0))
 
 
 def _corrupt_channels(raw):
@@ -181,6 +192,60 @@ def _corrupt_foreign_format(raw):
 
 
 
+def _corrupt_dataset_json_list(raw):
+    with open(os.path.join(raw, "Dataset502_Atrium", "dataset.json"), "w") as f:
+        json.dump([{"channel_names": {"0": "MR"}}], f)
+    return [r"Dataset502_Atrium: .*dataset\.json holds a JSON list, expected a JSON object"]
+
+
+def _corrupt_dataset_json_invalid(raw):
+    with open(os.path.join(raw, "Dataset502_Atrium", "dataset.json"), "w") as f:
+        f.write('{"channel_names": ')
+    return [r"Dataset502_Atrium: .*dataset\.json is not valid JSON"]
+
+
+def _corrupt_2d_unlabeled(raw):
+    # a 2d image in imagesUnlabeled of a 3d task: nnU-Net would read it as one slice of spacing 999
+    p = os.path.join(raw, "Dataset501_Liver", "imagesUnlabeled", "livun009_0000.nii.gz")
+    S.write(np.zeros((16, 16), np.float32), p, spacing=(1.0, 1.0), origin=(0.0, 0.0), direction=(1.0, 0.0, 0.0, 1.0))
+    return [r"Dataset Dataset501_Liver, case livun009: image .*livun009_0000\.nii\.gz is a 2d image; the task's "
+            r"training images are 3d"]
+
+
+def _corrupt_overflowing_values(raw):
+    # +-3e38 overflows float32 z-scoring into a constant image
+    p = os.path.join(raw, "Dataset502_Atrium", "imagesTr", "atrtr002_0000.nii.gz")
+    img = S.read(p).astype(np.float32)
+    img[0, 0, 0], img[1, 1, 1] = 3e38, -3e38
+    S.write(img, p)
+    return [r"case atrtr002: image .*atrtr002_0000\.nii\.gz holds 2 voxel\(s\) beyond \+-1e\+15"]
+
+
+def _corrupt_zero_byte_image(raw):
+    open(os.path.join(raw, "Dataset503_Kidney", "imagesTr", "kidtr000_0000.nii.gz"), "wb").close()
+    return [r"Dataset503_Kidney, case kidtr000: cannot read image file .*kidtr000_0000\.nii\.gz"]
+
+
+def _corrupt_text_label(raw):
+    with open(os.path.join(raw, "Dataset503_Kidney", "labelsTr", "kidtr002.nii.gz"), "w") as f:
+        f.write("this is a label\n")
+    return [r"Dataset503_Kidney, case kidtr002: cannot read label file .*kidtr002\.nii\.gz"]
+
+
+def _corrupt_byte_flip(raw):
+    p = os.path.join(raw, "Dataset501_Liver", "imagesTr", "livtr003_0000.nii.gz")
+    with open(p, "r+b") as f:
+        f.seek(os.path.getsize(p) // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    return [r"Dataset501_Liver, case livtr003: cannot read image file .*livtr003_0000\.nii\.gz"]
+
+
+def _corrupt_reserved_auto(raw):
+    os.rename(os.path.join(raw, "Dataset503_Kidney"), os.path.join(raw, "Dataset503_auto"))
+    return [r"Task name\(s\) \['auto'\] are reserved.*--task auto"]
+
 
 def _merge_all(raw: str, **kw) -> Callable[[], object]:
     sources = sorted(d for d in os.listdir(raw) if d.startswith("Dataset"))
@@ -191,7 +256,9 @@ MERGE_SOURCES = [
     _corrupt_foreign_format, _corrupt_undeclared_label, _corrupt_shape, _corrupt_geometry, _corrupt_channels,
     _corrupt_missing_channel_file, _corrupt_duplicate, _corrupt_path_traversal, _corrupt_truncated_image,
     _corrupt_truncated_label, _corrupt_reserved_task_name, _corrupt_unreadable, _corrupt_nan, _corrupt_inf,
-    _corrupt_missing_label, _corrupt_task_name,
+    _corrupt_missing_label, _corrupt_task_name, _corrupt_dataset_json_list, _corrupt_dataset_json_invalid,
+    _corrupt_2d_unlabeled, _corrupt_overflowing_values, _corrupt_zero_byte_image, _corrupt_text_label,
+    _corrupt_byte_flip, _corrupt_label_direction, _corrupt_label_spacing, _corrupt_reserved_auto,
 ]
 
 # bad arguments on sound sources: (keyword arguments, pattern)
@@ -236,6 +303,57 @@ def test_merge_unknown_and_repeated_datasets(sandbox):
              [r"given twice: Dataset501_Liver"])
 
 
+def _existing(raw, name, dataset_json=None):
+    os.makedirs(os.path.join(raw, name))
+    if dataset_json is not None:
+        with open(os.path.join(raw, name, "dataset.json"), "w") as f:
+            json.dump(dataset_json, f)
+
+
+def _held_lock(raw, dataset_id=600):
+    """The output id's lock, held (as by a merge running in another process) while the row runs."""
+    import contextlib
+
+    from nnunetv2_versemi.writers import dataset_lock
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(dataset_lock(raw, dataset_id))
+    return stack
+
+
+# the output of a merge: (setup(raw) -> context or None, merge keyword arguments, error, patterns)
+MERGE_OUTPUTS = {
+    "negative-id": (None, dict(output_id=-5), M.MergeError, [r"Output dataset id must be 0\.\.999, got -5"]),
+    "id-1000": (None, dict(output_id=1000), M.MergeError, [r"must be 0\.\.999, got 1000"]),
+    "name-escapes": (None, dict(output_name="../../x"), M.MergeError,
+                     [r"Output dataset name '\.\./\.\./x' may only contain letters, digits"]),
+    "name-with-slash": (None, dict(output_name="a/b"), M.MergeError, [r"name 'a/b' may only contain"]),
+    "id-of-a-source": (None, dict(output_id=501), M.MergeError, [r"Output id 501 is one of the source datasets"]),
+    "id-used-by-another-name": (lambda raw: _existing(raw, "Dataset600_Other"), {}, M.MergeError,
+                                [r"Dataset id 600 is already used by .*Dataset600_Other"]),
+    "exists-without-overwrite": (lambda raw: _existing(raw, "Dataset600_VerSemiUnion", {TABLE_KEY: {}}), {},
+                                 M.MergeError, [r"Dataset600_VerSemiUnion already exists \(use --overwrite"]),
+    "overwrite-not-a-union": (lambda raw: _existing(raw, "Dataset600_VerSemiUnion", {"labels": {}}),
+                              dict(overwrite=True), M.MergeError, [r"--overwrite only replaces a union dataset"]),
+    "second-writer": (_held_lock, {}, WriterLockError,
+                      [rf"Dataset id 600 in .* is being written by process {os.getpid()} \(lock .*\.Dataset600\.lock\)"]),
+}
+
+
+@pytest.mark.parametrize("row", sorted(MERGE_OUTPUTS), ids=lambda r: f"merge-output:{r}")
+def test_merge_output_refused(sandbox, row):
+    import contextlib
+
+    raw = os.path.join(sandbox, "nnUNet_raw")
+    S.make_three(raw)
+    setup, kw, error, patterns = MERGE_OUTPUTS[row]
+    held = (setup(raw) if setup else None) or contextlib.nullcontext()
+    args = dict(output_id=600, num_processes=1, progress=False)
+    args.update(kw)
+    with held:
+        _refused(sandbox, lambda: M.merge_datasets([501, 502, 503], **args), error, patterns)
+
+
 def _refused(sandbox: str, call: Callable[[], object], error: type, patterns: list[str]) -> None:
     before = _snapshot(sandbox)
     with pytest.raises(Exception) as e:
@@ -258,9 +376,13 @@ def _eval_table() -> TaskTable:
     ])
 
 
-def _seg(path, arr, spacing=(1.0, 1.0, 2.0)):
+def _seg(path, arr, spacing=(1.0, 1.0, 2.0), origin=None, direction=None):
     img = sitk.GetImageFromArray(np.asarray(arr))
     img.SetSpacing(spacing)
+    if origin is not None:
+        img.SetOrigin(origin)
+    if direction is not None:
+        img.SetDirection(direction)
     sitk.WriteImage(img, str(path))
 
 
@@ -330,7 +452,72 @@ def _ev_unknown_task(ref, pred):
     return dict(task="Lung"), [r"Lung.*CT, MR"]
 
 
-EVALUATE = [_ev_merged_with_task, _ev_source_without_task, _ev_prediction_outside, _ev_missing_prediction, _ev_shape,
+def _ev_origin_shifted(ref, pred):
+    # the same voxels 100 mm away: comparing arrays would give Dice 1.0
+    _seg(ref / "CT_t.nii.gz", _blob(1))
+    _seg(pred / "CT_t.nii.gz", _blob(1), origin=(100.0, 0.0, 0.0))
+    return {}, [r"Case CT_t: reference .*CT_t.nii.gz has origin \(0\.0, 0\.0, 0\.0\) but prediction "
+                r".*CT_t.nii.gz has origin \(100\.0, 0\.0, 0\.0\)", r"--allow-geometry-mismatch"]
+
+
+def _ev_direction_flipped(ref, pred):
+    # physically the same labels stored flipped: comparing arrays would give Dice 0.0
+    _seg(ref / "CT_t.nii.gz", _blob(1))
+    _seg(pred / "CT_t.nii.gz", _blob(1)[:, :, ::-1], origin=(7.0, 0.0, 0.0), direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1))
+    return {}, [r"Case CT_t: reference .* has origin .* but prediction .* has origin"]
+
+
+def _ev_direction_only(ref, pred):
+    _seg(ref / "CT_t.nii.gz", _blob(1))
+    _seg(pred / "CT_t.nii.gz", _blob(1), direction=(0, 1, 0, 1, 0, 0, 0, 0, 1))
+    return {}, [r"Case CT_t: reference .* has direction \(1\.0, 0\.0, 0\.0, 0\.0, 1\.0.* but prediction .* has "
+                r"direction \(0\.0, 1\.0"]
+
+
+def _ev_output_is_a_file(ref, pred):
+    _seg(ref / "CT_t.nii.gz", _blob(1))
+    _seg(pred / "CT_t.nii.gz", _blob(1))
+    (ref.parent / "report.txt").write_text("not a folder")
+    return dict(output_dir=ref.parent / "report.txt"), [r"-o .*report\.txt is an existing file, not a folder"]
+
+
+def _ev_zero_byte_prediction(ref, pred):
+    _seg(ref / "CT_t.nii.gz", _blob(1))
+    (pred / "CT_t.nii.gz").write_bytes(b"")
+    return {}, [r"Cannot read label file .*pred/CT_t.nii.gz: the file is empty \(0 bytes\)"]
+
+
+def _ev_text_prediction(ref, pred):
+    _seg(ref / "CT_t.nii.gz", _blob(1))
+    (pred / "CT_t.nii.gz").write_text("case CT_t: organ everywhere\n")
+    return {}, [r"Cannot read label file .*pred/CT_t.nii.gz: broken gzip stream"]
+
+
+def _ev_truncated_prediction(ref, pred):
+    _seg(ref / "CT_t.nii.gz", _blob(1))
+    _seg(pred / "CT_t.nii.gz", _blob(1))
+    _truncate(str(pred / "CT_t.nii.gz"), lambda n: n - 10)
+    return {}, [r"Cannot read label file .*pred/CT_t.nii.gz: broken gzip stream \((EOFError|BadGzipFile)"]
+
+
+def _ev_nan_reference(ref, pred):
+    a = _blob(1).astype(np.float32)
+    a[0, 0, 0] = np.nan
+    _seg(ref / "CT_t.mha", a)
+    _seg(pred / "CT_t.mha", _blob(1))
+    return {}, [r"ref/CT_t.mha holds NaN or infinite values"]
+
+
+def _ev_huge_prediction(ref, pred):
+    _seg(ref / "CT_t.nii.gz", _blob(1))
+    _seg(pred / "CT_t.nii.gz", _blob(1).astype(np.float64) * 3e12)
+    return {}, [r"pred/CT_t.nii.gz holds values beyond the 32-bit integer range"]
+
+
+EVALUATE = [_ev_origin_shifted, _ev_direction_flipped, _ev_direction_only, _ev_output_is_a_file,
+            _ev_zero_byte_prediction, _ev_text_prediction, _ev_truncated_prediction, _ev_nan_reference,
+            _ev_huge_prediction,
+            _ev_merged_with_task, _ev_source_without_task, _ev_prediction_outside, _ev_missing_prediction, _ev_shape,
             _ev_spacing, _ev_non_integer, _ev_unreadable, _ev_case_of_no_task, _ev_unknown_task]
 
 
@@ -345,8 +532,9 @@ def test_evaluate_refuses(sandbox, case):
     pred.mkdir()
     kw, patterns = case(ref, pred)
     error = TaskTableError if case is _ev_unknown_task else EvaluationError
-    _refused(sandbox, lambda: evaluate_folders(ref, pred, _eval_table(), output_dir=Path(sandbox) / "eval_out",
-                                               **kw), error, patterns)
+    args = dict(output_dir=Path(sandbox) / "eval_out")
+    args.update(kw)
+    _refused(sandbox, lambda: evaluate_folders(ref, pred, _eval_table(), **args), error, patterns)
 
 
 # ---- predict: input folders that do not fit the model (checked before the model is loaded) -----------------
@@ -361,7 +549,7 @@ def _fake_model(root: str) -> str:
     model = os.path.join(root, "model")
     os.makedirs(os.path.join(model, "fold_0"))
     with open(os.path.join(model, "plans.json"), "w") as f:
-        json.dump({TABLE_KEY: table.to_dict()}, f)
+        json.dump({TABLE_KEY: table.to_dict(), "original_median_spacing_after_transp": [1.0, 1.0, 1.0]}, f)
     with open(os.path.join(model, "dataset.json"), "w") as f:
         json.dump({"channel_names": {"0": "noNorm"}, "file_ending": ".nii.gz",
                    "labels": table.merged_label_dict()}, f)
@@ -425,7 +613,73 @@ def _pr_not_a_model(inp):
     return dict(task="CT", model_folder=str(inp)), [r"is not a trained model folder \(no plans.json\)"]
 
 
-PREDICT = [_pr_unknown_task, _pr_missing_fold, _pr_channel_count, _pr_lone_second_channel, _pr_vector_image,
+def _pr_output_is_a_file(inp):
+    _img(inp / "a_0000.nii.gz")
+    (inp.parent / "out.nii.gz").write_bytes(b"an earlier prediction")
+    return dict(task="CT", output_folder=str(inp.parent / "out.nii.gz")), [r"-o .*out.nii.gz is an existing file"]
+
+
+def _pr_output_below_a_file(inp):
+    _img(inp / "a_0000.nii.gz")
+    (inp.parent / "results").write_text("x")
+    return dict(task="CT", output_folder=str(inp.parent / "results" / "pred")), [r"results is a file, not a folder"]
+
+
+def _pr_text_image(inp):
+    (inp / "a_0000.nii.gz").write_text("not an image")
+    return dict(task="CT"), [r"Case a: cannot read .*a_0000.nii.gz: broken gzip stream"]
+
+
+def _pr_zero_byte_image(inp):
+    (inp / "a_0000.nii.gz").write_bytes(b"")
+    return dict(task="auto"), [r"Case a: cannot read .*a_0000.nii.gz: the file is empty \(0 bytes\)"]
+
+
+def _pr_truncated_image(inp):
+    _img(inp / "a_0000.nii.gz", np.random.default_rng(0).normal(size=(4, 6, 6)).astype(np.float32))
+    _truncate(str(inp / "a_0000.nii.gz"), lambda n: n // 2)
+    return dict(task="CT"), [r"Case a: cannot read .*a_0000.nii.gz: broken gzip stream"]
+
+
+def _pr_2d_image(inp):
+    _img(inp / "a_0000.nii.gz", np.zeros((6, 6), np.float32))
+    return dict(task="CT"), [r"Case a: .*a_0000.nii.gz is a 2d image; the model was trained on 3d images"]
+
+
+def _pr_overflowing_image(inp):
+    a = np.zeros((4, 6, 6), np.float32)
+    a[0, 0, 0], a[1, 1, 1] = 3e38, -3e38
+    _img(inp / "a_0000.nii.gz", a)
+    return dict(task="CT"), [r"Case a: .*a_0000.nii.gz holds 2 voxel\(s\) beyond \+-1e\+15 \(e.g. 3e\+38\)"]
+
+
+def _pr_dataset_json_list(inp):
+    _img(inp / "a_0000.nii.gz")
+    model = _fake_model(str(inp / "m"))
+    with open(os.path.join(model, "dataset.json"), "w") as f:
+        json.dump([], f)
+    return dict(task="CT", model_folder=model), [r"Model folder .*: .*dataset.json holds a JSON list"]
+
+
+def _pr_plans_json_list(inp):
+    _img(inp / "a_0000.nii.gz")
+    model = _fake_model(str(inp / "m"))
+    with open(os.path.join(model, "plans.json"), "w") as f:
+        json.dump([1], f)
+    return dict(task="CT", model_folder=model), [r"plans.json holds a JSON list, expected a JSON object"]
+
+
+def _pr_channel_geometry(inp):
+    _img(inp / "a_0000.nii.gz")
+    img = sitk.GetImageFromArray(np.zeros((4, 6, 6), np.float32))
+    img.SetOrigin((0.0, 0.0, 50.0))
+    sitk.WriteImage(img, str(inp / "a_0001.nii.gz"))
+    return dict(task="Pro"), [r"Case a: channel file .*a_0001.nii.gz does not match .*a_0000.nii.gz: origin"]
+
+
+PREDICT = [_pr_output_is_a_file, _pr_channel_geometry, _pr_output_below_a_file, _pr_text_image, _pr_zero_byte_image, _pr_truncated_image,
+           _pr_2d_image, _pr_overflowing_image, _pr_dataset_json_list, _pr_plans_json_list,
+           _pr_unknown_task, _pr_missing_fold, _pr_channel_count, _pr_lone_second_channel, _pr_vector_image,
            _pr_4d_image, _pr_no_images, _pr_missing_input, _pr_auto_fits_no_task, _pr_not_a_model]
 
 
@@ -441,6 +695,73 @@ def test_predict_refuses(sandbox, case):
                 folds=["0"], device="cpu", model_folder=model)
     args.update(kw)
     _refused(sandbox, lambda: P.run(**args), P.PredictionError, patterns)
+
+
+# ---- extract_task: the name and id rules of the merge (nnUNetv2_versemi_extract_task) -----------------------
+def _union_with_task_named(raw, name):
+    """Rename a task in the union's table by hand (as a user editing dataset.json might)."""
+    path = os.path.join(raw, "Dataset600_VerSemiUnion", "dataset.json")
+    with open(path) as f:
+        dj = json.load(f)
+    dj[TABLE_KEY]["tasks"][0]["name"] = name
+    with open(path, "w") as f:
+        json.dump(dj, f)
+
+
+# (extract_task keyword arguments, setup(raw) -> context or None, error, patterns)
+EXTRACT = {
+    "union-own-id": (dict(output_id=600), None, "TaskDatasetError",
+                     [r"Output id 600 is the union's own id \(Dataset600_VerSemiUnion\)"]),
+    "union-own-id-and-name": (dict(output_id=600, name="VerSemiUnion"), None, "TaskDatasetError",
+                              [r"Output id 600 is the union's own id"]),
+    "negative-id": (dict(output_id=-5), None, "TaskDatasetError", [r"Output dataset id must be 0\.\.999, got -5"]),
+    "name-escapes": (dict(name="../../x"), None, "TaskDatasetError",
+                     [r"Output dataset name '\.\./\.\./x' may only contain letters"]),
+    "id-of-a-source": (dict(output_id=501, name="Other"), None, "TaskDatasetError",
+                       [r"Dataset id 501 is already used by .*Dataset501_Liver"]),
+    "task-name-merge-refuses": (dict(task="Li_ver"), lambda raw: _union_with_task_named(raw, "Li_ver"),
+                                "TaskDatasetError", [r"Task name 'Li_ver' must be letters, digits or '-' only"]),
+    "reserved-task-name": (dict(task="all"), lambda raw: _union_with_task_named(raw, "all"), "TaskDatasetError",
+                           [r"Task name\(s\) \['all'\] are reserved"]),
+    "second-writer": (dict(output_id=610), lambda raw: _held_lock(raw, 610), "WriterLockError",
+                      [rf"Dataset id 610 in .* is being written by process {os.getpid()}"]),
+}
+
+
+@pytest.fixture(scope="module")
+def merged_union(tmp_path_factory):
+    """One merged union (Dataset600) copied into each row's sandbox: merging once keeps the rows fast."""
+    base = tmp_path_factory.mktemp("union")
+    raw = base / "nnUNet_raw"
+    raw.mkdir()
+    mp = pytest.MonkeyPatch()
+    for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        mp.setenv(v, str(base / v))
+    mp.setattr(N, "NNUNET_FOREGROUND_SAMPLES", 2e5)
+    S.make_three(str(raw))
+    M.merge_datasets([501, 502, 503], 600, num_processes=1, progress=False)
+    mp.undo()
+    return str(raw)
+
+
+@pytest.mark.parametrize("row", sorted(EXTRACT), ids=lambda r: f"extract_task:{r}")
+def test_extract_task_refused(sandbox, merged_union, row):
+    import contextlib
+    import shutil
+
+    from nnunetv2_versemi import writers
+    from nnunetv2_versemi.data import task_dataset as TD
+
+    raw = os.path.join(sandbox, "nnUNet_raw")
+    shutil.rmtree(raw)
+    shutil.copytree(merged_union, raw)
+    kw, setup, error, patterns = EXTRACT[row]
+    args = dict(task="Liver")
+    args.update(kw)
+    held = (setup(raw) if setup else None) or contextlib.nullcontext()
+    error = getattr(TD, error, None) or getattr(writers, error)
+    with held:
+        _refused(sandbox, lambda: TD.extract_task(600, **args), error, patterns)
 
 
 # ---- plans presets ------------------------------------------------------------------------------------------
@@ -467,6 +788,6 @@ def test_presets_refuse(sandbox):
 
 def test_table_size():
     """docs/RELIABILITY.md quotes this count: keep them in step."""
-    n = len(_merge_rows()) + 2 + len(EVALUATE) + len(PREDICT) + 4
+    n = len(_merge_rows()) + 2 + len(MERGE_OUTPUTS) + len(EVALUATE) + len(PREDICT) + len(EXTRACT) + 4
     doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "RELIABILITY.md")).read()
     assert f"{n} bad inputs tried, {n} refused with a clear error, 0 silent" in doc

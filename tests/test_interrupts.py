@@ -80,7 +80,8 @@ def test_interrupted_merge_then_rerun_equals_uninterrupted(raw, sig):
     if sig == signal.SIGINT:
         assert left == [], f"SIGINT must clean up its temporary folder, left {left}"
     else:
-        assert len(left) == 1 and ".tmp-" in left[0]  # a killed process cannot clean up
+        # a killed process cannot clean up: its temporary and its lock file (no longer locked) stay
+        assert sorted(left) == [".Dataset600.lock", *[d for d in left if ".tmp-" in d]] and len(left) == 2, left
 
     _merge()
     assert S.tree_hash(target) == reference
@@ -138,3 +139,79 @@ def test_interrupted_unlabeled_preprocessing_is_refused_then_finished(raw, sig):
     subprocess.run([sys.executable, "-c", PREP_DRIVER.replace("time.sleep(0.5)", "pass"), *PREP,
                     "--only-unlabeled"], check=True, capture_output=True, timeout=600)
     assert S.tree_hash(folder) == reference
+
+
+def _start_merge(extra=()) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", DRIVER, *ARGS, *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_two_merges_into_one_id_exactly_one_wins(raw):
+    """Two merges into one id: the second, started while the first writes, is refused naming the first's PID,
+    the first's union is intact, and a third without --overwrite is refused too (the issue: both exited 0
+    and the second silently replaced the first)."""
+    _merge()
+    target = os.path.join(raw, "Dataset600_VerSemiUnion")
+    reference = S.tree_hash(target)
+    shutil.rmtree(target)
+
+    first = _start_merge()
+    lock = os.path.join(raw, ".Dataset600.lock")
+    deadline = time.time() + 120
+    while not (os.path.isfile(lock) and open(lock).read().strip()) and time.time() < deadline:
+        assert first.poll() is None, first.communicate()
+        time.sleep(0.05)
+    second = _start_merge()
+    out2, err2 = second.communicate(timeout=300)
+    out1, err1 = first.communicate(timeout=300)
+    assert first.returncode == 0, err1
+    assert second.returncode == 2, (out2, err2)
+    assert f"is being written by process {first.pid}" in err2 and "Traceback" not in err2, err2
+    assert S.tree_hash(target) == reference
+    assert [d for d in os.listdir(raw) if d.startswith(".")] == []
+
+    third = _start_merge()
+    _, err3 = third.communicate(timeout=300)
+    assert third.returncode == 2 and "already exists (use --overwrite" in err3, err3
+    assert S.tree_hash(target) == reference
+
+
+def test_two_merges_started_together_exactly_one_wins(raw):
+    _merge()
+    target = os.path.join(raw, "Dataset600_VerSemiUnion")
+    reference = S.tree_hash(target)
+    shutil.rmtree(target)
+    procs = [_start_merge(), _start_merge()]
+    results = [(p.pid, *p.communicate(timeout=300), p.returncode) for p in procs]
+    codes = sorted(r[3] for r in results)
+    assert codes == [0, 2], results
+    winner = next(r for r in results if r[3] == 0)
+    loser = next(r for r in results if r[3] == 2)
+    assert (f"is being written by process {winner[0]}" in loser[2]
+            or "already exists (use --overwrite" in loser[2]), loser[2]
+    assert S.tree_hash(target) == reference
+    assert [d for d in os.listdir(raw) if d.startswith(".")] == []
+
+
+KEEP_TEMPORARY = """
+import sys, time
+from nnunetv2_versemi.writers import make_temporary_beside
+print(make_temporary_beside(sys.argv[1], "predict"), flush=True)
+time.sleep(600)
+"""
+
+
+def test_killed_predict_temporary_removed_by_the_next_run(tmp_path):
+    """``nnUNetv2_versemi_predict`` writes into ``.versemi_predict_PID_*`` beside -o: killed with SIGKILL it
+    leaves it; the next run (the same function) removes it before making its own."""
+    from nnunetv2_versemi.writers import make_temporary_beside
+
+    target = str(tmp_path / "out")
+    proc = subprocess.Popen([sys.executable, "-c", KEEP_TEMPORARY, target], stdout=subprocess.PIPE, text=True)
+    left = proc.stdout.readline().strip()
+    assert os.path.isdir(left) and os.path.basename(left).startswith(f".versemi_predict_{proc.pid}_")
+    proc.kill()
+    proc.wait(timeout=60)
+    assert os.path.isdir(left)  # a killed process cannot clean up
+    mine = make_temporary_beside(target, "predict")
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(mine)]

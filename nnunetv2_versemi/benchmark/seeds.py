@@ -40,6 +40,7 @@ from nnunetv2_versemi.benchmark.comparison import (
 from nnunetv2_versemi.data.merge import MergeError, merge_datasets
 from nnunetv2_versemi.data.preprocess import plan_and_preprocess
 from nnunetv2_versemi.discovery import ensure_ext_trainer_env
+from nnunetv2_versemi.names import dataset_folder_name
 from nnunetv2_versemi.nnunet_paths import dataset_id, free_dataset_id
 from nnunetv2_versemi.tasktable import TABLE_KEY, TaskTable
 
@@ -75,8 +76,7 @@ def seed_union(union: str, seed_index: int, configuration: str, plans_preset: st
             raise BenchmarkError(f"{join(raw_root, name)} exists but is not the benchmark's seed {seed_index} union "
                                  f"of {union}; remove or rename it")
     else:
-
-        name = f"Dataset{new_id if new_id is not None else free_dataset_id(union_id, claimed):03d}_{suffix}"
+        name = dataset_folder_name(new_id if new_id is not None else free_dataset_id(union_id, claimed), suffix)
         log(f"Seed {seed_index}: merging {', '.join(prov['sources'])} again with merge seed {mark['merge_seed']} "
             f"into {name}")
         try:

@@ -18,7 +18,6 @@ Sources are only read.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import json
 import math
 import multiprocessing
@@ -33,16 +32,32 @@ import numpy as np
 
 from nnunetv2_versemi.data import normalization as norm
 from nnunetv2_versemi.errors import VerSemiInputError
-from nnunetv2_versemi.imageio import foreign_image_files
+from nnunetv2_versemi.imageio import (
+    check_compressed_stream,
+    foreign_image_files,
+    geometry_difference,
+    geometry_of,
+    image_dimension,
+    intensity_problem,
+)
+from nnunetv2_versemi.inputs import read_json_object
+from nnunetv2_versemi.names import (
+    dataset_folder_name,
+    dataset_id_problem,
+    dataset_name_problem,
+    default_task_name,
+    id_in_use_problem,
+    task_name_problem,
+    unsafe_case_ids,
+)
 from nnunetv2_versemi.nnunet_paths import raw_folder
 from nnunetv2_versemi.tasktable import TABLE_KEY, Task, TaskLabel, TaskTable
+from nnunetv2_versemi.writers import dataset_lock, make_temporary_beside, move_into_place
 
 DEFAULT_NAME = "VerSemiUnion"
 UNLABELED_DIR = "imagesUnlabeled"
 OUT_FILE_ENDING = ".nii.gz"
 MAX_LISTED_PROBLEMS = 20
-# origin/direction may differ by float noise between tools that wrote image and label
-GEOMETRY_ATOL = 1e-3
 
 
 class MergeError(VerSemiInputError):
@@ -96,12 +111,11 @@ def _resolve_dataset(d: str | int, raw: str) -> tuple[str, str]:
 def _read_dataset_json(name: str, folder: str) -> dict:
     path = os.path.join(folder, "dataset.json")
     try:
-        with open(path) as f:
-            dj = json.load(f)
+        dj = read_json_object(path)
     except FileNotFoundError as e:
         raise MergeError(f"Dataset {name}: {path} is missing") from e
-    except (OSError, ValueError) as e:
-        raise MergeError(f"Dataset {name}: cannot read {path}: {e}") from e
+    except ValueError as e:
+        raise MergeError(f"Dataset {name}: {e}") from e
     problems = []
     chans = dj.get("channel_names", dj.get("modality"))
     if not isinstance(chans, dict) or not chans:
@@ -132,11 +146,6 @@ def _read_dataset_json(name: str, folder: str) -> dict:
     if problems:
         raise MergeError(problems)
     return dj
-
-
-def _default_task_name(dataset: str) -> str:
-    m = re.fullmatch(r"Dataset\d{3}_(.+)", dataset)
-    return m.group(1) if m else dataset
 
 
 def _list_channel_files(
@@ -347,37 +356,6 @@ def _where(job: _Job) -> str:
     return f"Dataset {job.dataset}, case {job.source_case}"
 
 
-def _geometry(props: dict) -> dict:
-    g = {"spacing": np.asarray(props["spacing"], float)}
-    if "sitk_stuff" in props:
-        g["origin"] = np.asarray(props["sitk_stuff"]["origin"], float)
-        g["direction"] = np.asarray(props["sitk_stuff"]["direction"], float)
-    if "nibabel_stuff" in props:
-        g["affine"] = np.asarray(props["nibabel_stuff"].get("original_affine"), float)
-    return g
-
-
-def _geometry_problem(a: dict, b: dict) -> str | None:
-    for k in a:
-        if k not in b or a[k].shape != b[k].shape:
-            return f"{k} differs"
-        if k == "spacing" and not np.allclose(a[k], b[k]):
-            return f"spacing {a[k].tolist()} vs {b[k].tolist()}"
-        if k != "spacing" and not np.allclose(a[k], b[k], atol=GEOMETRY_ATOL):
-            return f"{k} {np.round(a[k], 4).tolist()} vs {np.round(b[k], 4).tolist()}"
-    return None
-
-
-def check_compressed_stream(path: str) -> None:
-    """Decompress a ``.gz`` file to its end: gzip's length and CRC checks catch truncation and corruption that
-    ITK's NIfTI reader passes over (it fills a cut-off stream with zeros)."""
-    if not path.endswith(".gz"):
-        return
-    with gzip.open(path, "rb") as f:
-        while f.read(1 << 22):
-            pass
-
-
 def _read(rw, files: list[str], what: str, where: str) -> tuple[np.ndarray, dict]:
     try:
         for f in files:
@@ -397,17 +375,17 @@ def _validate_case(job: _Job) -> dict:
         chans, geoms = [], []
         for f in job.images:
             arr, props = _read(rw, [f], "image", where)
-            if not np.all(np.isfinite(arr)):
-                bad = "NaN" if np.isnan(arr).any() else "infinite"
-                problems.append(f"{where}: image {f} contains {bad} voxels")
+            if (p := intensity_problem(arr)) is not None:
+                problems.append(f"{where}: image {f} {p}")
+            out["dimension"] = image_dimension(props)
             chans.append(arr)
-            geoms.append((f, arr.shape, _geometry(props)))
+            geoms.append((f, arr.shape, geometry_of(props)))
         for f, shape, g in geoms[1:]:
             if shape != geoms[0][1]:
                 problems.append(
                     f"{where}: image {f} has shape {shape[1:]}, channel 0 ({geoms[0][0]}) {geoms[0][1][1:]}"
                 )
-            elif (p := _geometry_problem(geoms[0][2], g)) is not None:
+            elif (p := geometry_difference(geoms[0][2], g)) is not None:
                 problems.append(f"{where}: image {f} geometry differs from channel 0 ({geoms[0][0]}): {p}")
         if any(c.shape[0] != 1 for c in chans):
             problems.append(
@@ -419,7 +397,7 @@ def _validate_case(job: _Job) -> dict:
                 problems.append(
                     f"{where}: label {job.label} has shape {seg.shape[1:]}, image {geoms[0][0]} {geoms[0][1][1:]}"
                 )
-            elif (p := _geometry_problem(geoms[0][2], _geometry(sprops))) is not None:
+            elif (p := geometry_difference(geoms[0][2], geometry_of(sprops))) is not None:
                 problems.append(f"{where}: label {job.label} geometry differs from image {geoms[0][0]}: {p}")
             if not np.all(np.isfinite(seg)):
                 problems.append(f"{where}: label {job.label} contains NaN or infinite values")
@@ -430,7 +408,9 @@ def _validate_case(job: _Job) -> dict:
                     problems.append(
                         f"{where}: label {job.label} has non-integer values {non_int[:5].tolist()}"
                     )
-                undeclared = sorted(set(found.astype(int).tolist()) - set(job.declared_labels))
+                declared = set(job.declared_labels)
+                undeclared = [int(v) if abs(v) < 2**62 else v for v in found.tolist()
+                              if v not in declared and float(v).is_integer()][:10]
                 if undeclared:
                     problems.append(
                         f"{where}: label {job.label} has values {undeclared} not declared in dataset.json "
@@ -442,6 +422,21 @@ def _validate_case(job: _Job) -> dict:
     except MergeError as e:
         problems += e.problems
     return out
+
+
+def _dimension_problems(jobs: list[_Job], results: list[dict]) -> list[str]:
+    """Every image of a task must have the dimensionality of most of its training images: nnU-Net would read
+    a 2d image in a 3d task as one slice of spacing 999 and train on it without a word."""
+    problems = []
+    for ti in sorted({j.task for j in jobs}):
+        dims = [(j, r["dimension"]) for j, r in zip(jobs, results) if j.task == ti and "dimension" in r]
+        train = [d for j, d in dims if j.label is not None] or [d for _, d in dims]
+        if not train:
+            continue
+        expected = max(set(train), key=train.count)
+        problems += [f"{_where(j)}: image {j.images[0]} is a {d}d image; the task's training images are {expected}d"
+                     for j, d in dims if d != expected]
+    return problems
 
 
 def _ct_channels(job: _Job) -> list[int]:
@@ -515,23 +510,14 @@ def parse_assignments(items: list[str] | None, what: str) -> dict[str, str]:
 
 
 def _check_output(raw: str, output_id: int, output_name: str, sources: list[str], overwrite: bool) -> str:
-    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
-
-    if not 0 <= output_id <= 999:
-        raise MergeError(f"Output dataset id must be 0..999, got {output_id}")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", output_name):
-        raise MergeError(f"Output dataset name '{output_name}' may only contain letters, digits, '_' and '-'")
-    target = f"Dataset{output_id:03d}_{output_name}"
+    problem = dataset_id_problem(output_id) or dataset_name_problem(output_name)
+    if problem:
+        raise MergeError(problem)
+    target = dataset_folder_name(output_id, output_name)
     if any(s.startswith(f"Dataset{output_id:03d}_") for s in sources):
         raise MergeError(f"Output id {output_id} is one of the source datasets ({', '.join(sources)})")
-    for base in (raw, nnUNet_preprocessed.get(), nnUNet_results.get()):
-        if base and os.path.isdir(base):
-            for d in os.listdir(base):
-                if d.startswith(f"Dataset{output_id:03d}_") and d != target:
-                    raise MergeError(
-                        f"Dataset id {output_id} is already used by {os.path.join(base, d)}; "
-                        "pick another -o or remove that dataset"
-                    )
+    if (problem := id_in_use_problem(output_id, target)) is not None:
+        raise MergeError(problem)
     existing = os.path.join(raw, target)
     if os.path.exists(existing) and not overwrite:
         raise MergeError(f"Output dataset {existing} already exists (use --overwrite to replace it)")
@@ -545,29 +531,6 @@ def _check_output(raw: str, output_id: int, output_name: str, sources: list[str]
             raise MergeError(f"--overwrite only replaces a union dataset; {existing} is not one (its dataset.json "
                              "has no task table). Remove it yourself if it should go")
     return target
-
-
-def remove_stale_temporaries(raw: str) -> list[str]:
-    """Remove ``.DatasetXXX_*.tmp-PID`` / ``.old-PID`` folders of merges whose process is gone (killed);
-    returns the removed paths."""
-    removed = []
-    for d in os.listdir(raw) if os.path.isdir(raw) else []:
-        m = re.fullmatch(r"\.Dataset\d{3}_.+\.(?:tmp|old)-(\d+)", d)
-        if m is None or _pid_alive(int(m.group(1))):
-            continue
-        shutil.rmtree(os.path.join(raw, d), ignore_errors=True)
-        removed.append(os.path.join(raw, d))
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def parse_labeled_cases(items: list[str] | None) -> int | dict[str, int] | None:
@@ -600,40 +563,20 @@ def _check_arguments(labeled_fraction, labeled_cases, test_fraction) -> None:
         raise MergeError(f"--test-fraction must be in [0, 1), got {test_fraction}")
 
 
-# "all" selects union mode in nnUNetv2_versemi_predict --task: a task of that name could never be predicted
-RESERVED_TASK_NAMES = ("all",)
-# case ids become file names in the union: no separators, no "..", nothing that leaves its folder
-_SAFE_CASE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*(\.[A-Za-z0-9_\-]+)*")
-
-
-def unsafe_case_ids(ids, where: str) -> list[str]:
-    """Problems for case ids that are not plain file-name stems (path separators, '..', leading dots)."""
-    return [f"{where}: case id {c!r} is not a plain file name (letters, digits, '_', '-', single dots); "
-            "refusing it, since case ids become output paths" for c in ids if not _SAFE_CASE_ID.fullmatch(c)]
-
-
 def _task_names(names: list[str], task_names: list[str] | None) -> list[str]:
     if task_names is not None and len(task_names) != len(names):
         raise MergeError(f"--task-names got {len(task_names)} names for {len(names)} datasets")
-    tasks = list(task_names) if task_names is not None else [_default_task_name(n) for n in names]
+    tasks = list(task_names) if task_names is not None else [default_task_name(n) for n in names]
     problems = []
     for n, t in zip(names, tasks):
-        if not re.fullmatch(r"[A-Za-z0-9\-]+", t):
-            hint = ""
-            if task_names is None:
-                suggestion = [
-                    re.sub(r"[^A-Za-z0-9\-]", "", _default_task_name(x)) or f"T{i}"
-                    for i, x in enumerate(names)
-                ]
-                hint = " Name the tasks with --task-names, e.g. --task-names " + " ".join(suggestion)
-            problems.append(
-                f"Task name '{t}' (dataset {n}) must be letters, digits or '-' only "
-                f"(no '_': it prefixes case ids).{hint}"
-            )
-    reserved = [t for t in tasks if t.lower() in RESERVED_TASK_NAMES]
-    if reserved:
-        problems.append(f"Task name(s) {reserved} are reserved ('--task all' means every task at prediction); "
-                        "choose other names with --task-names")
+        problem = task_name_problem(t)
+        if problem is None:
+            continue
+        hint = " Choose other names with --task-names"
+        if task_names is None:
+            suggestion = [re.sub(r"[^A-Za-z0-9\-]", "", default_task_name(x)) or f"T{i}" for i, x in enumerate(names)]
+            hint = " Name the tasks with --task-names, e.g. --task-names " + " ".join(suggestion)
+        problems.append(f"{problem} (dataset {n}).{hint}")
     if len(set(tasks)) != len(tasks):
         problems.append(f"Task names must be unique, got {tasks}")
     if problems:
@@ -824,6 +767,21 @@ def merge_datasets(
     if not sources:
         raise MergeError("No source datasets given")
     _check_arguments(labeled_fraction, labeled_cases, test_fraction)
+    if (problem := dataset_id_problem(output_id)) is not None:
+        raise MergeError(problem)
+    # one writer per dataset id: a second merge into this id, started before this one ends, is refused
+    with dataset_lock(raw, output_id):
+        table = _merge_locked(raw, sources, output_id, output_name, task_names, labeled_fraction, labeled_cases,
+                              seed, test_fraction, unlabeled_dirs, channels, overwrite, num_processes, progress)
+    final = os.path.join(raw, dataset_folder_name(output_id, output_name))
+    if progress:
+        _print_merge_summary(final, table, time.time() - t0)
+    return final
+
+
+def _merge_locked(raw: str, sources, output_id, output_name, task_names, labeled_fraction, labeled_cases, seed,
+                  test_fraction, unlabeled_dirs, channels, overwrite, num_processes, progress) -> TaskTable:
+    """:func:`merge_datasets` once it holds the output id's lock: check everything, then write."""
     resolved = _resolve_sources(sources, raw)
     names = [n for n, _ in resolved]
     tasks = _task_names(names, task_names)
@@ -837,22 +795,18 @@ def merge_datasets(
     jobs, table_tasks = _build_jobs(srcs, labeled_fraction, labeled_cases, test_fraction, seed)
     provenance = {"sources": names, "seed": seed, "labeled_fraction": labeled_fraction,
                   "labeled_cases": labeled_cases, "test_fraction": test_fraction}
-    final = os.path.join(raw, target)
-    remove_stale_temporaries(raw)
     with _worker_pool(num_processes, len(jobs)) as pool:
         # pass 1: read and check every file; collect the CT foreground samples of labeled cases
         results = _run_jobs(_validate_case, jobs, pool, "Checking cases", progress)
-        problems = [p for r in results for p in r["problems"]]
+        problems = [p for r in results for p in r["problems"]] or _dimension_problems(jobs, results)
         if problems:
             raise MergeError(problems)
         for ti, (src, task) in enumerate(zip(srcs, table_tasks)):
             task.normalization = _task_normalization(src, [r for j, r in zip(jobs, results) if j.task == ti])
         table = TaskTable(table_tasks)
         # pass 2: write into a hidden temporary folder next to the target, then rename it into place
-        _write_union(jobs, table, pool, raw, target, num_channels, output_name, provenance, progress)
-    if progress:
-        _print_merge_summary(final, table, time.time() - t0)
-    return final
+        _write_union(jobs, table, pool, raw, target, num_channels, output_name, provenance, progress, overwrite)
+    return table
 
 
 def _print_merge_summary(final: str, table: TaskTable, seconds: float) -> None:
@@ -907,29 +861,27 @@ def _checked_sources(resolved: list[tuple[str, str]], tasks: list[str], channels
 
 
 def _write_union(jobs: list, table: TaskTable, pool, raw: str, target: str, num_channels: int, output_name: str,
-                 provenance: dict, progress: bool) -> None:
+                 provenance: dict, progress: bool, overwrite: bool) -> None:
     """Write every case, dataset.json and splits into a hidden folder beside the target, then rename it into
     place (replacing an existing union only at that last step)."""
     from nnunetv2_versemi.data.splits import write_splits
 
     final = os.path.join(raw, target)
-    tmp = os.path.join(raw, f".{target}.tmp-{os.getpid()}")
+    tmp = make_temporary_beside(final)
     _assign_outputs(jobs, table, tmp, num_channels)
     try:
-        for d in {tmp} | {os.path.dirname(p) for j in jobs for p in [*j.out_images, j.out_label] if p}:
+        for d in {os.path.dirname(p) for j in jobs for p in [*j.out_images, j.out_label] if p}:
             os.makedirs(d, exist_ok=True)
         _run_jobs(_write_case, jobs, pool, "Writing union", progress)
         with open(os.path.join(tmp, "dataset.json"), "w") as f:
             json.dump(_union_dataset_json(table, num_channels, output_name, provenance), f, indent=2)
         # stock nnU-Net planning copies a raw splits_final.json into the preprocessed folder
         write_splits(tmp, table)
-        if os.path.exists(final):
-            old = os.path.join(raw, f".{target}.old-{os.getpid()}")
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
+        try:
+            move_into_place(tmp, final, overwrite)
+        except FileExistsError:
+            raise MergeError(f"Output dataset {final} appeared while this merge ran (use --overwrite to replace "
+                             "it)") from None
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import replace as dc_replace
 from os.path import isdir, isfile, join
 
@@ -20,8 +19,24 @@ import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 
 from nnunetv2_versemi.errors import VerSemiInputError
-from nnunetv2_versemi.nnunet_paths import dataset_name, link_or_copy, preprocessed_folder, raw_folder
+from nnunetv2_versemi.names import (
+    dataset_folder_name,
+    dataset_id_problem,
+    dataset_name_problem,
+    id_in_use_problem,
+    split_dataset_folder_name,
+    task_name_problem,
+)
+from nnunetv2_versemi.nnunet_paths import (
+    dataset_id,
+    dataset_name,
+    free_dataset_id,
+    link_or_copy,
+    preprocessed_folder,
+    raw_folder,
+)
 from nnunetv2_versemi.tasktable import TABLE_KEY, Task, TaskLabel, TaskTable, find_task_table
+from nnunetv2_versemi.writers import dataset_lock, make_temporary_beside, move_into_place
 
 #: dataset.json key of a written task dataset: what it was built from (union, task, labeled cases, labels)
 SOURCE_KEY = "versemi_task_of"
@@ -91,32 +106,71 @@ def write_task_dataset(union: str | int, task: str, output_name: str, replace: b
     """
     union = dataset_name(union)
     src = raw_folder(union)
+    out_id = _check_output_name(output_name, union)
+    if (problem := task_name_problem(task)) is not None:
+        raise TaskDatasetError(problem)
     table = find_task_table(union)
     if task not in table.names:
         raise TaskDatasetError(f"{union} has no task '{task}' (tasks: {', '.join(table.names)})")
     raw_root = os.path.dirname(src)
     folder = join(raw_root, output_name)
-    record = task_dataset_source(union, table, task)
-    if _existing_is_current(folder, record, union, replace):
-        return output_name, False
-    _write_into_place(raw_root, output_name, lambda tmp: _fill_task_dataset(tmp, union, table, task, output_name,
-                                                                            record))
+    # one writer per dataset id, as for the merge
+    with dataset_lock(raw_root, out_id):
+        if (problem := id_in_use_problem(out_id, output_name)) is not None:
+            raise TaskDatasetError(problem)
+        record = task_dataset_source(union, table, task)
+        if _existing_is_current(folder, record, union, replace):
+            return output_name, False
+        # _existing_is_current allowed the replacement
+        _write_into_place(raw_root, output_name,
+                          lambda tmp: _fill_task_dataset(tmp, union, table, task, output_name, record))
     return output_name, True
 
 
 def _write_into_place(raw_root: str, output_name: str, fill) -> None:
     """``fill`` a temporary folder beside the target, then replace the target and its preprocessed folder by
-    it; a failure leaves no half-written dataset."""
-    tmp = tempfile.mkdtemp(prefix=f".{output_name}.", dir=raw_root)
+    it; a failure leaves no half-written dataset (the caller holds the dataset's lock)."""
+    folder = join(raw_root, output_name)
+    tmp = make_temporary_beside(folder)
     try:
         fill(tmp)
-        for stale in (join(raw_root, output_name), join(os.environ["nnUNet_preprocessed"], output_name)):
-            if isdir(stale):
-                shutil.rmtree(stale)
-        os.rename(tmp, join(raw_root, output_name))
+        stale = join(os.environ["nnUNet_preprocessed"], output_name)
+        if isdir(stale):
+            shutil.rmtree(stale)
+        move_into_place(tmp, folder, overwrite=True)
     finally:
         if isdir(tmp):
             shutil.rmtree(tmp)
+
+
+def _check_output_name(output_name: str, union: str) -> int:
+    """The id of ``output_name`` (``DatasetXXX_Name``), checked by the rules every command applies; never the
+    union's own id."""
+    split = split_dataset_folder_name(output_name)
+    if split is None:
+        raise TaskDatasetError(f"'{output_name}' is not an nnU-Net dataset name (DatasetXXX_Name)")
+    out_id, name = split
+    if (problem := dataset_name_problem(name)) is not None:
+        raise TaskDatasetError(problem)
+    if out_id == dataset_id(union):
+        raise TaskDatasetError(f"Output id {out_id} is the union's own id ({union}): a second "
+                               f"Dataset{out_id:03d}_* would make every -d {out_id} fail. Pick another id")
+    return out_id
+
+
+def extract_task(union: str | int, task: str, output_id: int | None = None, name: str | None = None,
+                 replace: bool = False) -> tuple[str, bool]:
+    """``nnUNetv2_versemi_extract_task``: :func:`write_task_dataset` under ``output_id`` (default: the first
+    free id after the union) and ``name`` (default: the task's name), both checked before anything is done."""
+    union = dataset_name(union)
+    if output_id is not None and (problem := dataset_id_problem(output_id)) is not None:
+        raise TaskDatasetError(problem)
+    name = task if name is None else name
+    if (problem := dataset_name_problem(name)) is not None:
+        raise TaskDatasetError(problem)
+    if output_id is None:
+        output_id = free_dataset_id(dataset_id(union), set())
+    return write_task_dataset(union, task, dataset_folder_name(output_id, name), replace)
 
 
 def _existing_is_current(folder: str, record: dict, union: str, replace: bool) -> bool:
@@ -192,14 +246,15 @@ def write_pseudo_labeled_task_dataset(union: str | int, task: str, output_name: 
     record = {**task_dataset_source(union, table, task), "pseudo_labeled": sorted(t.unlabeled), "made_by": made_by}
     raw_root = os.path.dirname(src)
     folder = join(raw_root, output_name)
-    if _existing_is_current(folder, record, union, replace=True):
-        return output_name, False
 
     def fill(tmp: str) -> None:
         _fill_task_dataset(tmp, union, table, task, output_name, record)
         _add_pseudo_labeled(tmp, src, t, pseudo_labels)
 
-    _write_into_place(raw_root, output_name, fill)
+    with dataset_lock(raw_root, _check_output_name(output_name, union)):
+        if _existing_is_current(folder, record, union, replace=True):
+            return output_name, False
+        _write_into_place(raw_root, output_name, fill)
     return output_name, True
 
 

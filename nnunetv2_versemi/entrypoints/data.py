@@ -215,6 +215,8 @@ def build_plan_and_preprocess_parser() -> argparse.ArgumentParser:
 def plan_and_preprocess_main(argv: list[str] | None = None) -> None:
     """Command line: ``nnUNetv2_versemi_plan_and_preprocess``."""
     from nnunetv2_versemi.data.preprocess import plan_and_preprocess
+    from nnunetv2_versemi.nnunet_paths import dataset_id, dataset_name, preprocessed_folder
+    from nnunetv2_versemi.writers import dataset_lock
 
     p = build_plan_and_preprocess_parser()
     a = p.parse_args(argv)
@@ -222,11 +224,14 @@ def plan_and_preprocess_main(argv: list[str] | None = None) -> None:
         p.error(f"-np takes one number or one per configuration ({len(a.c)})")
     with input_errors_exit("nnUNetv2_versemi_plan_and_preprocess"):
         for d in a.d:
-            if a.only_attach or a.only_unlabeled:
-                _attach_and_preprocess_unlabeled(d, a)
-            else:
-                plan_and_preprocess(d, a.c, a.np, a.npfp, a.pl, a.gpu_memory_target, a.overwrite_plans_name,
-                                    a.verify_dataset_integrity, not a.no_pbar, a.verbose)
+            # one writer per preprocessed dataset: a second planning of the same id is refused
+            name = dataset_name(d)
+            with dataset_lock(os.path.dirname(preprocessed_folder(name)), dataset_id(name)):
+                if a.only_attach or a.only_unlabeled:
+                    _attach_and_preprocess_unlabeled(d, a)
+                else:
+                    plan_and_preprocess(d, a.c, a.np, a.npfp, a.pl, a.gpu_memory_target, a.overwrite_plans_name,
+                                        a.verify_dataset_integrity, not a.no_pbar, a.verbose)
 
 
 def _attach_and_preprocess_unlabeled(d: str, a: argparse.Namespace) -> None:
@@ -245,8 +250,7 @@ def _attach_and_preprocess_unlabeled(d: str, a: argparse.Namespace) -> None:
 
 def extract_task_main(argv: list[str] | None = None) -> None:
     """Command line: ``nnUNetv2_versemi_extract_task``."""
-    from nnunetv2_versemi.data.task_dataset import write_task_dataset
-    from nnunetv2_versemi.nnunet_paths import free_dataset_id
+    from nnunetv2_versemi.data.task_dataset import extract_task
 
     p = argparse.ArgumentParser(
         prog="nnUNetv2_versemi_extract_task",
@@ -263,10 +267,6 @@ def extract_task_main(argv: list[str] | None = None) -> None:
                    help="rewrite a dataset of that name written from other labeled cases of the union")
     a = p.parse_args(argv)
     with input_errors_exit("nnUNetv2_versemi_extract_task"):
-        from nnunetv2_versemi.nnunet_paths import dataset_id, dataset_name
-
-        union = dataset_name(a.d)
-        out_id = a.output_id if a.output_id is not None else free_dataset_id(dataset_id(union), set())
-        name, written = write_task_dataset(union, a.task, f"Dataset{out_id:03d}_{a.name or a.task}", a.replace)
-        print(f"{'Wrote' if written else 'Kept (up to date)'} {name}; plan it with nnUNetv2_plan_and_preprocess "
-              f"-d {out_id} or nnUNetv2_versemi_plan_and_preprocess -d {out_id}")
+        name, written = extract_task(a.d, a.task, a.output_id, a.name, a.replace)
+    print(f"{'Wrote' if written else 'Kept (up to date)'} {name}; plan it with nnUNetv2_plan_and_preprocess "
+          f"-d {name[7:10]} or nnUNetv2_versemi_plan_and_preprocess -d {name[7:10]}")

@@ -37,6 +37,10 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
         help="render overlays of the first N cases per task (default N: 3)",
     )
     p.add_argument("--images", help="images folder (CASE_0000.<ending>) for the overlays; implies --png")
+    p.add_argument("--allow-geometry-mismatch", action="store_true",
+                   help="resample a prediction whose geometry (shape, spacing, origin, direction) differs from its "
+                   "reference into the reference's grid (nearest neighbour) instead of refusing it; the summary "
+                   "names the resampled cases")
     p.add_argument("--file-ending", help="label file ending when a folder mixes formats (e.g. .nii.gz)")
     add_processes(p, "-np", "worker processes (default: nnU-Net's)", default=default_processes(),
                   dest="num_processes")
@@ -67,6 +71,7 @@ def evaluate_main(argv: list[str] | None = None) -> None:
             png=png,
             images_dir=args.images,
             verbose=not args.quiet,
+            allow_geometry_mismatch=args.allow_geometry_mismatch,
         )
     if not args.quiet:
         print(summary_markdown(results))

@@ -28,9 +28,11 @@ from nnunetv2_versemi.evaluation.labelio import (
     find_image,
     list_label_files,
     read_label_map,
-    reader_for,
+    resample_to_reference,
 )
 from nnunetv2_versemi.evaluation.metrics import METRICS, aggregate, compute_case_metrics
+from nnunetv2_versemi.imageio import geometry_difference
+from nnunetv2_versemi.inputs import output_folder_problem
 from nnunetv2_versemi.tasktable import TaskTable, TaskTableError
 
 PROG = "nnUNetv2_versemi_evaluate"
@@ -38,19 +40,20 @@ PROG = "nnUNetv2_versemi_evaluate"
 # ---- evaluation -------------------------------------------------------------------------------------
 def _evaluate_case(job: dict) -> dict:
     """Worker: read one reference/prediction pair, check they match, compute the metrics."""
-    ref, ref_spacing = read_label_map(job["ref_file"], job["ref_reader"])
-    pred, pred_spacing = read_label_map(job["pred_file"], job["pred_reader"])
+    ref, ref_geometry = read_label_map(job["ref_file"])
+    pred, pred_geometry = read_label_map(job["pred_file"])
     case = job["case"]
-    if ref.shape != pred.shape:
-        raise EvaluationError(
-            f"Case {case}: reference {job['ref_file']} has shape {ref.shape} but prediction "
-            f"{job['pred_file']} has shape {pred.shape}"
-        )
-    if not np.allclose(ref_spacing, pred_spacing, rtol=1e-3, atol=1e-6):
-        raise EvaluationError(
-            f"Case {case}: reference {job['ref_file']} has spacing {ref_spacing} but prediction "
-            f"{job['pred_file']} has spacing {pred_spacing}"
-        )
+    resampled = None
+    mismatch = geometry_mismatch(case, job["ref_file"], ref.shape, ref_geometry, job["pred_file"], pred.shape,
+                                 pred_geometry)
+    if mismatch is not None:
+        if not job.get("allow_geometry_mismatch"):
+            raise EvaluationError(f"{mismatch}. A prediction is scored in its reference's voxel grid; resample it "
+                                  "into the reference's geometry, or pass --allow-geometry-mismatch to have it "
+                                  "resampled here (nearest neighbour)")
+        pred = resample_to_reference(job["pred_file"], job["ref_file"]).reshape(ref.shape)
+        resampled = mismatch
+    ref_spacing = tuple(float(x) for x in ref_geometry["spacing"])
     names = [n for n, _ in job["labels"]]
     values = [v for _, v in job["labels"]]
     space = job["label_space"]
@@ -73,8 +76,29 @@ def _evaluate_case(job: dict) -> dict:
         "pred_file": job["pred_file"],
         "shape": list(ref.shape),
         "spacing": list(ref_spacing),
+        "resampled": resampled,
         "metrics": {n: {"label": v, **by_value[v]} for n, v in zip(names, values)},
     }
+
+
+def geometry_mismatch(case: str, ref_file: str, ref_shape: tuple, ref_geometry: dict, pred_file: str,
+                      pred_shape: tuple, pred_geometry: dict) -> str | None:
+    """How a prediction's voxel grid differs from its reference's (shape, spacing, origin, direction), naming
+    the case and the field; None when they agree within float noise. A prediction shifted by 100 mm or stored
+    flipped (with its direction) is a different grid: comparing voxel arrays would give a wrong Dice."""
+    if tuple(ref_shape) != tuple(pred_shape):
+        return f"Case {case}: reference {ref_file} has shape {tuple(ref_shape)} but prediction {pred_file} has " \
+               f"shape {tuple(pred_shape)}"
+    difference = geometry_difference(ref_geometry, pred_geometry)
+    if difference is None:
+        return None
+    field = difference.split(" ", 1)[0]
+    return (f"Case {case}: reference {ref_file} has {field} {_show(ref_geometry.get(field))} but prediction "
+            f"{pred_file} has {field} {_show(pred_geometry.get(field))}")
+
+
+def _show(values) -> str:
+    return "(missing)" if values is None else str(tuple(round(float(v), 4) for v in np.ravel(values)))
 
 
 def _run_jobs(jobs: list[dict], num_processes: int, verbose: bool) -> list[dict]:
@@ -99,6 +123,7 @@ def evaluate_folders(
     png: int = 0,
     images_dir: str | os.PathLike | None = None,
     verbose: bool = False,
+    allow_geometry_mismatch: bool = False,
 ) -> dict:
     """Evaluate every reference case in ``ref_dir`` against the same-named file in ``pred_dir``.
 
@@ -107,10 +132,16 @@ def evaluate_folders(
     Returns ``{"cases": {case: {...,"metrics": {class: {...}}}}, "tasks": {task: aggregate}, "overall",
     "extra_predictions", ...}``. With ``output_dir`` also writes metrics.json/csv, summary.md and
     ``png`` overlays per task (see ``write_outputs``). Raises ``EvaluationError``/``TaskTableError``
-    before writing anything when inputs are inconsistent.
+    before writing anything when inputs are inconsistent. A prediction whose geometry (shape, spacing, origin,
+    direction) differs from its reference's is refused, or with ``allow_geometry_mismatch`` resampled into the
+    reference's grid and marked ``resampled`` in its case record.
     """
     task_idx = table.index(task) if task is not None else None  # TaskTableError listing the valid tasks
+    if output_dir is not None and (problem := output_folder_problem(output_dir)) is not None:
+        raise EvaluationError(problem)
     jobs, extra = _case_jobs(ref_dir, pred_dir, table, task_idx, file_ending)
+    for j in jobs:
+        j["allow_geometry_mismatch"] = allow_geometry_mismatch
     overlay_cases = select_overlay_cases(jobs, png)
     if images_dir is not None:
         for case in overlay_cases:
@@ -118,6 +149,10 @@ def evaluate_folders(
                 raise EvaluationError(f"No image {case}_0000.<ending> in {images_dir} for the overlay of case {case}")
     records = _run_jobs(jobs, num_processes, verbose)
     results = _aggregate_results(records, table, task, ref_dir, pred_dir, extra)
+    resampled = [r["case"] for r in records if r["resampled"]]
+    if verbose and resampled:
+        print(f"Warning: {len(resampled)} prediction(s) resampled into their reference's geometry "
+              f"(--allow-geometry-mismatch): {', '.join(resampled[:10])}")
     if verbose and extra:
         print(f"Warning: {len(extra)} prediction(s) without a reference, not evaluated: {', '.join(extra[:10])}")
     if output_dir is not None:
@@ -129,7 +164,7 @@ def _case_jobs(ref_dir, pred_dir, table: TaskTable, task_idx: int | None, file_e
                ) -> tuple[list[dict], list[str]]:
     """Pair reference and prediction files, give each case its task's classes in the files' label space
     (merged without ``task_idx``, that task's source values with it); the predictions without reference."""
-    ref_files, ref_ending = list_label_files(ref_dir, file_ending)
+    ref_files, _ = list_label_files(ref_dir, file_ending)
     pred_files, pred_ending = list_label_files(pred_dir, file_ending)
     missing = sorted(set(ref_files) - set(pred_files))
     if missing:
@@ -155,10 +190,6 @@ def _case_jobs(ref_dir, pred_dir, table: TaskTable, task_idx: int | None, file_e
             "label_space": "source" if source else "merged",
             "pred_values": t.source_values if source else range(1, table.num_merged_labels),
         })
-    ref_reader = reader_for(ref_ending, jobs[0]["ref_file"])
-    pred_reader = reader_for(pred_ending, jobs[0]["pred_file"])
-    for j in jobs:
-        j["ref_reader"], j["pred_reader"] = ref_reader, pred_reader
     return jobs, sorted(set(pred_files) - set(ref_files))
 
 
@@ -181,6 +212,7 @@ def _aggregate_results(records: list[dict], table: TaskTable, task: str | None, 
         "cases": {r["case"]: r for r in records},
         "tasks": {},
         "extra_predictions": extra,
+        "resampled": sorted(r["case"] for r in records if r["resampled"]),
     }
     for t in table.tasks:
         task_records = [r for r in records if r["task"] == t.name]
@@ -244,6 +276,8 @@ def summary_markdown(results: dict) -> str:
         f"- prediction: `{results['pred_dir']}` ({space})",
         f"- cases: {len(results['cases'])}; predictions without reference (not evaluated): "
         f"{len(results['extra_predictions'])}",
+        *([f"- resampled into the reference's geometry (--allow-geometry-mismatch): {', '.join(results['resampled'])}"]
+          if results.get("resampled") else []),
         "",
         "Mean ± std over cases. HD95 and ASD in mm; cases where exactly one of reference and prediction is "
         "empty have no distance and are left out of the distance means (column *one empty*). Both empty "

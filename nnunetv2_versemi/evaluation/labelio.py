@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunetv2_versemi.errors import VerSemiInputError
-from nnunetv2_versemi.imageio import supported_endings
+from nnunetv2_versemi.imageio import geometry_of, read_checked, supported_endings
 
 _NOT_LABEL_FILES = {"dataset.json", "plans.json", "predict_from_raw_data_args.json"}
 
@@ -69,35 +69,41 @@ def find_image(images_dir: str | os.PathLike, case: str) -> str | None:
     return None
 
 
-def reader_for(file_ending: str, example_file: str):
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_file_ending
-
+def read_label_map(path: str) -> tuple[np.ndarray, dict]:
+    """Label map (nnU-Net axis order, channel axis removed) and its geometry (``spacing`` per axis in mm,
+    ``origin``, ``direction``; see :func:`nnunetv2_versemi.imageio.geometry_of`)."""
     try:
-        return determine_reader_writer_from_file_ending(file_ending, example_file, verbose=False)
-    except RuntimeError as e:
-        raise EvaluationError(f"Cannot read {example_file}: {e}") from e
-
-
-def read_label_map(path: str, reader_class=None) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Label map (nnU-Net axis order, channel axis removed) and its spacing per axis in mm."""
-    if reader_class is None:
-        split = split_ending(Path(path).name, supported_endings())
-        if split is None:
-            raise EvaluationError(f"{path}: not a format nnU-Net reads")
-        reader_class = reader_for(split[1], path)
-    try:
-        seg, props = reader_class().read_seg(path)
-    except Exception as e:  # readers raise anything from RuntimeError to AssertionError
-        raise EvaluationError(f"Cannot read label file {path}: {e!r}") from e
+        seg, props, _ = read_checked(path, "seg")
+    except ValueError as e:
+        raise EvaluationError(f"Cannot read label file {path}: {e}") from e
     seg = np.asarray(seg[0])
+    if np.issubdtype(seg.dtype, np.floating) and not np.all(np.isfinite(seg)):
+        raise EvaluationError(f"{path} holds NaN or infinite values; expected a label map")
     rounded = np.rint(seg)
     if not np.array_equal(rounded, seg):
         raise EvaluationError(f"{path} holds non-integer values; expected a label map")
-    return rounded.astype(np.int32), tuple(float(s) for s in props["spacing"])
+    if rounded.size and (rounded.min() < np.iinfo(np.int32).min or rounded.max() > np.iinfo(np.int32).max):
+        raise EvaluationError(f"{path} holds values beyond the 32-bit integer range; expected a label map")
+    return rounded.astype(np.int32), geometry_of(props)
+
+
+def resample_to_reference(pred_file: str, ref_file: str) -> np.ndarray:
+    """The prediction's labels resampled (nearest neighbour, physical coordinates) into the reference's voxel
+    grid: for ``--allow-geometry-mismatch`` (files SimpleITK reads)."""
+    import SimpleITK as sitk
+
+    try:
+        ref, pred = sitk.ReadImage(ref_file), sitk.ReadImage(pred_file)
+        out = sitk.Resample(pred, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, pred.GetPixelID())
+    except RuntimeError as e:
+        raise EvaluationError(f"Cannot resample {pred_file} into the geometry of {ref_file}: {e}") from e
+    return np.rint(sitk.GetArrayFromImage(out)).astype(np.int32)
 
 
 def read_first_channel(image_file: str) -> np.ndarray:
     """The first channel of an image file, float32, nnU-Net axis order."""
-    ending = split_ending(os.path.basename(image_file), supported_endings())[1]
-    img, _ = reader_for(ending, image_file)().read_images((image_file,))
+    try:
+        img, _, _ = read_checked(image_file, "image")
+    except ValueError as e:
+        raise EvaluationError(f"Cannot read image file {image_file}: {e}") from e
     return np.asarray(img[0], dtype=np.float32)

@@ -114,8 +114,9 @@ def render_case_overlay(
     dice: dict[str, float] | None = None,
 ) -> int:
     """Read one case and write its overlay PNG; returns the slice index shown."""
-    ref, spacing = read_label_map(ref_file)
+    ref, geometry = read_label_map(ref_file)
     pred, _ = read_label_map(pred_file)
+    spacing = geometry["spacing"]
     image = None
     if image_file is not None:
         image = read_first_channel(image_file)

@@ -15,19 +15,27 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from os.path import isdir, isfile, join
 
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+from batchgenerators.utilities.file_and_folder_operations import save_json
 from tqdm import tqdm
 
 from nnunetv2_versemi.discovery import ensure_ext_trainer_env
 from nnunetv2_versemi.errors import VerSemiInputError
+from nnunetv2_versemi.imageio import (
+    geometry_difference,
+    geometry_of,
+    image_dimension,
+    intensity_problem,
+    read_checked,
+)
 from nnunetv2_versemi.inference.prompted import plain_network, prompted
+from nnunetv2_versemi.inputs import output_folder_problem, read_json_object
 from nnunetv2_versemi.nnunet_paths import dataset_name
 from nnunetv2_versemi.tasktable import Task, TaskTable, TaskTableError, find_task_table
+from nnunetv2_versemi.writers import make_temporary_beside, writer_lock
 
 ALL = "all"
 AUTO = "auto"
@@ -110,6 +118,40 @@ def check_image_header(case: str, path: str) -> None:
             f"Case {case}: {path} is a {reader.GetDimension()}-d image with {reader.GetNumberOfComponents()} "
             "component(s) per voxel; each file must hold one scalar 2d or 3d image (one file per channel: "
             "CASE_0000, CASE_0001, ...)")
+
+
+def model_image_dimension(model_folder: str) -> int | None:
+    """2 or 3: the dimensionality of the images the model was planned on (nnU-Net plans 2d images as one slice
+    of spacing 999); None when the plans do not say."""
+    try:
+        spacing = read_json_object(join(model_folder, "plans.json")).get("original_median_spacing_after_transp")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(spacing, list) or len(spacing) != 3:
+        return None
+    return 2 if float(spacing[0]) == 999 else 3
+
+
+def check_case_images(cases: dict[str, list[str]], dimension: int | None) -> None:
+    """Read every file of every case as the predictor will (all checks before the model loads): readable, a
+    complete gzip stream, finite values float32 normalization can handle, the model's dimensionality."""
+    for case in sorted(cases):
+        first = None
+        for f in cases[case]:
+            try:
+                arr, props, _ = read_checked(f, "image")
+            except ValueError as e:
+                raise PredictionError(f"Case {case}: cannot read {f}: {e}") from e
+            if (problem := intensity_problem(arr)) is not None:
+                raise PredictionError(f"Case {case}: {f} {problem}")
+            if dimension is not None and image_dimension(props) != dimension:
+                raise PredictionError(f"Case {case}: {f} is a {image_dimension(props)}d image; the model was "
+                                      f"trained on {dimension}d images")
+            if first is None:
+                first = (f, arr.shape, geometry_of(props))
+            elif arr.shape != first[1] or (diff := geometry_difference(first[2], geometry_of(props))) is not None:
+                what = f"shape {arr.shape[1:]} vs {first[1][1:]}" if arr.shape != first[1] else diff
+                raise PredictionError(f"Case {case}: channel file {f} does not match {first[0]}: {what}")
 
 
 def make_predictor(model_folder: str, folds: list[str], checkpoint: str, step_size: float, tta: bool,
@@ -232,8 +274,30 @@ def recognise_case(predictor, net, image: np.ndarray, props: dict, tasks: list[i
     return scores / max(scores.sum(), 1e-12)
 
 
+#: a recognised task must beat the runner-up by this much, and chance (1 / number of tasks) by half of it (the
+#: same condition for two tasks: 0.6 against 0.4)
+RECOGNITION_MARGIN = 0.2
+
+
+def recognition_doubt(case: str, scores: np.ndarray, names: list[str], margin: float = RECOGNITION_MARGIN
+                      ) -> str | None:
+    """A warning when a case's task is not recognised clearly: the most likely task beats the runner-up by less
+    than ``margin`` or chance (1/T) by less than ``margin / 2`` (two tasks at 0.503 and 0.497 are a coin flip);
+    None when it is clear."""
+    if len(scores) < 2:
+        return None
+    order = np.argsort(scores)[::-1]
+    best, second = order[0], order[1]
+    chance = 1.0 / len(scores)
+    if scores[best] - scores[second] >= margin and scores[best] - chance >= margin / 2:
+        return None
+    return (f"case {case}: task not recognised clearly: predicted as {names[best]} ({scores[best]:.3f}), runner-up "
+            f"{names[second]} ({scores[second]:.3f}), chance {chance:.3f}. Check the case, or name its task with "
+            "--task NAME")
+
+
 def predict_auto(predictor, net, table: TaskTable, cases: dict[str, tuple[list[str], list[int]]],
-                 output_folder: str, npp: int, threshold: float = 0.5) -> tuple[list[str], dict]:
+                 output_folder: str, npp: int) -> tuple[list[str], dict]:
     """``--task auto``: recognise each case's task, then predict the cases of each task under its prompt."""
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_file_ending
 
@@ -254,9 +318,8 @@ def predict_auto(predictor, net, table: TaskTable, cases: dict[str, tuple[list[s
                 raise PredictionError(f"Cannot read case {case} ({files}): {e}") from e
             scores = recognise_case(predictor, net, img, props, fits, table)
         t = int(scores.argmax())
-        if scores[t] < threshold:
-            print(f"WARNING: case {case}: no task recognised with probability >= {threshold}; predicted as the "
-                  f"most likely, {table.tasks[t].name} ({scores[t]:.2f})")
+        if (doubt := recognition_doubt(case, scores, table.names)) is not None:
+            print(f"WARNING: {doubt}")
         report[case] = {"task": table.tasks[t].name, "probability": round(float(scores[t]), 4),
                         "probabilities": {task.name: round(float(p), 4) for task, p in zip(table.tasks, scores)}}
         groups.setdefault(t, {})[case] = files
@@ -266,11 +329,14 @@ def predict_auto(predictor, net, table: TaskTable, cases: dict[str, tuple[list[s
     return written, report
 
 
-def run(input_folder: str, output_folder: str, dataset: str, configuration: str, folds: list[str], task: str,
-        trainer: str = "VerSemiTrainer", plans: str = "nnUNetPlans", checkpoint: str = "checkpoint_final.pth",
-        step_size: float = 0.5, tta: bool = True, npp: int = 3, nps: int = 3, device: str = "cuda",
-        model_folder: str | None = None) -> list[str]:
-    model_folder = model_folder or resolve_model_folder(dataset, configuration, trainer, plans)
+def validate_inputs(input_folder: str, output_folder: str, model_folder: str, folds: list[str], task: str,
+                    checkpoint: str = "checkpoint_final.pth", configuration: str = "", trainer: str = "",
+                    plans: str = "") -> tuple[TaskTable, dict]:
+    """Every check of a prediction run, before the model loads: the output path, the model folder and its
+    JSON files, the task, the folds, the input cases' files and every image in them. Returns the task table
+    and the cases (as :func:`list_cases` / :func:`list_auto_cases` give them)."""
+    if (problem := output_folder_problem(output_folder)) is not None:
+        raise PredictionError(problem)
     if not isdir(model_folder):
         raise PredictionError(f"Model folder {model_folder} does not exist (trainer {trainer}, plans {plans}, "
                               f"configuration {configuration})")
@@ -279,37 +345,52 @@ def run(input_folder: str, output_folder: str, dataset: str, configuration: str,
         raise PredictionError(f"Unknown task '{task}'. Valid tasks: {', '.join(table.names)} (or '{AUTO}', "
                               f"'{ALL}')")
     check_folds(model_folder, folds, checkpoint)
-    dataset_json = load_json(join(model_folder, "dataset.json"))
+    try:
+        dataset_json = read_json_object(join(model_folder, "dataset.json"))
+    except (OSError, ValueError) as e:
+        raise PredictionError(f"Model folder {model_folder}: {e}") from e
     if task == ALL:
-        n_channels = len(dataset_json["channel_names"])
-        cases = list_cases(input_folder, dataset_json["file_ending"], n_channels)
+        cases = list_cases(input_folder, dataset_json.get("file_ending"), len(dataset_json.get("channel_names", {})))
+        files = cases
     elif task == AUTO:
         cases = list_auto_cases(input_folder, table)
+        files = {c: fs for c, (fs, _) in cases.items()}
     else:
         t = table.tasks[table.index(task)]
-        cases = list_cases(input_folder, t.file_ending, task_input_channels(t))
-    dev = torch.device(device)
-    predictor, net = make_predictor(model_folder, folds, checkpoint, step_size, tta, dev)
+        cases = files = list_cases(input_folder, t.file_ending, task_input_channels(t))
+    check_case_images(files, model_image_dimension(model_folder))
+    return table, cases
 
-    # write into a temporary folder beside the target: a failed run leaves no half-written output
-    parent = os.path.dirname(os.path.abspath(output_folder)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".versemi_predict_", dir=parent)
-    try:
-        if task == ALL:
-            predictor.predict_from_files([cases[c] for c in sorted(cases)], tmp, save_probabilities=False,
-                                         overwrite=True, num_processes_preprocessing=npp,
-                                         num_processes_segmentation_export=nps)
-        elif task == AUTO:
-            _, report = predict_auto(predictor, net, table, cases, tmp, npp)
-            save_json(report, join(tmp, RECOGNISED_JSON), sort_keys=False)
-        else:
-            predict_task(predictor, net, table.index(task), table.tasks[table.index(task)], cases, tmp, npp)
-        os.makedirs(output_folder, exist_ok=True)
-        written = []
-        for f in sorted(os.listdir(tmp)):
-            shutil.move(join(tmp, f), join(output_folder, f))
-            written.append(join(output_folder, f))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+def run(input_folder: str, output_folder: str, dataset: str, configuration: str, folds: list[str], task: str,
+        trainer: str = "VerSemiTrainer", plans: str = "nnUNetPlans", checkpoint: str = "checkpoint_final.pth",
+        step_size: float = 0.5, tta: bool = True, npp: int = 3, nps: int = 3, device: str = "cuda",
+        model_folder: str | None = None) -> list[str]:
+    model_folder = model_folder or resolve_model_folder(dataset, configuration, trainer, plans)
+    table, cases = validate_inputs(input_folder, output_folder, model_folder, folds, task, checkpoint,
+                                   configuration, trainer, plans)
+    target = os.path.abspath(output_folder)
+    # one run writes an output folder at a time; the lock file sits beside it
+    with writer_lock(os.path.dirname(target), os.path.basename(target), f"Output folder {target}"):
+        predictor, net = make_predictor(model_folder, folds, checkpoint, step_size, tta, torch.device(device))
+        # write into a temporary folder beside the target (those of killed runs are removed first): a failed
+        # run leaves no half-written output
+        tmp = make_temporary_beside(target, "predict")
+        try:
+            if task == ALL:
+                predictor.predict_from_files([cases[c] for c in sorted(cases)], tmp, save_probabilities=False,
+                                             overwrite=True, num_processes_preprocessing=npp,
+                                             num_processes_segmentation_export=nps)
+            elif task == AUTO:
+                _, report = predict_auto(predictor, net, table, cases, tmp, npp)
+                save_json(report, join(tmp, RECOGNISED_JSON), sort_keys=False)
+            else:
+                predict_task(predictor, net, table.index(task), table.tasks[table.index(task)], cases, tmp, npp)
+            os.makedirs(target, exist_ok=True)
+            written = []
+            for f in sorted(os.listdir(tmp)):
+                shutil.move(join(tmp, f), join(target, f))
+                written.append(join(output_folder, f))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return written
