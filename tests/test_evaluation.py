@@ -345,6 +345,67 @@ def test_overlays_with_and_without_images(union):
     assert all(p.stat().st_size > 1000 for p in pngs2)
 
 
+@pytest.mark.parametrize(
+    "ref_slices, pred_slices, values, expected",
+    [
+        # 2 FP voxels in slice 3, where the reference is empty; 1 FN voxel in slice 0: slice 3 is the worst
+        ({0: [(1, 1), (1, 2)]}, {0: [(1, 1)], 3: [(2, 2), (2, 3)]}, [1], (3, 2)),
+        # the wrong class counts as an error (organ predicted as lesion), other tasks' values (7) do not
+        ({1: [(0, 0), (0, 1), (0, 2)]}, {1: [(0, 0)], 2: [(0, 0)]}, [1, 2], (1, 2)),
+        ({}, {}, [1], (0, 0)),
+    ],
+)
+def test_error_slice_counts_false_positives_and_negatives(ref_slices, pred_slices, values, expected):
+    from nnunetv2_versemi.evaluation.overlays import error_slice
+
+    ref, pred = np.zeros((5, 4, 4), np.uint8), np.zeros((5, 4, 4), np.uint8)
+    pred[4] = 7  # another task's class everywhere in the last slice: never an error of this task
+    for arr, slices in ((ref, ref_slices), (pred, pred_slices)):
+        for z, voxels in slices.items():
+            for y, x in voxels:
+                arr[z, y, x] = 1
+    if values == [1, 2]:  # the second row: the predicted organ voxels (0, 1), (0, 2) became lesion
+        pred[1, 0, 1:3] = 2
+    assert error_slice(ref, pred, values) == expected
+
+
+def test_overlay_shows_the_slice_with_the_most_errors(tmp_path):
+    """Scattered false positives in a slice without the target appear in the overlay's second row."""
+    from nnunetv2_versemi.evaluation.overlays import render_case_overlay
+
+    ref = np.zeros((6, 12, 12), np.uint8)
+    ref[1:3, 3:9, 3:9] = 1  # most reference foreground: slice 1 (first of the equal slices)
+    pred = ref.copy()
+    pred[5, 0:2, 0:6] = 1  # 12 false positives in slice 5, no reference there
+    write_seg(tmp_path / "ref.nii.gz", ref)
+    write_seg(tmp_path / "pred.nii.gz", pred)
+    out = tmp_path / "o.png"
+    shown = render_case_overlay(out, str(tmp_path / "ref.nii.gz"), str(tmp_path / "pred.nii.gz"), [("organ", 1)])
+    assert shown == [1, 5]
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    # a perfect prediction: one row, the reference-foreground slice
+    assert render_case_overlay(out, str(tmp_path / "ref.nii.gz"), str(tmp_path / "ref.nii.gz"), [("organ", 1)]) == [1]
+
+
+def test_overlay_legend_says_the_outline_is_the_reference(monkeypatch, tmp_path):
+    from matplotlib.figure import Figure
+
+    from nnunetv2_versemi.evaluation import overlays
+
+    legends = []
+    real = Figure.legend
+
+    def spy(self, *args, **kwargs):
+        legends.append([h.get_label() for h in kwargs["handles"]])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "legend", spy)
+    ref = np.zeros((4, 4), np.uint8)
+    ref[1:3, 1:3] = 1
+    overlays.render_slice_overlay(tmp_path / "a.png", ref, ref, [("organ", 1)], dice={"organ": 1.0})
+    assert legends == [["organ (1) Dice 1.000", "outline: reference"]]
+
+
 def test_worker_processes_give_same_numbers(union):
     serial = evaluate_folders(union["ref"], union["pred"], union["table"], num_processes=1)
     parallel = evaluate_folders(union["ref"], union["pred"], union["table"], num_processes=2)

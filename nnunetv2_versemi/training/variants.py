@@ -293,6 +293,14 @@ class VerSemiTrainer_demo(ShortRun, VerSemiTrainer):
     epochs, iterations, val_iterations = 8, 20, 5
 
 
+class VerSemiTrainer_demoConverged(ShortRun, VerSemiTrainer):
+    """The README demo (``nnUNetv2_versemi_demo``, plans preset ``demo``, configuration ``2d_demo``): as many
+    steps as fit into a few minutes on 2 CPU cores with the demo's small network, enough for every demo task
+    and the task classifier to converge (docs/BENCHMARKS.md, "The README demo")."""
+
+    epochs, iterations, val_iterations = 12, 80, 2
+
+
 class VerSemiTrainer_tiny(ShortRun, VerSemiTrainer):
     """2 epochs of 3 iterations, for tests and the quick demo."""
 
