@@ -86,7 +86,8 @@ def test_grown_union_appends_the_task_and_keeps_old_cases_and_folds(grown):
     for o, n in zip(old_splits, new_splits):
         for key in ("train", "val"):
             assert [c for c in n[key] if not c.startswith("Kidney_")] == o[key]
-    assert sorted(c for s in new_splits for c in s["val"] if c.startswith("Kidney_")) == sorted(kidney.labeled)
+    # 3 labeled cases for 5 folds: each fold validates one of them (the merge's rule for small tasks)
+    assert {c for s in new_splits for c in s["val"] if c.startswith("Kidney_")} == set(kidney.labeled)
 
 
 def test_grown_union_is_preprocessed_with_the_models_plans(grown):
