@@ -428,6 +428,14 @@ class VerSemiTrainer(nnUNetTrainer):
         return identifiers[rank::world] if len(identifiers) >= world else identifiers
 
     @override
+    def on_train_start(self):
+        super().on_train_start()
+        if self.ema_network is not None and self.global_step == 0:
+            # nnU-Net loads -pretrained_weights into the student after initialize() made the teacher: a fresh
+            # training's teacher starts as the student it will follow (a warm start's loaded weights)
+            self.ema_network.load_state_dict(self._plain_network().state_dict())
+
+    @override
     def on_train_end(self):
         super().on_train_end()
         if isinstance(self.dataloader_unlabeled, NonDetMultiThreadedAugmenter):
