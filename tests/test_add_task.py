@@ -263,7 +263,7 @@ def test_ill_model_that_cannot_take_the_images_or_is_not_versemi(grown, capsys, 
     ck.pop("versemi")
     torch.save(ck, join(fold, "checkpoint_plain.pth"))
     for argv, message in ((["-chk", "checkpoint_plain.pth"], "not a VerSemi checkpoint"),
-                          (["-chk", "checkpoint_none.pth"], "Missing checkpoint"),
+                          (["-chk", "checkpoint_none.pth"], "holds checkpoint_none.pth"),
                           (["-f", "3"], "Missing checkpoint")):
         with pytest.raises(SystemExit):
             _nothing_written(grown, lambda argv=argv: _add(["-a", "503", *argv]))
