@@ -166,7 +166,7 @@ def test_warm_start_gives_old_prompts_identical_outputs_right_after_loading(grow
         a, g = old(x), new(x)
         assert torch.equal(old.last_task_probabilities.argmax(1), new.last_task_probabilities.argmax(1))
         torch.testing.assert_close(g[:, :old_t.num_merged_labels], a, rtol=1e-5, atol=1e-5)
-        assert (new.last_task_probabilities[:, new_t.index("Kidney")] < 1e-3).all()
+        assert (new.last_task_probabilities.argmax(1) < old_t.num_tasks).all()  # never routed to the new task
 
 
 def test_stock_train_with_pretrained_weights_and_teacher_from_loaded_weights(grown, tmp_path, monkeypatch):
@@ -263,7 +263,7 @@ def test_ill_model_that_cannot_take_the_images_or_is_not_versemi(grown, capsys, 
     ck.pop("versemi")
     torch.save(ck, join(fold, "checkpoint_plain.pth"))
     for argv, message in ((["-chk", "checkpoint_plain.pth"], "not a VerSemi checkpoint"),
-                          (["-chk", "checkpoint_none.pth"], "Missing checkpoint"),
+                          (["-chk", "checkpoint_none.pth"], "holds checkpoint_none.pth"),
                           (["-f", "3"], "Missing checkpoint")):
         with pytest.raises(SystemExit):
             _nothing_written(grown, lambda argv=argv: _add(["-a", "503", *argv]))
