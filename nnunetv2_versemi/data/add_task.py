@@ -28,6 +28,7 @@ from nnunetv2_versemi.data import merge as m
 from nnunetv2_versemi.nnunet_paths import link_or_copy, raw_folder
 from nnunetv2_versemi.tasktable import TABLE_KEY, TaskTable
 from nnunetv2_versemi.training.warm_start import TrainedModel
+from nnunetv2_versemi.writers import remove_stale_temporaries
 
 UNION_FOLDERS = ("imagesTr", "labelsTr", m.UNLABELED_DIR, "imagesTs", "labelsTs")
 
@@ -179,7 +180,7 @@ def add_tasks(
     _check_fits(model, old_dj, old_table, srcs)
     jobs, new_tasks = m._build_jobs(srcs, labeled_fraction, labeled_cases, test_fraction, seed)
     _shift(jobs, new_tasks, old_table)
-    m.remove_stale_temporaries(raw)
+    remove_stale_temporaries(raw)
     with m._worker_pool(num_processes, len(jobs)) as pool:
         results = m._run_jobs(m._validate_case, jobs, pool, "Checking new cases", progress)
         problems = [p for r in results for p in r["problems"]]
