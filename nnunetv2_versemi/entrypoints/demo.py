@@ -170,6 +170,8 @@ def demo_main(argv: list[str] | None = None) -> None:
     env = dict(os.environ, nnUNet_raw=join(work, "raw"), nnUNet_preprocessed=join(work, "preprocessed"),
                nnUNet_results=join(work, "results"))
     env.setdefault("nnUNet_n_proc_DA", "2")
+    # nnU-Net's final validation otherwise starts 8 export workers, too many for the 2-core machine it is meant for
+    env.setdefault("nnUNet_def_n_proc", "2")
     env["nnUNet_extTrainer"] = ensure_ext_trainer_env()
     times: dict[str, float] = {}
     t0 = time.time()
