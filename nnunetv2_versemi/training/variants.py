@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from nnunetv2_versemi.training.nnunet_variants import nnUNetTrainer_presentClassDice  # noqa: F401 (re-export)
 from nnunetv2_versemi.training.trainer import VerSemiTrainer
 
 
@@ -320,3 +321,4 @@ class VerSemiTrainer_noUnsup_tiny(ShortRun, VerSemiTrainer_noUnsup):
 
 
 __all__ = [n for n, v in dict(globals()).items() if isinstance(v, type) and issubclass(v, VerSemiTrainer)]
+__all__.append("nnUNetTrainer_presentClassDice")  # the plain nnU-Net variant, found through the same module
