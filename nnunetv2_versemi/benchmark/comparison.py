@@ -72,7 +72,7 @@ from tqdm import tqdm
 
 from nnunetv2_versemi.benchmark import report
 from nnunetv2_versemi.data.preprocess import missing_unlabeled, plan_and_preprocess
-from nnunetv2_versemi.data.task_dataset import write_pseudo_labeled_task_dataset, write_task_dataset
+from nnunetv2_versemi.data.task_dataset import SOURCE_KEY, write_pseudo_labeled_task_dataset, write_task_dataset
 from nnunetv2_versemi.discovery import ensure_ext_trainer_env
 from nnunetv2_versemi.errors import VerSemiInputError
 from nnunetv2_versemi.evaluation.evaluate import evaluate_folders
@@ -495,7 +495,7 @@ def ensure_pseudo_dataset(ctx: BenchmarkContext, task: Task, alone: TrainingRun,
     made_by = {"model_folder": alone.model_folder(), "folds": [str(f) for f in alone.folds],
                "checkpoints_mtime": [int(os.path.getmtime(alone.checkpoint(f))) for f in alone.folds]}
     current = join(os.environ["nnUNet_raw"], name, "dataset.json")
-    if isfile(current) and load_json(current).get("versemi_task_of", {}).get("made_by") == made_by:
+    if isfile(current) and load_json(current).get(SOURCE_KEY, {}).get("made_by") == made_by:
         written = False
     else:
         ctx.log(f"Pseudo-labeling {len(task.unlabeled)} unlabeled images of {task.name} with {alone.name}")
