@@ -72,7 +72,11 @@ from tqdm import tqdm
 
 from nnunetv2_versemi.benchmark import report
 from nnunetv2_versemi.data.preprocess import missing_unlabeled, plan_and_preprocess
-from nnunetv2_versemi.data.task_dataset import SOURCE_KEY, write_pseudo_labeled_task_dataset, write_task_dataset
+from nnunetv2_versemi.data.task_dataset import (
+    SOURCE_KEY,
+    write_pseudo_labeled_task_dataset,
+    write_task_dataset,
+)
 from nnunetv2_versemi.discovery import ensure_ext_trainer_env
 from nnunetv2_versemi.errors import VerSemiInputError
 from nnunetv2_versemi.evaluation.evaluate import evaluate_folders
