@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 
 from nnunetv2_versemi.errors import VerSemiInputError
@@ -94,11 +95,18 @@ def move_into_place(tmp: str, target: str, overwrite: bool) -> None:
 
 
 def _holder(path: str) -> str:
-    try:
-        with open(path) as f:
-            pid = f.read().strip()
-    except OSError:
-        pid = ""
+    """The holder of the lock file ``path``; its PID is written just after the holder took the lock, so an
+    empty file is read again for up to a second."""
+    pid = ""
+    for _ in range(20):
+        try:
+            with open(path) as f:
+                pid = f.read().strip()
+        except OSError:
+            break
+        if pid:
+            break
+        time.sleep(0.05)
     return f"process {pid}" if pid else "another process"
 
 

@@ -20,7 +20,8 @@ except ImportError:  # pytest's default rootdir-less import mode puts tests/ its
 ARGS = ["-d", "501", "502", "503", "-o", "600", "--labeled-fraction", "0.5", "-np", "1", "--no-pbar"]
 # the merge CLI in a child process whose case writer waits after each case, so the signal lands mid-write
 DRIVER = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a job started in the background ignores SIGINT
 from nnunetv2_versemi.data import merge as M
 write = M._write_case
 def slow(job):
@@ -92,7 +93,8 @@ def test_interrupted_merge_then_rerun_equals_uninterrupted(raw, sig):
 PREP = ["-d", "600", "-c", "2d", "-np", "1", "-npfp", "1", "--no_pbar"]
 # the unlabeled step in a child process that waits after each case, so the signal lands mid-step
 PREP_DRIVER = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a job started in the background ignores SIGINT
 from nnunetv2_versemi.data import preprocess as P
 one = P._preprocess_unlabeled_case
 def slow(args):
