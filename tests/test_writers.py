@@ -173,3 +173,16 @@ def test_allow_geometry_mismatch_resamples_a_flipped_prediction(tmp_path):
 def test_allow_geometry_mismatch_scores_a_shifted_prediction_as_missed(tmp_path):
     res = _eval(tmp_path, dict(origin=(100.0, 0.0, 0.0)), allow_geometry_mismatch=True)
     assert res["cases"]["CT_t"]["metrics"]["organ"]["dice"] == 0.0  # 100 mm away: no overlap, not Dice 1
+
+
+def test_add_task_takes_the_dataset_lock(tmp_path, monkeypatch):
+    """A second writer of the output id is refused by add_task as by merge, before anything is read or written."""
+    from nnunetv2_versemi.data.add_task import add_tasks
+
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path))
+    model = object()  # never looked at: the lock comes first
+    with dataset_lock(str(tmp_path), 950):
+        with pytest.raises(WriterLockError, match=rf"Dataset id 950 .* is being written by process {os.getpid()}"):
+            add_tasks(model, ["Dataset001_New"], 950, progress=False)
+        assert os.listdir(tmp_path) == [".Dataset950.lock"]
+    assert os.listdir(tmp_path) == []

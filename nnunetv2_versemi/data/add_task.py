@@ -28,7 +28,7 @@ from nnunetv2_versemi.data import merge as m
 from nnunetv2_versemi.nnunet_paths import link_or_copy, raw_folder
 from nnunetv2_versemi.tasktable import TABLE_KEY, TaskTable
 from nnunetv2_versemi.training.warm_start import TrainedModel
-from nnunetv2_versemi.writers import remove_stale_temporaries
+from nnunetv2_versemi.writers import dataset_lock, remove_stale_temporaries
 
 UNION_FOLDERS = ("imagesTr", "labelsTr", m.UNLABELED_DIR, "imagesTs", "labelsTs")
 
@@ -165,38 +165,40 @@ def add_tasks(
     raw = str(nnUNet_raw)
     if not sources:
         raise AddTaskError("No new dataset given")
-    old_folder, old_dj, old_table = _old_union(model)
-    m._check_arguments(labeled_fraction, labeled_cases, test_fraction)
-    resolved = m._resolve_sources(sources, raw)
-    names = [n for n, _ in resolved]
-    if model.dataset in names:
-        raise AddTaskError(f"{model.dataset} is the union itself, not a dataset to add")
-    tasks = m._task_names(names, task_names)
-    target = m._check_output(raw, output_id, output_name, [*names, model.dataset], overwrite)
-    unlabeled_dirs = dict(unlabeled_dirs or {})
-    channels = {k: int(v) for k, v in (channels or {}).items()}
-    m._check_task_options(tasks, unlabeled_dirs, channels, labeled_cases)
-    srcs = m._checked_sources(resolved, tasks, channels, unlabeled_dirs, progress)
-    _check_fits(model, old_dj, old_table, srcs)
-    jobs, new_tasks = m._build_jobs(srcs, labeled_fraction, labeled_cases, test_fraction, seed)
-    _shift(jobs, new_tasks, old_table)
-    remove_stale_temporaries(raw)
-    with m._worker_pool(num_processes, len(jobs)) as pool:
-        results = m._run_jobs(m._validate_case, jobs, pool, "Checking new cases", progress)
-        problems = [p for r in results for p in r["problems"]]
-        if problems:
-            raise AddTaskError(problems)
-        for ti, (src, task) in enumerate(zip(srcs, new_tasks), start=old_table.num_tasks):
-            task.normalization = m._task_normalization(src, [r for j, r in zip(jobs, results) if j.task == ti])
-        table = TaskTable([*old_table.tasks, *new_tasks])
-        provenance = {**old_dj.get("versemi_merge", {}),
-                      "added": [*old_dj.get("versemi_merge", {}).get("added", []),
-                                {"to": model.dataset, "model": model.folder, "sources": names, "seed": seed,
-                                 "labeled_fraction": labeled_fraction, "labeled_cases": labeled_cases,
-                                 "test_fraction": test_fraction}]}
-        splits = _grown_splits(_old_splits(model, old_folder), table, old_table.num_tasks)
-        final = _write_grown_union(jobs, table, pool, raw, target, old_folder, old_dj, output_name, provenance,
-                                   splits, progress)
+    # one writer per dataset id, as for merge: the check of the output and the writing happen under the lock
+    with dataset_lock(raw, output_id):
+        old_folder, old_dj, old_table = _old_union(model)
+        m._check_arguments(labeled_fraction, labeled_cases, test_fraction)
+        resolved = m._resolve_sources(sources, raw)
+        names = [n for n, _ in resolved]
+        if model.dataset in names:
+            raise AddTaskError(f"{model.dataset} is the union itself, not a dataset to add")
+        tasks = m._task_names(names, task_names)
+        target = m._check_output(raw, output_id, output_name, [*names, model.dataset], overwrite)
+        unlabeled_dirs = dict(unlabeled_dirs or {})
+        channels = {k: int(v) for k, v in (channels or {}).items()}
+        m._check_task_options(tasks, unlabeled_dirs, channels, labeled_cases)
+        srcs = m._checked_sources(resolved, tasks, channels, unlabeled_dirs, progress)
+        _check_fits(model, old_dj, old_table, srcs)
+        jobs, new_tasks = m._build_jobs(srcs, labeled_fraction, labeled_cases, test_fraction, seed)
+        _shift(jobs, new_tasks, old_table)
+        remove_stale_temporaries(raw)
+        with m._worker_pool(num_processes, len(jobs)) as pool:
+            results = m._run_jobs(m._validate_case, jobs, pool, "Checking new cases", progress)
+            problems = [p for r in results for p in r["problems"]]
+            if problems:
+                raise AddTaskError(problems)
+            for ti, (src, task) in enumerate(zip(srcs, new_tasks), start=old_table.num_tasks):
+                task.normalization = m._task_normalization(src, [r for j, r in zip(jobs, results) if j.task == ti])
+            table = TaskTable([*old_table.tasks, *new_tasks])
+            provenance = {**old_dj.get("versemi_merge", {}),
+                          "added": [*old_dj.get("versemi_merge", {}).get("added", []),
+                                    {"to": model.dataset, "model": model.folder, "sources": names, "seed": seed,
+                                     "labeled_fraction": labeled_fraction, "labeled_cases": labeled_cases,
+                                     "test_fraction": test_fraction}]}
+            splits = _grown_splits(_old_splits(model, old_folder), table, old_table.num_tasks)
+            final = _write_grown_union(jobs, table, pool, raw, target, old_folder, old_dj, output_name, provenance,
+                                       splits, progress)
     if progress:
         print(f"Wrote {final}: tasks {', '.join(table.names)} (new: {', '.join(tasks)}) ({time.time() - t0:.1f} s)")
     pp, plans, dj = _preprocess_with_model_plans(model, target, num_processes, progress)
