@@ -9,6 +9,10 @@ summarised exactly as ``nnUNetv2_versemi_benchmark --seeds`` does (``seeds.json`
 
 Usage (nnUNet_raw / nnUNet_preprocessed / nnUNet_results set):
     python hard_campaign.py OUT_DIR [-device cuda] [--settings L10 L100] [--seeds 3] [--deadline SECONDS]
+                            [--per-task-methods a e] [--union-methods d c] [--parallel 2]
+
+On a machine with few cores, --parallel caps the benchmark processes running at once (union methods, the longest
+runs, start first); the other processes wait for a free slot.
 """
 import argparse
 import json
@@ -71,7 +75,13 @@ def main() -> None:
     p.add_argument("--deadline", type=float, default=None, help="stop unfinished runs after this many seconds")
     p.add_argument("--budget", type=int, nargs=3, default=None, metavar=("E", "I", "V"),
                    help="other epochs, iterations, validation iterations (a smoke test; not the protocol)")
+    p.add_argument("--per-task-methods", nargs="+", default=None, help="instead of the setting's per-task methods")
+    p.add_argument("--union-methods", nargs="+", default=None, help="instead of the setting's union methods")
+    p.add_argument("--parallel", type=int, default=None, help="at most this many benchmark processes at once")
     args = p.parse_args()
+    for setting in SETTINGS:
+        fraction, first, name, per_task, union = SETTINGS[setting]
+        SETTINGS[setting] = (fraction, first, name, args.per_task_methods or per_task, args.union_methods or union)
     if args.budget:
         for flag, value in zip(("--epochs", "--iterations", "--val-iterations"), args.budget):
             PROTOCOL[PROTOCOL.index(flag) + 1] = str(value)
@@ -82,17 +92,23 @@ def main() -> None:
     for setting in args.settings:
         for s in range(args.seeds):
             seeds.append((setting, s, union_of(setting, s, args.np), join(args.out, setting, f"seed{s}")))
+    # per-task methods and union methods side by side, in one report folder (distinct runs and predictions);
+    # union methods first, since they run longest
+    queue = [(setting, s, union, out, part, methods)
+             for part, index in (("union", 4), ("per_task", 3))
+             for setting, s, union, out in seeds
+             for methods in [SETTINGS[setting][index]] if methods]
     jobs = []
-    for setting, s, union, out in seeds:
-        os.makedirs(out, exist_ok=True)
-        # per-task methods and union methods side by side, in one report folder (distinct runs and predictions)
-        for part, methods in (("per_task", SETTINGS[setting][3]), ("union", SETTINGS[setting][4])):
+    while queue or any(j.poll() is None for j in jobs):
+        while queue and (args.parallel is None or sum(j.poll() is None for j in jobs) < args.parallel):
+            setting, s, union, out, part, methods = queue.pop(0)
+            os.makedirs(out, exist_ok=True)
             jobs.append(_benchmark(union, args.device, methods, out, f"campaign_{part}.log"))
             print(f"{time.time() - t0:6.0f} s: started {setting} seed {s} {part} ({' '.join(methods)}) on {union}",
                   flush=True)
             time.sleep(5)
-    while any(j.poll() is None for j in jobs):
         if args.deadline and time.time() - t0 > args.deadline:
+            queue.clear()
             for j in jobs:
                 if j.poll() is None:
                     j.terminate()
