@@ -33,7 +33,7 @@ import torch
 
 from nnunetv2_versemi.errors import VerSemiInputError
 from nnunetv2_versemi.training.config import VerSemiConfig
-from nnunetv2_versemi.training.loaders import split_global_batch
+from nnunetv2_versemi.training.ddp import split_global_batch
 
 CONFIG_FIELDS = {f.name for f in fields(VerSemiConfig)}  # overrides of these replace the trainer's config
 

@@ -15,14 +15,8 @@ from typing_extensions import override
 
 from nnunetv2_versemi.data.preprocess import missing_unlabeled, unlabeled_folder
 from nnunetv2_versemi.data.splits import complete_validation
+from nnunetv2_versemi.training.ddp import split_global_batch
 from nnunetv2_versemi.training.sampling import TaskBalancedDataLoader
-
-
-def split_global_batch(global_batch: int, world_size: int, rank: int) -> int:
-    """This rank's share of a global batch, distributed the way nnU-Net distributes its labeled batch."""
-    if global_batch < world_size:
-        raise ValueError(f"Batch size {global_batch} is smaller than the number of GPUs ({world_size})")
-    return global_batch // world_size + (1 if rank < global_batch % world_size else 0)
 
 
 class TaskData:

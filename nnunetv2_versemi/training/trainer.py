@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from os.path import isfile, join
 
@@ -20,10 +19,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from typing_extensions import override
 
 from nnunetv2_versemi.network.head import VerSemiNetwork
-from nnunetv2_versemi.tasktable import TaskTable, TaskTableError
+from nnunetv2_versemi.tasktable import TaskTable, TaskTableError, check_table_against_dataset
 from nnunetv2_versemi.training import epoch_log, losses, mixes
 from nnunetv2_versemi.training.config import DEFAULT, VerSemiConfig
-from nnunetv2_versemi.training.loaders import TaskData, split_global_batch  # noqa: F401 (the DDP check's import)
+from nnunetv2_versemi.training.ddp import cpu_ddp_without_device_ids
+from nnunetv2_versemi.training.loaders import TaskData
 from nnunetv2_versemi.training.schedule import StageSchedule
 from nnunetv2_versemi.training.teacher import EMATeacher, every_head
 from nnunetv2_versemi.training.terms import LossTerms, step_record
@@ -122,7 +122,7 @@ class VerSemiTrainer(FinalValidation, TaskData, nnUNetTrainer):
             raise TypeError(f"{type(self).__name__}.config must be a VerSemiConfig, got {type(self.config).__name__}")
         self.uses_unlabeled = self.config.uses_unlabeled
         self._check_unlabeled_images()
-        with _ddp_without_device_ids(self.device):
+        with cpu_ddp_without_device_ids(self.device):
             super().initialize()
         self.print_to_log_file("VerSemi config (changes from the default: "
                                f"{self.config.changes() or 'none'}):", self.config.to_dict())
@@ -430,35 +430,3 @@ class VerSemiTrainer(FinalValidation, TaskData, nnUNetTrainer):
             self.teacher.load_state_dict(ema if ema is not None else self._plain_network().state_dict())
         if self.recognition_optimizer is not None and state.get("recognition_optimizer") is not None:
             self.recognition_optimizer.load_state_dict(state["recognition_optimizer"])
-
-
-@contextlib.contextmanager
-def _ddp_without_device_ids(device: torch.device):
-    """nnU-Net's ``initialize`` wraps the network in ``DDP(network, device_ids=[rank])``, which only a CUDA module
-    accepts; a CPU module (a gloo process group) must come without device ids. nnU-Net has no hook for the
-    wrapper, so its module's ``DDP`` name is swapped for the call."""
-    if device.type == "cuda":
-        yield
-        return
-    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
-
-    def cpu_ddp(module, device_ids=None, **kwargs):
-        return DDP(module, **kwargs)
-
-    nnunet_trainer_module.DDP = cpu_ddp
-    try:
-        yield
-    finally:
-        nnunet_trainer_module.DDP = DDP
-
-
-def check_table_against_dataset(table: TaskTable, dataset_json: dict) -> None:
-    """The plans' task table must describe the dataset being trained on."""
-    ds_table = TaskTable.from_dataset_json(dataset_json)
-    if not ds_table.same_structure(table):
-        raise TaskTableError("The task table in the plans and the one in dataset.json disagree: re-run "
-                             "nnUNetv2_versemi_plan_and_preprocess")
-    labels = {k: int(v) for k, v in dataset_json["labels"].items()}
-    if labels != table.merged_label_dict():
-        raise TaskTableError(f"dataset.json labels {labels} do not match the task table's merged labels "
-                             f"{table.merged_label_dict()}")

@@ -17,6 +17,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import distributed as dist
 from typing_extensions import override
 
+from nnunetv2_versemi.inference.prompted import PromptPerCase
 from nnunetv2_versemi.tasktable import TaskTable
 
 
@@ -37,23 +38,12 @@ class FinalValidation:
         base = self.dataset_class or infer_dataset_class(self.preprocessed_dataset_folder)
         folder = join(self.output_folder, "validation")
         prompted = self._validate_prompted(base) if self.config.validate_prompted_too else None
-        probs: dict[str, list[np.ndarray]] = {}
-        current: list[str] = []
-
-        def new_case(case: str) -> None:
-            current[:] = [case]
-            probs[case] = []
-
-        def collect(module, args, output):
-            if current and module.last_task_probabilities is not None:
-                probs[current[0]].append(module.last_task_probabilities.cpu().numpy())
-
-        hook = net.register_forward_hook(collect)
-        try:
-            with dataset_hook(self, base, new_case):
-                super().perform_actual_validation(save_probabilities)
-        finally:
-            hook.remove()
+        marks: list[tuple[str, int]] = []  # (case, its first entry in ``seen``), in the order nnU-Net predicts
+        with net.recording_task_probabilities() as seen, \
+                dataset_hook(self, base, lambda case: marks.append((case, len(seen)))):
+            super().perform_actual_validation(save_probabilities)
+        ends = [start for _, start in marks[1:]] + [len(seen)]
+        probs = {case: [p.cpu().numpy() for p in seen[start:end]] for (case, start), end in zip(marks, ends)}
         if self.is_ddp:  # each rank predicted its share of the cases; rank 0 writes the report of all
             shares = [None] * dist.get_world_size()
             dist.all_gather_object(shares, probs)
@@ -69,8 +59,7 @@ class FinalValidation:
                                                                                "validation_prompted")
         prompted = None
         # nnU-Net loads each case right before predicting it: switch to the case's prompt there
-        with net.prompted(None), dataset_hook(self, base,
-                                                lambda case: setattr(net, "prompt", table.task_of_case(case))):
+        with PromptPerCase(net) as switch, dataset_hook(self, base, lambda case: switch(table.task_of_case(case))):
             super().perform_actual_validation(False)
         if self.local_rank == 0 and isdir(folder):
             shutil.rmtree(prompted_folder, ignore_errors=True)
