@@ -16,11 +16,6 @@ from nnunetv2_versemi.data import merge as M
 from nnunetv2_versemi.data.demo_data import generate_demo_datasets
 from nnunetv2_versemi.entrypoints.benchmark import benchmark_main, build_benchmark_parser, speed_main
 from nnunetv2_versemi.entrypoints.data import plan_and_preprocess_main
-
-try:
-    from tests import _synth as S
-except ImportError:  # pytest's default rootdir-less import mode puts tests/ itself on sys.path
-    import _synth as S
 from nnunetv2_versemi.plans_presets import (
     PRESET_DIR,
     PlansPresetError,
@@ -30,7 +25,9 @@ from nnunetv2_versemi.plans_presets import (
     load_overlay,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+import _synth as S  # tests/ is on sys.path (pyproject.toml: pytest's pythonpath)
+
+REPO = Path(__file__).resolve().parents[2]
 UNION = 950
 TINY = [
     "--epochs",

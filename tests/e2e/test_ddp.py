@@ -24,10 +24,7 @@ from nnunetv2_versemi.entrypoints.data import plan_and_preprocess_main
 from nnunetv2_versemi.network.head import ScaledStandardize
 from nnunetv2_versemi.training.trainer import VerSemiTrainer
 
-try:
-    from tests import _synth as S
-except ImportError:  # pytest's default rootdir-less import mode puts tests/ itself on sys.path
-    import _synth as S
+import _synth as S  # tests/ is on sys.path (pyproject.toml: pytest's pythonpath)
 
 UNION = "971"
 GLOBAL_BATCH = 4  # nnU-Net's planned 2d batch of this union

@@ -16,6 +16,8 @@ import torch
 
 from nnunetv2_versemi.discovery import ext_trainer_dir
 
+from _synth import train_batches
+
 UNION_ID = 950
 UNION = "Dataset950_VerSemiUnion"
 TRAINER = "VerSemiTrainer_EMA_tiny"
@@ -519,26 +521,10 @@ if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-x", "-q"]))
 
 
-def _synthetic_batches(trainer, seed: int = 0):
-    """A labeled batch (one case of each task in turn, a square of the task's first class) and an unlabeled
-    batch, in the shapes nnU-Net's loaders give the trainer (targets per deep-supervision scale)."""
-    g = torch.Generator().manual_seed(seed)
-    table, ps, b = trainer.task_table, list(trainer.configuration_manager.patch_size), trainer.batch_size
-    keys = [table.tasks[i % table.num_tasks].labeled[0] for i in range(b)]
-    seg = torch.zeros(b, 1, *ps)
-    for i, k in enumerate(keys):
-        seg[i, 0, 4:12, 4:12] = table.tasks[table.task_of_case(k)].merged_values[0]
-    data = torch.randn(b, 1, *ps, generator=g) + seg
-    scales = trainer._get_deep_supervision_scales() or [[1.0] * len(ps)]
-    target = [torch.nn.functional.interpolate(seg, scale_factor=tuple(s), mode="nearest-exact") for s in scales]
-    unl = [table.tasks[i % table.num_tasks].unlabeled[0] for i in range(b)]
-    return {"data": data, "target": target, "keys": keys}, {"data": torch.randn(b, 1, *ps, generator=g), "keys": unl}
-
-
 @pytest.mark.parametrize("pseudo_weight", [1.0, 0.0])
 def test_pseudo_term_runs_in_stage_two_only(pipeline, tmp_path, monkeypatch, pseudo_weight):
     trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, pseudo_weight=pseudo_weight)
-    labeled, unlabeled = _synthetic_batches(trainer)
+    labeled, unlabeled = train_batches(trainer)
     trainer.dataloader_unlabeled = iter([unlabeled] * 2)
     stage1 = trainer.train_step(labeled)
     assert np.isnan(stage1["pseudo"]) and np.isnan(stage1["unsup"])
@@ -556,7 +542,7 @@ def test_default_trains_on_confident_ema_teacher_labels(pipeline, tmp_path, monk
     trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, name=name)
     assert trainer.ema_network is not None and trainer.config.pseudo_threshold == 0.9
     assert trainer.config.pseudo_weight == 1.0
-    labeled, unlabeled = _synthetic_batches(trainer)
+    labeled, unlabeled = train_batches(trainer)
     trainer.dataloader_unlabeled = iter([unlabeled] * 2)
     trainer.switch_epoch = 0
     before = {k: v.clone() for k, v in trainer.ema_network.state_dict().items()}
@@ -575,7 +561,7 @@ def test_teacher_passes_and_student_heads_on_the_unlabeled_mix(pipeline, tmp_pat
     teacher once on the unmixed images and the mixes together, and a student-made P_agg needs every task
     head."""
     trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, name=name)
-    labeled, unlabeled = _synthetic_batches(trainer)
+    labeled, unlabeled = train_batches(trainer)
     trainer.dataloader_unlabeled = iter([unlabeled])
     trainer.switch_epoch = 0
     calls, prompts = [], []
@@ -602,7 +588,7 @@ def test_teacher_p_agg_on_the_unmixed_images_or_on_the_mix(pipeline, tmp_path, m
     """Unmixed teacher input: every task's foreground of the teacher on the unmixed images, cut with the mix's box; mixed
     teacher input: the teacher's on the mix itself (computed in the same call as the pseudo labels)."""
     trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, name=name)
-    labeled, unlabeled = _synthetic_batches(trainer)
+    labeled, unlabeled = train_batches(trainer)
     trainer.dataloader_unlabeled = iter([unlabeled])
     batch, _ = trainer._to_device(labeled)
     torch.manual_seed(3)
@@ -705,7 +691,7 @@ def test_continuing_a_bottleneck_classifier_checkpoint_keeps_its_layout_in_the_o
 def test_paper_terms_variant_has_no_teacher_and_no_pseudo_term(pipeline, tmp_path, monkeypatch):
     trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, name="VerSemiTrainer_paperTerms")
     assert trainer.ema_network is None and trainer.config.target_source == "detach"
-    labeled, unlabeled = _synthetic_batches(trainer)
+    labeled, unlabeled = train_batches(trainer)
     trainer.dataloader_unlabeled = iter([unlabeled])
     trainer.switch_epoch = 0
     out = trainer.train_step(labeled)

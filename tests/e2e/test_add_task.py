@@ -19,10 +19,7 @@ from nnunetv2_versemi.entrypoints.add_task import add_task_main
 from nnunetv2_versemi.entrypoints.data import plan_and_preprocess_main
 from nnunetv2_versemi.tasktable import TaskTable
 
-try:
-    from tests import _synth as S
-except ImportError:  # pytest's default rootdir-less import mode puts tests/ itself on sys.path
-    import _synth as S
+import _synth as S  # tests/ is on sys.path (pyproject.toml: pytest's pythonpath)
 
 OLD, NEW = "Dataset600_VerSemiUnion", "Dataset610_Grown"
 TRAINER = "VerSemiTrainer_tiny"
