@@ -47,9 +47,10 @@ class LossTerms:
         stats = {}
         if step.unlabeled_mix is not None:
             un, out_u = step.unlabeled_mix, out.unlabeled_mix
-            terms["unsup"], stats = self.unsupervised(out_u, un)
+            p_syn = [losses.foreground_probability(o, 2) for o in UnlabeledMix.synthetic(out_u)]
+            terms["unsup"], stats = self.unsupervised(out_u, p_syn, un)
             if un.partner_idx is not None:
-                terms["cons"] = self.consistency_with_labels(out_u, un, step.labeled)
+                terms["cons"] = self.consistency_with_labels(p_syn, un, step.labeled)
             if un.pseudo is not None:
                 terms["pseudo"] = self.pseudo(out_u, un)
         return terms, stats
@@ -87,11 +88,11 @@ class LossTerms:
                     for f in task_fg], task_fg
         return [f.max(dim=1).values for f in task_fg], task_fg
 
-    def unsupervised(self, outs: list[torch.Tensor], un: UnlabeledMix) -> tuple[torch.Tensor, dict]:
-        """L_unsup, plus the share of samples the guard kept and, per task, the share of voxels its head calls
+    def unsupervised(self, outs: list[torch.Tensor], p_syn: list[torch.Tensor], un: UnlabeledMix
+                     ) -> tuple[torch.Tensor, dict]:
+        """L_unsup (``p_syn``: the synthetic prompt's foreground probability per scale), plus the share of samples the guard kept and, per task, the share of voxels its head calls
         foreground on the mixes. The guard is decided once, at full resolution, for every scale."""
         agg, task_fg = self.p_agg(outs, un)
-        p_syn = [losses.foreground_probability(o, 2) for o in UnlabeledMix.synthetic(outs)]
         keep = losses.foreground_guard(agg[0], self.config.unsup_min_foreground)
         term = losses.deep_supervision_sum(
             [losses.guarded_consistency_loss(p, q, keep) for p, q in zip(p_syn, agg)], self.ds_weights)
@@ -100,12 +101,11 @@ class LossTerms:
                      "task_fg": (task_fg[0] > 0.5).flatten(2).float().mean(dim=(0, 2)).cpu().numpy()}
         return term, stats
 
-    def consistency_with_labels(self, outs: list[torch.Tensor], un: UnlabeledMix, batch: LabeledBatch
+    def consistency_with_labels(self, p_syn: list[torch.Tensor], un: UnlabeledMix, batch: LabeledBatch
                                 ) -> torch.Tensor:
         """L_cons: the box holds a labeled partner, whose known foreground supervises the synthetic prompt there."""
         cons = []
-        for o, f in zip(UnlabeledMix.synthetic(outs), batch.fg):
-            p = losses.foreground_probability(o, 2)
+        for p, f in zip(p_syn, batch.fg):
             cons.append(losses.soft_dice_loss(p, f[un.partner_idx][:, 0], mask=un.box(p.shape[1:])[:, 0]))
         return losses.deep_supervision_sum(cons, self.ds_weights)
 

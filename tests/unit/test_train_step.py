@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from nnunetv2_versemi.training.trainer import LOSS_TERMS, VerSemiTrainer
+from nnunetv2_versemi.training.terms import LOSS_TERMS
+from nnunetv2_versemi.training.trainer import VerSemiTrainer
 from nnunetv2_versemi.training.variants import VerSemiTrainer_officialMix, VerSemiTrainer_paperTerms
 
 from _synth import train_batches
