@@ -4,6 +4,7 @@ and sliding-window prediction times."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import multiprocessing
@@ -51,7 +52,7 @@ def _prepare(c: Contender, plans: dict, configuration: str, table_for, num_chann
     trainer = make_trainer(c.kind, plans, configuration, table, num_channels, device, c.trainer)
     batch = fake_batch(trainer, table, cm.batch_size, list(cm.patch_size), num_channels, device)
     if c.kind != "nnunet":
-        bu = trainer.unlabeled_batch_size or cm.batch_size
+        bu = trainer.config.unlabeled_batch_size or cm.batch_size
         u = {"data": torch.randn((bu, num_channels, *cm.patch_size)).to(device),
              "keys": [f"{table.tasks[i % table.num_tasks].name}_u{i:04d}" for i in range(bu)]}
         trainer.dataloader_unlabeled = itertools.repeat(u)
@@ -288,11 +289,12 @@ def measure_prediction(
     with torch.no_grad():
         for r in range(repeats + 1):
             for mode, k, prompt in modes:
-                predictors[k].network.prompt = prompt if k == "versemi" else None
-                _sync(device)
-                t0 = time.perf_counter()
-                predictors[k].predict_sliding_window_return_logits(x)
-                _sync(device)
+                net = predictors[k].network
+                with net.prompted(prompt) if k == "versemi" else contextlib.nullcontext():
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    predictors[k].predict_sliding_window_return_logits(x)
+                    _sync(device)
                 if r > 0:  # the first round warms up
                     times[mode].append(time.perf_counter() - t0)
             if r > 0:
@@ -300,5 +302,4 @@ def measure_prediction(
                     f"prediction round {r}/{repeats}: "
                     + ", ".join(f"{m} {t[-1]:.3f}s" for m, t in times.items())
                 )
-    nets["versemi"].prompt = None
     return {m: {"times": t, "median_s": statistics.median(t)} for m, t in times.items()}
