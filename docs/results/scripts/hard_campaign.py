@@ -22,6 +22,8 @@ import sys
 import time
 from os.path import isfile, join
 
+from hard_seeds import only_methods
+
 from nnunetv2_versemi.benchmark.seeds import aggregate, seed_union, write_seed_report
 from nnunetv2_versemi.entrypoints.data import demo_data_main, merge_main, plan_and_preprocess_main
 from nnunetv2_versemi.nnunet_paths import dataset_name
@@ -135,22 +137,12 @@ def main() -> None:
         if done:
             per_seed = [json.load(open(join(o, "results.json"))) for _, o in done]
             common = set.intersection(*({m["key"] for m in r["methods"]} for r in per_seed))
-            per_seed = [_only(r, common) for r in per_seed]
+            per_seed = [only_methods(r, common) for r in per_seed]
             agg = aggregate(per_seed, [u for u, _ in done])
             agg["command"] = "python docs/results/scripts/hard_campaign.py " + " ".join(sys.argv[1:])
             write_seed_report(join(args.out, setting), agg, per_seed)
             print(f"{setting}: seeds report over {len(done)} seed(s), methods {sorted(common)}", flush=True)
     print(f"{time.time() - t0:6.0f} s: done", flush=True)
-
-
-def _only(results: dict, keys: set) -> dict:
-    """A seed's results restricted to the methods every seed finished."""
-    r = dict(results)
-    r["methods"] = [m for m in results["methods"] if m["key"] in keys]
-    r["cases"] = [c for c in results["cases"] if c["method"] in keys]
-    r["summary"] = {k: v for k, v in results["summary"].items() if k in keys}
-    r["runs"] = [st for st in results["runs"] if st["method"] in keys]
-    return r
 
 
 if __name__ == "__main__":
