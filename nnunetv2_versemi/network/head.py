@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from typing_extensions import override
 
+from nnunetv2_versemi.network.checkpoints import CheckpointNotice, convert_state_dict
+
 # margin by which channels a prompted forward leaves out stay below the task's lowest logit: they never win
 # the argmax and stay finite (nnU-Net accumulates sliding-window logits in fp16 with Gaussian weights ~10)
 _ABSENT_MARGIN = 10.0
@@ -195,6 +197,7 @@ class VerSemiNetwork(nn.Module):
         self.routing = "recognised"
         self.prompt: int | None = None
         self._task_probability_sinks: list[list[torch.Tensor]] = []  # -> recording_task_probabilities()
+        self._checkpoint_notes_given: set[str] = set()
 
     # nnU-Net toggles deep supervision through `.decoder.deep_supervision`
     @property
@@ -287,31 +290,16 @@ class VerSemiNetwork(nn.Module):
 
     @override
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Checkpoints written before the task classifier existed load with ``routing = "all_heads"``; those
-        whose classifier reads the bottleneck alone switch this network to ``recognition_input =
-        "bottleneck"``."""
-        weight = state_dict.get("task_classifier.1.weight")
-        if (weight is not None and self.recognition_input == "stages"
-                and weight.shape[1] == self._stage_channels[-1] != sum(self._stage_channels)):
-            if self.routing == "recognised":  # nnU-Net's predictor reloads the weights per case: say it once
-                warnings.warn("VerSemi: this checkpoint's task classifier reads the pooled bottleneck only "
-                              "(trained before the classifier read every encoder stage); it is used as trained",
-                              stacklevel=2)
-            self.recognition_input = "bottleneck"
-            self.task_classifier = self._new_classifier().to(device=weight.device)
-        keys = [f"task_classifier.{k}" for k in self.task_classifier.state_dict()]
-        if strict and keys and not any(k in state_dict for k in keys):
-            result = super().load_state_dict(state_dict, strict=False, assign=assign)
-            if result.unexpected_keys or not set(result.missing_keys) <= set(keys):
-                raise RuntimeError(f"Error loading VerSemiNetwork state: missing {result.missing_keys}, "
-                                   f"unexpected {result.unexpected_keys}")
-            if self.routing != "all_heads":  # nnU-Net's predictor reloads the weights per case: say it once
-                warnings.warn("VerSemi: this checkpoint has no task classifier (trained before task recognition): "
-                              "prompt-free prediction runs every task head, the most confident task wins per voxel",
-                              stacklevel=2)
-            self.routing = "all_heads"
-            return result
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        """Weights of earlier versions are converted to this network's layout first (network/checkpoints.py);
+        each conversion is announced once per network (nnU-Net's predictor reloads the weights per case)."""
+        converted = convert_state_dict(self, state_dict)
+        for note in converted.notes:
+            if note not in self._checkpoint_notes_given:
+                self._checkpoint_notes_given.add(note)
+                warnings.warn(note, CheckpointNotice, stacklevel=2)
+        if converted.routing is not None:
+            self.routing = converted.routing
+        return super().load_state_dict(converted.state_dict, strict=strict, assign=assign)
 
     @contextlib.contextmanager
     def prompted(self, prompt: int | None, routing: str | None = None) -> Iterator[None]:

@@ -18,6 +18,7 @@ from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 from typing_extensions import override
 
+from nnunetv2_versemi.network.checkpoints import drop_mismatched_optimizer_state, logged_checkpoint_notices
 from nnunetv2_versemi.network.head import VerSemiNetwork
 from nnunetv2_versemi.tasktable import TaskTable, TaskTableError, check_table_against_dataset
 from nnunetv2_versemi.training import epoch_log, losses, mixes
@@ -400,16 +401,13 @@ class VerSemiTrainer(FinalValidation, TaskData, nnUNetTrainer):
 
     @override
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        super().load_checkpoint(filename_or_checkpoint)
+        with logged_checkpoint_notices(self.print_to_log_file):
+            super().load_checkpoint(filename_or_checkpoint)
         checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else torch.load(
             filename_or_checkpoint, map_location=self.device, weights_only=False)
-        if self._plain_network().recognition_input != self.config.recognition_input:
-            # the checkpoint's classifier has the bottleneck-only layout and replaced the built one: the
-            # optimizers must hold the classifier that is now in the network
-            self.optimizer, self.lr_scheduler = self.configure_optimizers()
-            self.optimizer.load_state_dict(checkpoint["optimizer_state"])
-            self.print_to_log_file("The checkpoint's task classifier reads the bottleneck only: training goes "
-                                   "on with that layout")
+        for opt in (self.optimizer, self.recognition_optimizer):
+            if opt is not None and drop_mismatched_optimizer_state(opt):
+                self.print_to_log_file("The optimizer state of the converted task classifier starts afresh")
         state = checkpoint.get("versemi")
         if state is None:
             return
@@ -427,6 +425,7 @@ class VerSemiTrainer(FinalValidation, TaskData, nnUNetTrainer):
             # a checkpoint without a teacher (trained with another target_source): the teacher starts as the
             # loaded student, not as the initial weights it was copied from
             ema = state.get("ema_weights")
-            self.teacher.load_state_dict(ema if ema is not None else self._plain_network().state_dict())
+            with logged_checkpoint_notices(self.print_to_log_file):
+                self.teacher.load_state_dict(ema if ema is not None else self._plain_network().state_dict())
         if self.recognition_optimizer is not None and state.get("recognition_optimizer") is not None:
             self.recognition_optimizer.load_state_dict(state["recognition_optimizer"])

@@ -672,20 +672,27 @@ def test_pseudo_targets_mix_each_task_heads_labels_on_the_unmixed_images(pipelin
     assert torch.equal(outside_t[0][:, 0][~unsure], outside[0][:, 0][~unsure])
 
 
-def test_continuing_a_bottleneck_classifier_checkpoint_keeps_its_layout_in_the_optimizer(pipeline, tmp_path,
-                                                                                          monkeypatch):
+def test_continuing_a_bottleneck_classifier_checkpoint_converts_it(pipeline, tmp_path, monkeypatch):
+    """A checkpoint whose task classifier read the bottleneck alone continues in the every-stage layout: the
+    network keeps the architecture its trainer built, the optimizer holds that classifier, its stale momentum
+    is dropped, both conversions are in nnU-Net's training log, and training goes on."""
     old = _fresh_trainer(pipeline, tmp_path, monkeypatch, name="VerSemiTrainer_bottleneckRecognition")
     assert old.network.recognition_input == "bottleneck"
+    labeled, _ = train_batches(old)
+    old.train_step(labeled)  # momentum for every parameter, the classifier's in its old shape
     path = str(tmp_path / "old.pth")
     old.save_checkpoint(path)
     trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch)
-    assert trainer.network.recognition_input == "stages"
     trainer.load_checkpoint(path)
     net = trainer.network
-    assert net.recognition_input == "bottleneck"
+    assert net.recognition_input == "stages"
+    assert net.task_classifier[1].in_features == sum(net._stage_channels)
     held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert all(id(p) in held for p in net.task_classifier.parameters())
-    assert "reads the bottleneck only" in _log_text(trainer)
+    log = _log_text(trainer)
+    assert "reads the pooled bottleneck only" in log and "starts afresh" in log
+    out = trainer.train_step(labeled)
+    assert np.isfinite(out["loss"])
 
 
 def test_paper_terms_variant_has_no_teacher_and_no_pseudo_term(pipeline, tmp_path, monkeypatch):

@@ -169,7 +169,7 @@ def test_checkpoint_without_classifier_loads_with_all_heads_routing():
     assert fresh.routing == "recognised"
     broken = dict(old)
     broken.pop(next(iter(broken)))
-    with pytest.raises(RuntimeError, match="missing"):
+    with pytest.raises(RuntimeError, match="Missing key"):
         _net().load_state_dict(broken)
 
 
@@ -281,8 +281,8 @@ def test_recognition_trains_with_batch_size_one():
 
 def test_classifier_reads_every_encoder_stage_and_old_layout_loads():
     """The task classifier's input is the spatial mean of every encoder stage: changing only an early stage's
-    features changes the recognition; a checkpoint whose classifier read the bottleneck alone loads with that
-    layout and recognises as before."""
+    features changes the recognition; a checkpoint whose classifier read the bottleneck alone is converted to
+    the every-stage layout (its other stages at weight 0) and recognises as before."""
     net = _net(ds=False)
     assert net.recognition_input == "stages"
     channels = list(net.backbone.encoder.output_channels)
@@ -297,18 +297,28 @@ def test_classifier_reads_every_encoder_stage_and_old_layout_loads():
     old.recognition_input = "bottleneck"
     old.task_classifier = old._new_classifier()
     torch.nn.init.normal_(old.task_classifier[1].weight)
+    old.eval()
     with torch.no_grad():
         old.task_classifier[0].running_mean.normal_()
         expected = old.recognise(x)
     fresh = _net(ds=False)
     with pytest.warns(UserWarning, match="reads the pooled bottleneck only"):
         fresh.load_state_dict(old.state_dict())
-    assert fresh.recognition_input == "bottleneck" and fresh.task_classifier[1].in_features == channels[-1]
+    assert fresh.recognition_input == "stages" and fresh.task_classifier[1].in_features == sum(channels)
+    fresh.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh.recognise(x), expected)
+        early = x.clone()
+        early[:, :, :4] += 3.0  # changes every stage's features: the converted classifier still reads the last
+        torch.testing.assert_close(fresh.recognise(early), old.recognise(early))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fresh.load_state_dict(old.state_dict())  # reloaded per case: no second notice
     assert not caught
+    bottleneck_net = _net(ds=False)
+    bottleneck_net.recognition_input = "bottleneck"
+    bottleneck_net.task_classifier = bottleneck_net._new_classifier()
+    with pytest.raises(RuntimeError, match="no conversion between them"):
+        bottleneck_net.load_state_dict(_net(ds=False).state_dict())
     with pytest.raises(ValueError, match="recognition_input"):
         VerSemiNetwork(_backbone(2), NUM_CLASSES, MERGED, recognition_input="pooled")
