@@ -25,7 +25,8 @@ from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from tqdm import tqdm
 
-from nnunetv2_versemi.benchmark.comparison import BenchmarkError, labeled_test_cases
+from nnunetv2_versemi.benchmark.methods import BenchmarkError
+from nnunetv2_versemi.benchmark.preparation import labeled_test_cases
 from nnunetv2_versemi.evaluation.evaluate import evaluate_folders
 from nnunetv2_versemi.inference.predict import (
     check_folds,
