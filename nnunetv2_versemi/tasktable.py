@@ -316,3 +316,15 @@ def find_task_table(dataset: str | int | None = None, path: str | os.PathLike | 
                              "give the path of its dataset.json")
     raise TaskTableError(f"{name} has no '{TABLE_KEY}' task table (looked in {', '.join(seen)}): not a union "
                          "dataset made by nnUNetv2_versemi_merge")
+
+
+def check_table_against_dataset(table: TaskTable, dataset_json: dict) -> None:
+    """The plans' task table must describe the dataset being trained on."""
+    ds_table = TaskTable.from_dataset_json(dataset_json)
+    if not ds_table.same_structure(table):
+        raise TaskTableError("The task table in the plans and the one in dataset.json disagree: re-run "
+                             "nnUNetv2_versemi_plan_and_preprocess")
+    labels = {k: int(v) for k, v in dataset_json["labels"].items()}
+    if labels != table.merged_label_dict():
+        raise TaskTableError(f"dataset.json labels {labels} do not match the task table's merged labels "
+                             f"{table.merged_label_dict()}")

@@ -1,4 +1,5 @@
-"""Tiny synthetic nnU-Net raw datasets for the data tests (no downloads, a few KB each)."""
+"""Tiny synthetic nnU-Net raw datasets for the data tests (no downloads, a few KB each), and the in-memory batches
+of a trainer's step."""
 
 from __future__ import annotations
 
@@ -141,3 +142,22 @@ def isolated_nnunet(base, mp) -> None:
         self.num_foreground_voxels_for_intensitystats = 1e5
 
     mp.setattr(DatasetFingerprintExtractor, "__init__", small_init)
+
+
+def train_batches(trainer, seed: int = 0) -> tuple[dict, dict]:
+    """A labeled batch (one case of each task in turn, a square of the task's first class) and an unlabeled
+    batch, in the shapes nnU-Net's loaders give an initialized VerSemi trainer (targets per deep-supervision
+    scale), for ``trainer.train_step`` and ``trainer.dataloader_unlabeled``."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    table, ps, b = trainer.task_table, list(trainer.configuration_manager.patch_size), trainer.batch_size
+    keys = [table.tasks[i % table.num_tasks].labeled[0] for i in range(b)]
+    seg = torch.zeros(b, 1, *ps)
+    for i, k in enumerate(keys):
+        seg[i, 0, 4:12, 4:12] = table.tasks[table.task_of_case(k)].merged_values[0]
+    data = torch.randn(b, 1, *ps, generator=g) + seg
+    scales = trainer._get_deep_supervision_scales() or [[1.0] * len(ps)]
+    target = [torch.nn.functional.interpolate(seg, scale_factor=tuple(s), mode="nearest-exact") for s in scales]
+    unl = [table.tasks[i % table.num_tasks].unlabeled[0] for i in range(b)]
+    return {"data": data, "target": target, "keys": keys}, {"data": torch.randn(b, 1, *ps, generator=g), "keys": unl}

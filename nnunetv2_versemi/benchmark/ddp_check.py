@@ -25,14 +25,17 @@ import socket
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from os.path import join
 
 import numpy as np
 import torch
 
 from nnunetv2_versemi.errors import VerSemiInputError
-from nnunetv2_versemi.training.trainer import split_global_batch
+from nnunetv2_versemi.training.config import VerSemiConfig
+from nnunetv2_versemi.training.ddp import split_global_batch
+
+CONFIG_FIELDS = {f.name for f in fields(VerSemiConfig)}  # overrides of these replace the trainer's config
 
 
 class DDPRunError(RuntimeError):
@@ -197,8 +200,11 @@ def _build(job: RankJob, rank: int, trace: dict):
     trainer.num_epochs, trainer.num_iterations_per_epoch = job.epochs, job.iterations
     trainer.num_val_iterations_per_epoch = job.val_iterations
     trainer.save_every = 1
+    config_changes = {k: v for k, v in job.overrides if k in CONFIG_FIELDS}
+    trainer.config = replace(trainer.config, **config_changes)
     for name, value in job.overrides:
-        setattr(trainer, name, value)
+        if name not in CONFIG_FIELDS:
+            setattr(trainer, name, value)
     if job.prepare is not None:
         job.prepare(trainer, rank)
     _instrument(trainer, trace, job)
@@ -279,7 +285,7 @@ def _train_and_trace(rank: int, world: int, job: RankJob) -> dict:
                            "switch_epoch": trainer.switch_epoch, "model": _digest(trainer._plain_network()),
                            "ema": _digest(trainer.ema_network)}
         trainer.run_training()
-    log = trainer.logger.local_logger.my_fantastic_logging
+    log = trainer.logger.get_checkpoint()
     trace.update(
         switch_epoch=trainer.switch_epoch, global_step=trainer.global_step,
         model=_digest(trainer._plain_network()), ema=_digest(trainer.ema_network),

@@ -25,7 +25,8 @@ from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from tqdm import tqdm
 
-from nnunetv2_versemi.benchmark.comparison import BenchmarkError, labeled_test_cases
+from nnunetv2_versemi.benchmark.methods import BenchmarkError
+from nnunetv2_versemi.benchmark.preparation import labeled_test_cases
 from nnunetv2_versemi.evaluation.evaluate import evaluate_folders
 from nnunetv2_versemi.inference.predict import (
     check_folds,
@@ -43,19 +44,12 @@ PROG = "nnUNetv2_versemi_benchmark recognition"
 def _predict_case(predictor, net, data: torch.Tensor, mode: str, task: int) -> tuple[np.ndarray, float, list]:
     """Logits of one preprocessed case under one mode, the seconds it took, and (recognised) the per-patch
     task probabilities the network saw."""
-    net.prompt = task if mode == "prompted" else None
-    net.routing = "all_heads" if mode == "all_heads" else "recognised"
-    seen = []
-    hook = net.register_forward_hook(
-        lambda m, a, o: seen.append(m.last_task_probabilities.cpu().numpy()) if mode == "recognised" else None)
-    try:
+    with net.prompted(task if mode == "prompted" else None, "all_heads" if mode == "all_heads" else "recognised"), \
+            net.recording_task_probabilities() as seen:
         t0 = time.perf_counter()
         logits = predictor.predict_sliding_window_return_logits(data)
         seconds = time.perf_counter() - t0
-    finally:
-        hook.remove()
-        net.prompt, net.routing = None, "recognised"
-    return logits, seconds, seen
+    return logits, seconds, [p.cpu().numpy() for p in seen]
 
 
 def _load_model(args: argparse.Namespace) -> tuple[str, TaskTable, list[str], nnUNetPredictor, torch.nn.Module]:

@@ -29,14 +29,9 @@ from batchgenerators.utilities.file_and_folder_operations import load_json, save
 from scipy import stats
 
 from nnunetv2_versemi.benchmark import report
-from nnunetv2_versemi.benchmark.comparison import (
-    BASELINE,
-    BenchmarkError,
-    _apply_preset,
-    _base_configuration,
-    prepare_benchmark,
-    run_benchmark,
-)
+from nnunetv2_versemi.benchmark.comparison import run_benchmark
+from nnunetv2_versemi.benchmark.methods import BASELINE, BenchmarkError
+from nnunetv2_versemi.benchmark.preparation import apply_preset, base_configuration, prepare_benchmark
 from nnunetv2_versemi.data.merge import MergeError, merge_datasets
 from nnunetv2_versemi.data.preprocess import plan_and_preprocess
 from nnunetv2_versemi.discovery import ensure_ext_trainer_env
@@ -96,7 +91,7 @@ def seed_union(union: str, seed_index: int, configuration: str, plans_preset: st
     if not isfile(plans_file) or TABLE_KEY not in load_json(plans_file):
 
         union_plans = load_json(join(os.environ["nnUNet_preprocessed"], union, "nnUNetPlans.json"))
-        base = _base_configuration(_apply_preset(union_plans, plans_preset), configuration)
+        base = base_configuration(apply_preset(union_plans, plans_preset), configuration)
         log(f"Seed {seed_index}: planning and preprocessing {name} ({base})")
         plan_and_preprocess(name, [base], num_processes=[max(1, npp)], num_processes_fingerprint=max(1, npp),
                             progress=False)

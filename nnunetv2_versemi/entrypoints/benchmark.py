@@ -196,16 +196,16 @@ def _add_execution_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_benchmark_parser() -> argparse.ArgumentParser:
-    from nnunetv2_versemi.benchmark import comparison
+    from nnunetv2_versemi.benchmark import methods
 
     p = argparse.ArgumentParser(
-        prog=comparison.PROG,
+        prog=methods.PROG,
         description="VerSemi vs nnU-Net baselines on one union dataset: same labeled cases, test cases and "
         "budget for every method. Subcommands: 'speed' (step time/memory), 'plans' (apply a plans preset).",
     )
     _add_union_arguments(p)
     _add_budget_arguments(p)
-    _add_run_arguments(p, list(comparison.DEFAULT_METHODS))
+    _add_run_arguments(p, list(methods.DEFAULT_METHODS))
     _add_execution_arguments(p)
     return p
 

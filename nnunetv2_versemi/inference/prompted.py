@@ -1,10 +1,10 @@
 """Predict each case under its own task's prompt, through nnU-Net's public predictor API.
 
-nnU-Net's predictors call the network patch by patch and know nothing of prompts. A VerSemi network has a
-``prompt`` attribute (see ``network/head.py``): while it is set, the prompt-free forward returns that task's
-output only. Every place that predicts "each case under its own prompt" (the benchmark, ``--task`` /
-``--task auto`` prediction, final validation) switches that attribute right before nnU-Net predicts the case,
-with :meth:`VerSemiNetwork.prompted` and the functions here.
+nnU-Net's predictors call the network patch by patch and know nothing of prompts. Within
+:meth:`VerSemiNetwork.prompted` (see ``network/head.py``) the prompt-free forward returns one task's output
+only. Every place that predicts "each case under its own prompt" (the benchmark, ``--task`` / ``--task auto``
+prediction, final validation) switches the prompt right before nnU-Net predicts the case, through that
+context manager and the helpers here.
 """
 
 from __future__ import annotations
@@ -25,13 +25,38 @@ def prompted(predictor_or_network, prompt: int | None) -> contextlib.AbstractCon
     return plain_network(predictor_or_network).prompted(prompt)
 
 
+class PromptPerCase:
+    """Switches the network's prompt case by case within one block, each through
+    :meth:`VerSemiNetwork.prompted` (so the prompt before the block comes back after it, also on error)."""
+
+    def __init__(self, predictor_or_network):
+        self.net = plain_network(predictor_or_network)
+        self._current: contextlib.AbstractContextManager | None = None
+
+    def __call__(self, prompt: int | None) -> None:
+        self.close()
+        self._current = self.net.prompted(prompt)
+        self._current.__enter__()
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.__exit__(None, None, None)
+            self._current = None
+
+    def __enter__(self) -> PromptPerCase:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def switch_prompt_per_item(net, items: Iterable[dict], prompt_of: Callable[[str], int | None]) -> Iterator[dict]:
     """nnU-Net's ``predict_from_data_iterator`` predicts each item of its iterator as it is yielded, in
     order: set the prompt of the item's case (the output file's name) right before yielding it."""
-    net = plain_network(net)
-    for item in items:
-        net.prompt = prompt_of(os.path.basename(item["ofile"]))
-        yield item
+    with PromptPerCase(net) as switch:
+        for item in items:
+            switch(prompt_of(os.path.basename(item["ofile"])))
+            yield item
 
 
 def predict_files_under_prompts(predictor, image_lists: Sequence[Sequence[str]], output_truncated: Sequence[str],

@@ -9,12 +9,15 @@ whole network once per prompt.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from typing_extensions import override
+
+from nnunetv2_versemi.network.checkpoints import CheckpointNotice, convert_state_dict
 
 # margin by which channels a prompted forward leaves out stay below the task's lowest logit: they never win
 # the argmax and stay finite (nnU-Net accumulates sliding-window logits in fp16 with Gaussian weights ~10)
@@ -135,12 +138,14 @@ class VerSemiNetwork(nn.Module):
     """nnU-Net's planned U-Net as a task-agnostic backbone plus a dynamic head at every decoder scale, and a
     task classifier on the pooled bottleneck features.
 
-    ``forward(x)`` without prompts returns merged-label-space logits (what stock nnU-Net inference calls):
-      - ``self.prompt = t``: only task t's channels are filled (its own logits at its merged positions);
-      - ``self.prompt = None`` and ``self.routing = "recognised"`` (default): the same, with t the task the
-        classifier recognises in each input patch (top-1). Task heads never see other tasks' images in
-        training, so on a foreign image their output is arbitrary: routing keeps them off it;
-      - ``self.prompt = None`` and ``self.routing = "all_heads"``: every task head runs; the argmax is
+    ``forward(x)`` without prompts returns merged-label-space logits (what stock nnU-Net inference calls); what
+    it answers is set for a block with :meth:`prompted` (its task probabilities are collected with
+    :meth:`recording_task_probabilities`):
+      - ``prompted(t)``: only task t's channels are filled (its own logits at its merged positions);
+      - no prompt, routing "recognised" (default): the same, with t the task the classifier recognises in each
+        input patch (top-1). Task heads never see other tasks' images in training, so on a foreign image their
+        output is arbitrary: routing keeps them off it;
+      - ``prompted(None, routing="all_heads")``: every task head runs; the argmax is
         background where every task predicts background, else the foreground class of the task with the
         largest margin of foreground over background probability. Right when one image shows structures of
         several tasks (e.g. two organs of one CT, each labeled in another dataset); checkpoints without a
@@ -191,7 +196,8 @@ class VerSemiNetwork(nn.Module):
         self.recognition_detach = True  # the classifier's loss does not reach the backbone (docs/METHOD.md)
         self.routing = "recognised"
         self.prompt: int | None = None
-        self.last_task_probabilities: torch.Tensor | None = None  # of the last prompt-free forward, (B, T)
+        self._task_probability_sinks: list[list[torch.Tensor]] = []  # -> recording_task_probabilities()
+        self._checkpoint_notes_given: set[str] = set()
 
     # nnU-Net toggles deep supervision through `.decoder.deep_supervision`
     @property
@@ -271,7 +277,8 @@ class VerSemiNetwork(nn.Module):
         tasks = None
         if self.prompt is None and self.routing == "recognised":
             probs = torch.softmax(task_logits.float(), dim=1)
-            self.last_task_probabilities = probs.detach()
+            for sink in self._task_probability_sinks:
+                sink.append(probs.detach())
             tasks = probs.argmax(dim=1)
         out = [self._merged(f, context, s, tasks) for s, f in enumerate(feats)]
         return out if self.backbone.decoder.deep_supervision else out[0]
@@ -283,40 +290,42 @@ class VerSemiNetwork(nn.Module):
 
     @override
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Checkpoints written before the task classifier existed load with ``routing = "all_heads"``; those
-        whose classifier reads the bottleneck alone switch this network to ``recognition_input =
-        "bottleneck"``."""
-        weight = state_dict.get("task_classifier.1.weight")
-        if (weight is not None and self.recognition_input == "stages"
-                and weight.shape[1] == self._stage_channels[-1] != sum(self._stage_channels)):
-            if self.routing == "recognised":  # nnU-Net's predictor reloads the weights per case: say it once
-                print("VerSemi: this checkpoint's task classifier reads the pooled bottleneck only (trained "
-                      "before the classifier read every encoder stage); it is used as trained")
-            self.recognition_input = "bottleneck"
-            self.task_classifier = self._new_classifier().to(device=weight.device)
-        keys = [f"task_classifier.{k}" for k in self.task_classifier.state_dict()]
-        if strict and keys and not any(k in state_dict for k in keys):
-            result = super().load_state_dict(state_dict, strict=False, assign=assign)
-            if result.unexpected_keys or not set(result.missing_keys) <= set(keys):
-                raise RuntimeError(f"Error loading VerSemiNetwork state: missing {result.missing_keys}, "
-                                   f"unexpected {result.unexpected_keys}")
-            if self.routing != "all_heads":  # nnU-Net's predictor reloads the weights per case: say it once
-                print("VerSemi: this checkpoint has no task classifier (trained before task recognition): "
-                      "prompt-free prediction runs every task head, the most confident task wins per voxel")
-            self.routing = "all_heads"
-            return result
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        """Weights of earlier versions are converted to this network's layout first (network/checkpoints.py);
+        each conversion is announced once per network (nnU-Net's predictor reloads the weights per case)."""
+        converted = convert_state_dict(self, state_dict)
+        for note in converted.notes:
+            if note not in self._checkpoint_notes_given:
+                self._checkpoint_notes_given.add(note)
+                warnings.warn(note, CheckpointNotice, stacklevel=2)
+        if converted.routing is not None:
+            self.routing = converted.routing
+        return super().load_state_dict(converted.state_dict, strict=strict, assign=assign)
 
     @contextlib.contextmanager
-    def prompted(self, prompt: int | None) -> Iterator[None]:
-        """Within the block the prompt-free forward (what nnU-Net's predictors call) answers for task
-        ``prompt`` only (None: every task, routed by recognition); the prompt is cleared afterwards, also on
-        error. The one way callers predict "each case under its own prompt"."""
-        self.prompt = prompt
+    def prompted(self, prompt: int | None, routing: str | None = None) -> Iterator[None]:
+        """Within the block the prompt-free forward (what nnU-Net's predictors call) answers for task ``prompt``
+        only (None: every task, routed by recognition, or by ``routing`` when given); the previous prompt and
+        routing come back afterwards, also on error. The one way callers set what the prompt-free forward
+        does."""
+        if routing is not None and routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+        before = self.prompt, self.routing
+        self.prompt, self.routing = prompt, routing or self.routing
         try:
             yield
         finally:
-            self.prompt = None
+            self.prompt, self.routing = before
+
+    @contextlib.contextmanager
+    def recording_task_probabilities(self) -> Iterator[list[torch.Tensor]]:
+        """Within the block, every prompt-free forward routed by recognition appends its task probabilities
+        (B, T) of the input patches to the list this yields."""
+        seen: list[torch.Tensor] = []
+        self._task_probability_sinks.append(seen)
+        try:
+            yield seen
+        finally:
+            self._task_probability_sinks.remove(seen)
 
     def task_prompts(self, batch_size: int, device: torch.device) -> torch.Tensor:
         return torch.arange(self.num_tasks, device=device)[None].expand(batch_size, -1)

@@ -173,20 +173,23 @@ class PresentClassDiceLoss(torch.nn.Module):
         return -dc[present].mean()
 
 
-def present_class_dice_ce(batch_dice: bool, ignore_label: int | None, ddp: bool,
-                          deep_supervision_scales: int | None, gather_dice: bool | None = None) -> torch.nn.Module:
+def dice_ce(batch_dice: bool, ignore_label: int | None, ddp: bool, deep_supervision_scales: int | None,
+            gather_dice: bool | None = None, present_classes_only: bool = True) -> torch.nn.Module:
     """nnU-Net's Dice + CE loss (``DC_and_CE_loss`` with the settings of ``nnUNetTrainer._build_loss``) whose
-    Dice is :class:`PresentClassDiceLoss`, passed through the loss's own ``dice_class`` argument; wrapped in
+    Dice is :class:`PresentClassDiceLoss` (``present_classes_only``; else nnU-Net's own
+    ``MemoryEfficientSoftDiceLoss``), passed through the loss's own ``dice_class`` argument; wrapped in
     nnU-Net's ``DeepSupervisionWrapper`` with nnU-Net's scale weights when ``deep_supervision_scales`` is a
     number of scales (under DDP the lowest scale keeps a tiny weight, as in nnU-Net, so that every output
     receives a gradient). ``gather_dice`` (default: ``ddp``): the batch Dice sums over every rank's batch, as
     nnU-Net's does."""
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
     gather = ddp if gather_dice is None else gather_dice
     loss = DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": gather}, {},
-                          weight_ce=1, weight_dice=1, ignore_label=ignore_label, dice_class=PresentClassDiceLoss)
+                          weight_ce=1, weight_dice=1, ignore_label=ignore_label,
+                          dice_class=PresentClassDiceLoss if present_classes_only else MemoryEfficientSoftDiceLoss)
     if deep_supervision_scales is None:
         return loss
     weights = [1 / (2**i) for i in range(deep_supervision_scales)]

@@ -21,6 +21,6 @@ class nnUNetTrainer_presentClassDice(nnUNetTrainer):
     def _build_loss(self):
         if self.label_manager.has_regions:
             return super()._build_loss()
-        return losses.present_class_dice_ce(
+        return losses.dice_ce(
             self.configuration_manager.batch_dice, self.label_manager.ignore_label, self.is_ddp,
             len(self._get_deep_supervision_scales()) if self.enable_deep_supervision else None)

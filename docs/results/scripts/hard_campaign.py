@@ -58,7 +58,7 @@ def _benchmark(union: str, device: str, methods: list[str], out: str, log_name: 
 
 def _finished_methods(out: str, methods: list[str], n_cases: int) -> list[str]:
     """Methods whose predictions of every test case are in the seed's report folder (a before e)."""
-    from nnunetv2_versemi.benchmark.comparison import method_by_name
+    from nnunetv2_versemi.benchmark.methods import method_by_name
 
     done = [m for m in methods
             if len([f for f in os.listdir(join(out, "predictions", method_by_name(m).key))

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from nnunetv2_versemi.benchmark.comparison import method_by_name
+from nnunetv2_versemi.benchmark.methods import method_by_name
 from nnunetv2_versemi.benchmark.seeds import aggregate, write_seed_report
 
 

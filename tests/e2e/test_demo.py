@@ -14,10 +14,7 @@ from nnunetv2_versemi.plans_presets import apply_overlay, load_overlay
 
 
 def test_demo_preset_narrows_the_planned_2d_network():
-    try:
-        from tests.test_benchmark import _real_geometry_plans
-    except ImportError:  # tests/ on sys.path instead of the repository root
-        from test_benchmark import _real_geometry_plans
+    from e2e.test_benchmark import _real_geometry_plans  # tests/ is on sys.path (pytest's pythonpath)
 
     plans = _real_geometry_plans(with_3d=False)
     new = apply_overlay(plans, load_overlay("demo"))

@@ -12,10 +12,7 @@ import time
 
 import pytest
 
-try:
-    from tests import _synth as S
-except ImportError:  # pytest's default rootdir-less import mode puts tests/ itself on sys.path
-    import _synth as S
+import _synth as S  # tests/ is on sys.path (pyproject.toml: pytest's pythonpath)
 
 ARGS = ["-d", "501", "502", "503", "-o", "600", "--labeled-fraction", "0.5", "-np", "1", "--no-pbar"]
 # the merge CLI in a child process whose case writer waits after each case, so the signal lands mid-write

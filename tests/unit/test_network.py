@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
@@ -81,9 +83,8 @@ def test_merge_contract_hand_made_logits():
 
 def test_merged_forward_background_iff_all_tasks_background():
     net = _net(ds=False)
-    net.routing = "all_heads"
     x = torch.randn(2, 1, 16, 16)
-    with torch.no_grad():
+    with torch.no_grad(), net.prompted(None, routing="all_heads"):
         merged = net(x)
         per_task = net(x, torch.arange(3)[None].expand(2, -1))[0]
     assert merged.shape == (2, 5, 16, 16)
@@ -94,10 +95,10 @@ def test_merged_forward_background_iff_all_tasks_background():
 def test_prompt_mode_fills_only_that_task():
     net = _net(ds=False)
     x = torch.randn(1, 1, 16, 16)
-    net.prompt = 1
-    with torch.no_grad():
+    with torch.no_grad(), net.prompted(1):
         out = net(x)
         head = net(x, torch.tensor([[1]]))[0][:, 0]
+    assert net.prompt is None  # the block restores what was there
     assert torch.equal(out[:, [0, 2, 3]], head[:, :3])
     assert (out[:, [1, 4]] < head[:, :3].min(1, keepdim=True).values).all()
     assert set(out.argmax(1).unique().tolist()) <= {0, 2, 3}
@@ -117,17 +118,17 @@ def test_recognised_routing_equals_prompted_output_per_sample():
         net.task_classifier[1].weight.copy_(w)
         net.task_classifier[1].bias.zero_()
         picked = net.task_classifier(context).argmax(1)
-        out = net(x)
+        with net.recording_task_probabilities() as seen:
+            out = net(x)
         for i, t in enumerate(picked.tolist()):
-            net.prompt = t
-            alone = net(x[i:i + 1])
-            net.prompt = None
+            with net.prompted(t):
+                alone = net(x[i:i + 1])
             torch.testing.assert_close(out[i:i + 1], alone)
-    assert torch.equal(net.last_task_probabilities.argmax(1), picked)
-    torch.testing.assert_close(net.last_task_probabilities.sum(1), torch.ones(3))
-    with pytest.raises(ValueError, match="routing"):
-        net.routing = "bogus"
-        net(x)
+    assert len(seen) == 1  # the prompted forwards recorded nothing
+    assert torch.equal(seen[0].argmax(1), picked)
+    torch.testing.assert_close(seen[0].sum(1), torch.ones(3))
+    with pytest.raises(ValueError, match="routing"), net.prompted(None, routing="bogus"):
+        pass
 
 
 def test_recognition_output_and_its_gradient():
@@ -153,20 +154,22 @@ def test_recognition_output_and_its_gradient():
         torch.testing.assert_close(net.recognise(x), torch.softmax(logits, 1))
 
 
-def test_checkpoint_without_classifier_loads_with_all_heads_routing(capsys):
+def test_checkpoint_without_classifier_loads_with_all_heads_routing():
     old = {k: v for k, v in _net().state_dict().items() if not k.startswith("task_classifier.")}
     net = _net()
-    net.load_state_dict(old)
+    with pytest.warns(UserWarning, match="no task classifier"):
+        net.load_state_dict(old)
     assert net.routing == "all_heads"
-    assert "no task classifier" in capsys.readouterr().out
-    net.load_state_dict(old)  # nnU-Net reloads per case: one notice is enough
-    assert capsys.readouterr().out == ""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        net.load_state_dict(old)  # nnU-Net reloads per case: one notice is enough
+    assert not caught
     fresh = _net()
     fresh.load_state_dict(_net().state_dict())
     assert fresh.routing == "recognised"
     broken = dict(old)
     broken.pop(next(iter(broken)))
-    with pytest.raises(RuntimeError, match="missing"):
+    with pytest.raises(RuntimeError, match="Missing key"):
         _net().load_state_dict(broken)
 
 
@@ -276,10 +279,10 @@ def test_recognition_trains_with_batch_size_one():
     assert logits.shape == (1, 3) and torch.isfinite(logits).all()
 
 
-def test_classifier_reads_every_encoder_stage_and_old_layout_loads(capsys):
+def test_classifier_reads_every_encoder_stage_and_old_layout_loads():
     """The task classifier's input is the spatial mean of every encoder stage: changing only an early stage's
-    features changes the recognition; a checkpoint whose classifier read the bottleneck alone loads with that
-    layout and recognises as before."""
+    features changes the recognition; a checkpoint whose classifier read the bottleneck alone is converted to
+    the every-stage layout (its other stages at weight 0) and recognises as before."""
     net = _net(ds=False)
     assert net.recognition_input == "stages"
     channels = list(net.backbone.encoder.output_channels)
@@ -294,16 +297,28 @@ def test_classifier_reads_every_encoder_stage_and_old_layout_loads(capsys):
     old.recognition_input = "bottleneck"
     old.task_classifier = old._new_classifier()
     torch.nn.init.normal_(old.task_classifier[1].weight)
+    old.eval()
     with torch.no_grad():
         old.task_classifier[0].running_mean.normal_()
         expected = old.recognise(x)
     fresh = _net(ds=False)
-    fresh.load_state_dict(old.state_dict())
-    assert fresh.recognition_input == "bottleneck" and fresh.task_classifier[1].in_features == channels[-1]
-    assert "reads the pooled bottleneck only" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="reads the pooled bottleneck only"):
+        fresh.load_state_dict(old.state_dict())
+    assert fresh.recognition_input == "stages" and fresh.task_classifier[1].in_features == sum(channels)
+    fresh.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh.recognise(x), expected)
-    fresh.load_state_dict(old.state_dict())  # reloaded per case: no second notice
-    assert capsys.readouterr().out == ""
+        early = x.clone()
+        early[:, :, :4] += 3.0  # changes every stage's features: the converted classifier still reads the last
+        torch.testing.assert_close(fresh.recognise(early), old.recognise(early))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fresh.load_state_dict(old.state_dict())  # reloaded per case: no second notice
+    assert not caught
+    bottleneck_net = _net(ds=False)
+    bottleneck_net.recognition_input = "bottleneck"
+    bottleneck_net.task_classifier = bottleneck_net._new_classifier()
+    with pytest.raises(RuntimeError, match="no conversion between them"):
+        bottleneck_net.load_state_dict(_net(ds=False).state_dict())
     with pytest.raises(ValueError, match="recognition_input"):
         VerSemiNetwork(_backbone(2), NUM_CLASSES, MERGED, recognition_input="pooled")

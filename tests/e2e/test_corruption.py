@@ -23,12 +23,8 @@ import SimpleITK as sitk
 from nnunetv2_versemi.errors import VerSemiInputError
 from nnunetv2_versemi.imageio import GEOMETRY_ATOL, MAX_ABS_INTENSITY
 
-try:
-    from tests import _synth as S
-    from tests.test_bad_inputs import _fake_model
-except ImportError:  # pytest's default rootdir-less import mode puts tests/ itself on sys.path
-    import _synth as S
-    from test_bad_inputs import _fake_model
+import _synth as S  # tests/ is on sys.path (pyproject.toml: pytest's pythonpath)
+from e2e.test_bad_inputs import _fake_model
 
 N_MERGE, N_PREDICT, N_EVALUATE = 120, 150, 150
 KINDS = ("truncate", "flip", "dimension", "geometry", "extreme", "replace")

@@ -14,10 +14,7 @@ import SimpleITK as sitk
 from nnunetv2_versemi import names
 from nnunetv2_versemi.writers import WriterLockError, dataset_lock, make_temporary_beside, move_into_place
 
-try:
-    from tests import _synth as S
-except ImportError:  # pytest's default rootdir-less import mode puts tests/ itself on sys.path
-    import _synth as S
+import _synth as S  # tests/ is on sys.path (pyproject.toml: pytest's pythonpath)
 
 
 def _dead_pid() -> int:

@@ -13,7 +13,7 @@ from nnunetv2_versemi.entrypoints.common import input_errors_exit
 from nnunetv2_versemi.errors import VerSemiInputError
 from nnunetv2_versemi.nnunet_paths import DatasetNotFoundError, dataset_id, dataset_name
 
-SCRIPTS = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+SCRIPTS = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]["scripts"]
 
 
 def _entry(name: str):

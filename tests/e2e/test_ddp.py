@@ -10,6 +10,7 @@ on their own evidence. One process of the same budget gives the reference loss c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -23,10 +24,7 @@ from nnunetv2_versemi.entrypoints.data import plan_and_preprocess_main
 from nnunetv2_versemi.network.head import ScaledStandardize
 from nnunetv2_versemi.training.trainer import VerSemiTrainer
 
-try:
-    from tests import _synth as S
-except ImportError:  # pytest's default rootdir-less import mode puts tests/ itself on sys.path
-    import _synth as S
+import _synth as S  # tests/ is on sys.path (pyproject.toml: pytest's pythonpath)
 
 UNION = "971"
 GLOBAL_BATCH = 4  # nnU-Net's planned 2d batch of this union
@@ -56,13 +54,13 @@ def plant_shared_unlabeled_pool(trainer, rank: int) -> None:
 
     ready_everywhere(trainer, rank)
     trainer._unlabeled_shard = lambda identifiers, world, rank: sorted(identifiers)
-    add_unlabeled_mix = trainer._add_unlabeled_mix
+    unlabeled_mix = trainer._unlabeled_mix
 
     def seeded(*args):
         np.random.seed(trainer.global_step)
-        return add_unlabeled_mix(*args)
+        return unlabeled_mix(*args)
 
-    trainer._add_unlabeled_mix = seeded
+    trainer._unlabeled_mix = seeded
 
 
 def plant_local_switch(trainer, rank: int) -> None:
@@ -133,7 +131,7 @@ def test_ddp_checkpoint_resumes_on_one_process(two_ranks, union):
     from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 
     trainer = get_trainer_from_args(UNION, "2d", 0, "VerSemiTrainer", "nnUNetPlans", device=torch.device("cpu"))
-    trainer.recognition_lr = 1e-3  # as trained: the task classifier's own optimizer
+    trainer.config = dataclasses.replace(trainer.config, recognition_lr=1e-3)  # as trained: the classifier's own optimizer
     maybe_load_checkpoint(trainer, True, False)
     assert not trainer.is_ddp and trainer.current_epoch == 4 and trainer.global_step == 12
     assert trainer.switch_epoch == SWITCH_EPOCH

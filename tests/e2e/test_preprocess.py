@@ -14,10 +14,7 @@ from nnunetv2_versemi.data.splits import make_stratified_splits, splits_match_ta
 from nnunetv2_versemi.entrypoints.data import plan_and_preprocess_main
 from nnunetv2_versemi.tasktable import Task, TaskLabel, TaskTable
 
-try:
-    from tests import _synth as S
-except ImportError:  # pytest's default rootdir-less import mode puts tests/ itself on sys.path
-    import _synth as S
+import _synth as S  # tests/ is on sys.path (pyproject.toml: pytest's pythonpath)
 
 
 def _table(sizes: dict[str, int], unlabeled: int = 2) -> TaskTable:

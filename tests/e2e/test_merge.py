@@ -16,10 +16,7 @@ from nnunetv2_versemi.entrypoints.data import merge_main
 from nnunetv2_versemi.nnunet_paths import DatasetNotFoundError
 from nnunetv2_versemi.tasktable import TaskTable
 
-try:
-    from tests import _synth as S
-except ImportError:  # pytest's default rootdir-less import mode puts tests/ itself on sys.path
-    import _synth as S
+import _synth as S  # tests/ is on sys.path (pyproject.toml: pytest's pythonpath)
 
 # fewer CT foreground draws than nnU-Net's 10^8 keep the tests fast; the nnU-Net comparisons below use the same
 # budget on the stock side, so they still test the exact computation

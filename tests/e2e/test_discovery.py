@@ -10,7 +10,7 @@ import pytest
 import nnunetv2_versemi.training.variants as variants
 from nnunetv2_versemi.discovery import ensure_ext_trainer_env, export_line, ext_trainer_dir
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(params=["package", "repo"])
@@ -76,6 +76,6 @@ def test_top_level_trainer_reexport_is_a_copy_of_the_package_one():
     trainers/versemi_trainers.py is the copy the repository layout asks for."""
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     source = (root / "nnunetv2_versemi" / "_ext" / "versemi_trainers.py").read_text()
     assert (root / "trainers" / "versemi_trainers.py").read_text() == source

@@ -21,10 +21,7 @@ from nnunetv2_versemi.discovery import ext_trainer_dir
 from nnunetv2_versemi.entrypoints.data import plan_and_preprocess_main
 from nnunetv2_versemi.tasktable import TaskTable
 
-try:
-    from tests import _synth as S
-except ImportError:  # pytest's default rootdir-less import mode puts tests/ itself on sys.path
-    import _synth as S
+import _synth as S  # tests/ is on sys.path (pyproject.toml: pytest's pythonpath)
 
 FOLDS = [0, 1, 2, 3, 4, "all"]
 

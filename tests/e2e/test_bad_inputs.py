@@ -26,10 +26,7 @@ from nnunetv2_versemi.plans_presets import PlansPresetError, apply_to_plans_file
 from nnunetv2_versemi.tasktable import TABLE_KEY, Task, TaskLabel, TaskTable
 from nnunetv2_versemi.writers import WriterLockError
 
-try:
-    from tests import _synth as S
-except ImportError:  # pytest's default rootdir-less import mode puts tests/ itself on sys.path
-    import _synth as S
+import _synth as S  # tests/ is on sys.path (pyproject.toml: pytest's pythonpath)
 
 
 def _snapshot(root: str) -> tuple[dict[str, str], set[str]]:
@@ -789,5 +786,5 @@ def test_presets_refuse(sandbox):
 def test_table_size():
     """docs/RELIABILITY.md quotes this count: keep them in step."""
     n = len(_merge_rows()) + 2 + len(MERGE_OUTPUTS) + len(EVALUATE) + len(PREDICT) + len(EXTRACT) + 4
-    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "RELIABILITY.md")).read()
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "RELIABILITY.md")).read()
     assert f"{n} bad inputs tried, {n} refused with a clear error, 0 silent" in doc

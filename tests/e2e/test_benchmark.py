@@ -10,17 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnunetv2_versemi.benchmark import comparison as B
+from nnunetv2_versemi.benchmark import methods as B
 from nnunetv2_versemi.benchmark import report, speed
+from nnunetv2_versemi.benchmark.preparation import prepare_benchmark, union_budget
 from nnunetv2_versemi.data import merge as M
 from nnunetv2_versemi.data.demo_data import generate_demo_datasets
 from nnunetv2_versemi.entrypoints.benchmark import benchmark_main, build_benchmark_parser, speed_main
 from nnunetv2_versemi.entrypoints.data import plan_and_preprocess_main
-
-try:
-    from tests import _synth as S
-except ImportError:  # pytest's default rootdir-less import mode puts tests/ itself on sys.path
-    import _synth as S
 from nnunetv2_versemi.plans_presets import (
     PRESET_DIR,
     PlansPresetError,
@@ -30,7 +26,9 @@ from nnunetv2_versemi.plans_presets import (
     load_overlay,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+import _synth as S  # tests/ is on sys.path (pyproject.toml: pytest's pythonpath)
+
+REPO = Path(__file__).resolve().parents[2]
 UNION = 950
 TINY = [
     "--epochs",
@@ -234,8 +232,8 @@ def test_present_class_dice_method_is_a_per_task_nnunet_run(bench, tmp_path):
 
 def test_budget_per_task_scales_only_the_union_runs(bench):
     args = build_benchmark_parser().parse_args(["-d", str(UNION), "-c", "2d", *TINY, "--budget-per", "task"])
-    ctx = B.prepare_benchmark(args)
-    budget, plans = B.union_budget(ctx)
+    ctx = prepare_benchmark(args)
+    budget, plans = union_budget(ctx)
     assert budget == B.Budget(1, 2 * 3, 1) and ctx.budget == B.Budget(1, 2, 1)
     # another budget, another plans identifier: finished runs of the per-model budget are not reused
     assert plans != ctx.bench_plans == B.bench_plans_identifier("nnUNetPlans", B.Budget(1, 2, 1))

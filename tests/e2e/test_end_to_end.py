@@ -3,11 +3,11 @@ VerSemiTrainer -> --c -> nnUNetv2_versemi_predict --task -> evaluate. One shared
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 from os.path import isfile
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +15,8 @@ import SimpleITK as sitk
 import torch
 
 from nnunetv2_versemi.discovery import ext_trainer_dir
+
+from _synth import train_batches
 
 UNION_ID = 950
 UNION = "Dataset950_VerSemiUnion"
@@ -142,9 +144,14 @@ def _fresh_trainer(pipeline, tmp_path, monkeypatch, name="VerSemiTrainer", **att
     from nnunetv2.run.run_training import get_trainer_from_args
 
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "res"))
+    from nnunetv2_versemi.training.config import VerSemiConfig
+
     trainer = get_trainer_from_args(str(UNION_ID), "2d", 0, name, "nnUNetPlans", device=torch.device("cpu"))
+    hyper = {f.name for f in dataclasses.fields(VerSemiConfig)}
+    trainer.config = dataclasses.replace(trainer.config, **{k: v for k, v in attrs.items() if k in hyper})
     for k, v in attrs.items():
-        setattr(trainer, k, v)
+        if k not in hyper:
+            setattr(trainer, k, v)
     trainer.initialize()
     return trainer
 
@@ -152,7 +159,7 @@ def _fresh_trainer(pipeline, tmp_path, monkeypatch, name="VerSemiTrainer", **att
 def _log_epoch(trainer, per_task_dice: list[float]) -> None:
     """What nnU-Net's validation logs for one epoch: pseudo Dice per merged class (DemoMC has two)."""
     ct, mr, mc = per_task_dice
-    trainer.logger.local_logger.my_fantastic_logging["dice_per_class_or_region"].append([ct, mr, mc, mc])
+    trainer.logger.get_checkpoint()["dice_per_class_or_region"].append([ct, mr, mc, mc])
 
 
 def _log_text(trainer) -> str:
@@ -229,7 +236,7 @@ def test_switch_forced_at_epoch_limit_names_weak_tasks_and_ramp_starts_there(pip
 
 def test_empty_target_warning_names_tasks(pipeline, tmp_path, monkeypatch):
     trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, empty_warning_epochs=2)
-    log = trainer.logger.local_logger.my_fantastic_logging
+    log = trainer.logger.get_checkpoint()
     for epoch in range(3):
         log["versemi_unsup_kept"].append(0.0)
         # DemoMR's head finds foreground on some unlabeled mixes, DemoCT's and DemoMC's never
@@ -514,26 +521,10 @@ if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-x", "-q"]))
 
 
-def _synthetic_batches(trainer, seed: int = 0):
-    """A labeled batch (one case of each task in turn, a square of the task's first class) and an unlabeled
-    batch, in the shapes nnU-Net's loaders give the trainer (targets per deep-supervision scale)."""
-    g = torch.Generator().manual_seed(seed)
-    table, ps, b = trainer.task_table, list(trainer.configuration_manager.patch_size), trainer.batch_size
-    keys = [table.tasks[i % table.num_tasks].labeled[0] for i in range(b)]
-    seg = torch.zeros(b, 1, *ps)
-    for i, k in enumerate(keys):
-        seg[i, 0, 4:12, 4:12] = table.tasks[table.task_of_case(k)].merged_values[0]
-    data = torch.randn(b, 1, *ps, generator=g) + seg
-    scales = trainer._get_deep_supervision_scales() or [[1.0] * len(ps)]
-    target = [torch.nn.functional.interpolate(seg, scale_factor=tuple(s), mode="nearest-exact") for s in scales]
-    unl = [table.tasks[i % table.num_tasks].unlabeled[0] for i in range(b)]
-    return {"data": data, "target": target, "keys": keys}, {"data": torch.randn(b, 1, *ps, generator=g), "keys": unl}
-
-
 @pytest.mark.parametrize("pseudo_weight", [1.0, 0.0])
 def test_pseudo_term_runs_in_stage_two_only(pipeline, tmp_path, monkeypatch, pseudo_weight):
     trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, pseudo_weight=pseudo_weight)
-    labeled, unlabeled = _synthetic_batches(trainer)
+    labeled, unlabeled = train_batches(trainer)
     trainer.dataloader_unlabeled = iter([unlabeled] * 2)
     stage1 = trainer.train_step(labeled)
     assert np.isnan(stage1["pseudo"]) and np.isnan(stage1["unsup"])
@@ -549,8 +540,9 @@ def test_pseudo_term_runs_in_stage_two_only(pipeline, tmp_path, monkeypatch, pse
 @pytest.mark.parametrize("name", ["VerSemiTrainer", "VerSemiTrainer_pseudoTeacher"])
 def test_default_trains_on_confident_ema_teacher_labels(pipeline, tmp_path, monkeypatch, name):
     trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, name=name)
-    assert trainer.ema_network is not None and trainer.pseudo_threshold == 0.9 and trainer.pseudo_weight == 1.0
-    labeled, unlabeled = _synthetic_batches(trainer)
+    assert trainer.ema_network is not None and trainer.config.pseudo_threshold == 0.9
+    assert trainer.config.pseudo_weight == 1.0
+    labeled, unlabeled = train_batches(trainer)
     trainer.dataloader_unlabeled = iter([unlabeled] * 2)
     trainer.switch_epoch = 0
     before = {k: v.clone() for k, v in trainer.ema_network.state_dict().items()}
@@ -569,7 +561,7 @@ def test_teacher_passes_and_student_heads_on_the_unlabeled_mix(pipeline, tmp_pat
     teacher once on the unmixed images and the mixes together, and a student-made P_agg needs every task
     head."""
     trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, name=name)
-    labeled, unlabeled = _synthetic_batches(trainer)
+    labeled, unlabeled = train_batches(trainer)
     trainer.dataloader_unlabeled = iter([unlabeled])
     trainer.switch_epoch = 0
     calls, prompts = [], []
@@ -596,15 +588,13 @@ def test_teacher_p_agg_on_the_unmixed_images_or_on_the_mix(pipeline, tmp_path, m
     """Unmixed teacher input: every task's foreground of the teacher on the unmixed images, cut with the mix's box; mixed
     teacher input: the teacher's on the mix itself (computed in the same call as the pseudo labels)."""
     trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, name=name)
-    labeled, unlabeled = _synthetic_batches(trainer)
+    labeled, unlabeled = train_batches(trainer)
     trainer.dataloader_unlabeled = iter([unlabeled])
-    data, _, tasks = trainer._to_device(labeled)
-    step = SimpleNamespace(inputs=[], rec_targets=[], prompts=[])
+    batch, _ = trainer._to_device(labeled)
     torch.manual_seed(3)
-    trainer._add_unlabeled_mix(step, data, tasks)
-    un = step.unlabeled
+    un = trainer._unlabeled_mix(batch)
     u = unlabeled["data"]
-    unmixed = trainer.teacher_input == "unmixed"
+    unmixed = trainer.config.teacher_input == "unmixed"
     assert unmixed == (name == "VerSemiTrainer_unmixedTeacher")
     x = u if unmixed else un.x
     with torch.no_grad():
@@ -624,11 +614,11 @@ def test_ema_update_moves_the_teacher_by_one_minus_alpha(pipeline, tmp_path, mon
     for v in teacher.values():
         if v.dtype.is_floating_point:
             v.zero_()
-    trainer._update_ema()
+    trainer.teacher.update(trainer._plain_network())
     floats = [k for k, v in teacher.items() if v.dtype.is_floating_point]
     assert len(floats) > 10
     for k in floats:
-        assert torch.allclose(teacher[k], (1 - trainer.ema_alpha) * student[k]), k
+        assert torch.allclose(teacher[k], (1 - trainer.config.ema_alpha) * student[k]), k
     ints = [k for k, v in teacher.items() if not v.dtype.is_floating_point]
     assert all(torch.equal(teacher[k], student[k]) for k in ints)
 
@@ -636,8 +626,14 @@ def test_ema_update_moves_the_teacher_by_one_minus_alpha(pipeline, tmp_path, mon
 def test_pseudo_targets_mix_each_task_heads_labels_on_the_unmixed_images(pipeline, tmp_path, monkeypatch):
     """Fake network: head t calls class 1 where the image is positive (t even) or negative (t odd). The target
     under the outside image's task is that head's labels on both unmixed images, cut together with the box."""
+    import contextlib
+
+    from nnunetv2_versemi.training import mixes
+    from nnunetv2_versemi.training.teacher import every_head
+
     trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, target_source="detach", pseudo_threshold=None)
     T, C = trainer.task_table.num_tasks, max(trainer._num_classes)
+    num_classes = trainer._num_classes[:-1]
 
     class Fake(torch.nn.Module):
         def task_prompts(self, n, device):
@@ -649,25 +645,26 @@ def test_pseudo_targets_mix_each_task_heads_labels_on_the_unmixed_images(pipelin
             out[:, :, 1] = 10 * sign * x
             return [out]
 
-    monkeypatch.setattr(trainer, "_plain_network", lambda: Fake())
     g = torch.Generator().manual_seed(1)
     u = torch.randn(4, 1, 6, 6, generator=g)
     mu = torch.zeros(4, 1, 6, 6)
     mu[:, :, 2:5, 1:4] = 1
     u_tasks, partner_tasks = torch.tensor([0, 1, 2, 1]), torch.tensor([1, 0, 1, 2])
-    outside, inside = trainer._pseudo_targets(trainer._target_predictions(u, u.roll(1, dims=0))[0], u_tasks,
-                                             partner_tasks, mu)
     partner = u.roll(1, dims=0)
+    mix = mixes.UnlabeledMix(x=torch.where(mu > 0.5, partner, u), u=u, partner=partner, mask=mu, tasks=u_tasks,
+                             partner_tasks=partner_tasks, partner_idx=None, prompts=None, rec_target=None,
+                             every_task_head=True)
+    unmixed = every_head(Fake(), [mix.unmixed_images()], contextlib.nullcontext)[0]
+    outside, inside = mixes.pseudo_targets(mix, unmixed, num_classes, None)
     for i in range(4):
         for tasks, got in ((u_tasks, outside[0]), (partner_tasks, inside[0])):
             s = 1.0 if int(tasks[i]) % 2 == 0 else -1.0
             expected = torch.where(mu[i, 0] > 0.5, (s * partner[i, 0] > 0).long(), (s * u[i, 0] > 0).long())
             assert torch.equal(got[i, 0], expected), (i, int(tasks[i]))
     # with a threshold, labels whose probability is below it become -1 (ignored)
-    trainer.pseudo_threshold = 0.9
-    outside_t, _ = trainer._pseudo_targets(trainer._target_predictions(u, partner)[0], u_tasks, partner_tasks, mu)
-    x_out = torch.where(mu[:, 0] > 0.5, partner[:, 0], u[:, 0])
-    conf = torch.stack([torch.softmax(Fake()(x_out[i:i + 1, None], None)[0][0, int(u_tasks[i]), :trainer._num_classes[
+    outside_t, _ = mixes.pseudo_targets(mix, unmixed, num_classes, 0.9)
+    x_out = mix.x[:, 0]
+    conf = torch.stack([torch.softmax(Fake()(x_out[i:i + 1, None], None)[0][0, int(u_tasks[i]), :num_classes[
         int(u_tasks[i])]], 0).max(0).values for i in range(4)])
     unsure = conf < 0.9
     assert unsure.any() and (~unsure).any()
@@ -675,26 +672,33 @@ def test_pseudo_targets_mix_each_task_heads_labels_on_the_unmixed_images(pipelin
     assert torch.equal(outside_t[0][:, 0][~unsure], outside[0][:, 0][~unsure])
 
 
-def test_continuing_a_bottleneck_classifier_checkpoint_keeps_its_layout_in_the_optimizer(pipeline, tmp_path,
-                                                                                          monkeypatch):
+def test_continuing_a_bottleneck_classifier_checkpoint_converts_it(pipeline, tmp_path, monkeypatch):
+    """A checkpoint whose task classifier read the bottleneck alone continues in the every-stage layout: the
+    network keeps the architecture its trainer built, the optimizer holds that classifier, its stale momentum
+    is dropped, both conversions are in nnU-Net's training log, and training goes on."""
     old = _fresh_trainer(pipeline, tmp_path, monkeypatch, name="VerSemiTrainer_bottleneckRecognition")
     assert old.network.recognition_input == "bottleneck"
+    labeled, _ = train_batches(old)
+    old.train_step(labeled)  # momentum for every parameter, the classifier's in its old shape
     path = str(tmp_path / "old.pth")
     old.save_checkpoint(path)
     trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch)
-    assert trainer.network.recognition_input == "stages"
     trainer.load_checkpoint(path)
     net = trainer.network
-    assert net.recognition_input == "bottleneck"
+    assert net.recognition_input == "stages"
+    assert net.task_classifier[1].in_features == sum(net._stage_channels)
     held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert all(id(p) in held for p in net.task_classifier.parameters())
-    assert "reads the bottleneck only" in _log_text(trainer)
+    log = _log_text(trainer)
+    assert "reads the pooled bottleneck only" in log and "starts afresh" in log
+    out = trainer.train_step(labeled)
+    assert np.isfinite(out["loss"])
 
 
 def test_paper_terms_variant_has_no_teacher_and_no_pseudo_term(pipeline, tmp_path, monkeypatch):
     trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, name="VerSemiTrainer_paperTerms")
-    assert trainer.ema_network is None and trainer.target_source == "detach"
-    labeled, unlabeled = _synthetic_batches(trainer)
+    assert trainer.ema_network is None and trainer.config.target_source == "detach"
+    labeled, unlabeled = train_batches(trainer)
     trainer.dataloader_unlabeled = iter([unlabeled])
     trainer.switch_epoch = 0
     out = trainer.train_step(labeled)

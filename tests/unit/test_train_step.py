@@ -1,0 +1,84 @@
+"""One VerSemi training step on a trainer built in memory (conftest.py): which loss terms each stage and variant
+computes, and what the step changes (the student's weights, the EMA teacher)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nnunetv2_versemi.training.terms import LOSS_TERMS
+from nnunetv2_versemi.training.trainer import VerSemiTrainer
+from nnunetv2_versemi.training.variants import VerSemiTrainer_officialMix, VerSemiTrainer_paperTerms
+
+from _synth import train_batches
+
+STAGE1 = {"sup", "syn", "spec", "rec"}  # labeled terms only, L_spec among them
+
+
+def _terms(out: dict) -> set[str]:
+    """The loss terms a step computed (it reports an absent one as NaN); each of them must be finite."""
+    present = {k for k in LOSS_TERMS if not np.isnan(out[k])}
+    assert all(np.isfinite(out[k]) for k in present), {k: float(out[k]) for k in present}
+    return present
+
+
+def _loss_is_the_sum_of(out: dict, terms: set[str]) -> None:
+    # every weight is 1 by default, and the unlabeled weight lambda is 0 in stage 1, 1 in stage 2
+    assert float(out["loss"]) == pytest.approx(sum(float(out[k]) for k in terms), rel=1e-5)
+
+
+@pytest.mark.parametrize("cls, stage2", [
+    (VerSemiTrainer, {"sup", "syn", "unsup", "pseudo", "rec"}),
+    (VerSemiTrainer_officialMix, {"sup", "syn", "unsup", "pseudo", "cons", "rec"}),  # unlabeled x labeled mix
+    (VerSemiTrainer_paperTerms, {"sup", "syn", "unsup", "rec"}),  # no L_pseudo, no teacher
+], ids=["default", "officialMix", "paperTerms"])
+def test_loss_terms_before_and_after_the_switch(make_trainer, cls, stage2):
+    trainer = make_trainer(cls)
+    assert (trainer.ema_network is None) == (cls is VerSemiTrainer_paperTerms)
+    labeled, unlabeled = train_batches(trainer)
+    assert len({trainer.task_table.task_of_case(k) for k in labeled["keys"]}) == trainer.task_table.num_tasks
+
+    trainer.dataloader_unlabeled = iter(())  # stage 1 draws no unlabeled batch (an empty loader would stop it)
+    out = trainer.train_step(labeled)
+    assert _terms(out) == STAGE1
+    assert float(out["unsup_lambda"]) == 0 and np.isnan(out["unsup_kept"])
+    _loss_is_the_sum_of(out, STAGE1)
+
+    trainer.switch_epoch = trainer.current_epoch  # the switch: the unlabeled terms are on from this epoch
+    trainer.dataloader_unlabeled = iter([unlabeled])
+    out = trainer.train_step(labeled)
+    assert next(trainer.dataloader_unlabeled, None) is None  # one unlabeled batch drawn
+    assert _terms(out) == stage2  # L_spec gone, the unlabeled terms on
+    assert float(out["unsup_lambda"]) == 1 and 0 <= float(out["unsup_kept"]) <= 1
+    assert out["task_fg"].shape == (trainer.task_table.num_tasks,) and np.isfinite(out["task_fg"]).all()
+    _loss_is_the_sum_of(out, stage2)
+
+
+def test_step_trains_the_student_and_moves_the_teacher_toward_it(make_trainer):
+    trainer = make_trainer(VerSemiTrainer)
+    labeled, unlabeled = train_batches(trainer)
+    trainer.switch_epoch = 0
+    trainer.dataloader_unlabeled = iter([unlabeled])
+    student = dict(trainer.network.named_parameters())
+    teacher = dict(trainer.ema_network.named_parameters())
+    assert student.keys() == teacher.keys()
+    before = {k: v.detach().clone() for k, v in student.items()}
+    teacher_before = {k: v.detach().clone() for k, v in teacher.items()}
+    assert all(torch.equal(before[k], teacher_before[k]) for k in before)  # the teacher starts as the student
+
+    trainer.train_step(labeled)
+
+    changed = {k for k in before if not torch.equal(before[k], student[k])}
+    assert all(torch.isfinite(student[k]).all() for k in changed)
+    # every part learns in one step: the backbone, the prompt-conditioned heads and the task classifier
+    for part in ("backbone.encoder.", "backbone.decoder.", "heads.", "task_classifier."):
+        assert any(k.startswith(part) for k in changed), f"no parameter of {part} changed"
+    assert trainer.global_step == 1
+    # the teacher moved from where it was toward the updated student, part of the way, along the line to it
+    moved = torch.cat([(teacher[k] - teacher_before[k]).flatten() for k in changed])
+    to_student = torch.cat([(student[k].detach() - teacher_before[k]).flatten() for k in changed])
+    assert 0 < moved.norm() < to_student.norm()
+    assert torch.nn.functional.cosine_similarity(moved, to_student, dim=0) > 0.999
+    assert all(torch.equal(teacher[k], teacher_before[k]) for k in before.keys() - changed)
+    assert all(p.grad is None for p in teacher.values())  # the teacher is not trained by the loss
