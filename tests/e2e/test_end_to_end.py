@@ -148,7 +148,9 @@ def _fresh_trainer(pipeline, tmp_path, monkeypatch, name="VerSemiTrainer", **att
 
     trainer = get_trainer_from_args(str(UNION_ID), "2d", 0, name, "nnUNetPlans", device=torch.device("cpu"))
     hyper = {f.name for f in dataclasses.fields(VerSemiConfig)}
-    trainer.config = dataclasses.replace(trainer.config, **{k: v for k, v in attrs.items() if k in hyper})
+    changes = {k: v for k, v in attrs.items() if k in hyper}
+    if changes:  # plain nnU-Net trainers have no VerSemi config
+        trainer.config = dataclasses.replace(trainer.config, **changes)
     for k, v in attrs.items():
         if k not in hyper:
             setattr(trainer, k, v)
@@ -495,7 +497,7 @@ def test_missing_unlabeled_images_fail_at_initialize(pipeline, tmp_path, monkeyp
     trainer = get_trainer_from_args(str(UNION_ID), "2d", 0, "VerSemiTrainer_noUnsup_tiny", "nnUNetPlans",
                                     device=torch.device("cpu"))
     trainer.initialize()  # labeled-only VerSemi needs no unlabeled images
-    assert trainer._uses_unlabeled is False
+    assert trainer.uses_unlabeled is False
 
 
 def test_partial_unlabeled_set_fails_at_initialize_naming_cases(pipeline, tmp_path, monkeypatch):
