@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from os.path import isfile, join
 
 import numpy as np
@@ -20,16 +19,10 @@ from nnunetv2_versemi.entrypoints.data import plan_and_preprocess_main
 from nnunetv2_versemi.tasktable import TaskTable
 
 import _synth as S  # tests/ is on sys.path (pyproject.toml: pytest's pythonpath)
+from e2e.test_end_to_end import _run
 
 OLD, NEW = "Dataset600_VerSemiUnion", "Dataset610_Grown"
 TRAINER = "VerSemiTrainer_tiny"
-
-
-def _run(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if res.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    return res
 
 
 def _load(path):
