@@ -272,6 +272,13 @@ def table_from_folder(folder: str | os.PathLike) -> TaskTable | None:
     return None
 
 
+def table_with_counts(table: dict) -> dict:
+    """A task table dict with each task's case lists replaced by their counts: what a log shows of it (the lists
+    grow with the unlabeled pool)."""
+    return {**table, "tasks": [{**t, **{k: f"{len(t[k])} cases" for k in ("labeled", "unlabeled", "test") if k in t}}
+                               for t in table.get("tasks", [])]}
+
+
 def find_task_table(dataset: str | int | None = None, path: str | os.PathLike | None = None) -> TaskTable:
     """The task table of a union dataset, from one of:
 

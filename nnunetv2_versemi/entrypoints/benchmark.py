@@ -1,4 +1,4 @@
-"""``nnUNetv2_versemi_benchmark`` and its subcommands ``speed``, ``recognition`` and ``plans``."""
+"""``nnUNetv2_versemi_benchmark`` and its subcommands ``speed``, ``gpu``, ``pool``, ``recognition`` and ``plans``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ PROG = "nnUNetv2_versemi_benchmark"
 
 def benchmark_main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    subcommands = {"speed": speed_main, "recognition": recognition_main, "plans": plans_main, "gpu": gpu_main}
+    subcommands = {"speed": speed_main, "recognition": recognition_main, "plans": plans_main, "gpu": gpu_main,
+                   "pool": pool_main}
     if argv and argv[0] in subcommands:
         subcommands[argv[0]](argv[1:])
         return
@@ -95,6 +96,35 @@ def gpu_main(argv: list[str] | None = None) -> None:
         f.write(text)
     if not result["ddp"]["passed"]:
         raise SystemExit(1)
+
+
+def pool_main(argv: list[str] | None = None) -> None:
+    """``nnUNetv2_versemi_benchmark pool``: merge, unlabeled preprocessing, trainer start-up, memory and step time
+    against the size of the unlabeled pool."""
+    from nnunetv2_versemi.benchmark import pool_scale
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog=pool_scale.PROG, description=pool_scale.__doc__.split("\n\n")[0])
+    p.add_argument("-o", required=True, help="folder for pool_scale.json/.md/.png and one scratch tree per size")
+    p.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000],
+                   help="unlabeled pool sizes, increasing (default: 100 1000 10000; split over the 3 demo tasks)")
+    p.add_argument("--steps", type=int, default=50, help="training steps per size (default 50)")
+    p.add_argument("--scale", type=float, default=0.5, help="voxels per axis of the demo images (default 0.5)")
+    p.add_argument("--labeled", type=int, default=4, help="labeled cases per task (default 4)")
+    p.add_argument("-np", type=int, default=2, help="processes for merging and preprocessing (default 2)")
+    p.add_argument("--n-proc-da", type=int, default=1, help="nnUNet_n_proc_DA of the trainer (default 1)")
+    p.add_argument("-tr", default="VerSemiTrainer", help="trainer class (default VerSemiTrainer)")
+    a = p.parse_args(argv)
+    if a.steps < 6:
+        p.error(f"--steps must be at least 6 (the first 5 are warm-up), got {a.steps}")
+    with input_errors_exit(pool_scale.PROG):
+        try:
+            result = pool_scale.run_pool_scale(
+                a.o, a.sizes, a.steps, a.np, a.scale, a.labeled, a.n_proc_da, a.tr,
+                command=" ".join([PROG, "pool", *argv]), log=lambda m: print(f"[pool] {m}", flush=True))
+        except ValueError as e:
+            p.error(str(e))
+    print(pool_scale.markdown(result))
 
 
 def recognition_main(argv: list[str] | None = None) -> None:

@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from nnunetv2_versemi.data.preprocess import missing_unlabeled, unlabeled_folder
 from nnunetv2_versemi.data.splits import complete_validation
+from nnunetv2_versemi.tasktable import TABLE_KEY, table_with_counts
 from nnunetv2_versemi.training.ddp import split_global_batch
 from nnunetv2_versemi.training.sampling import TaskBalancedDataLoader
 
@@ -49,6 +50,19 @@ class TaskData:
                     f"{self._unlabeled_dir()}: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}. "
                     f"Run nnUNetv2_versemi_plan_and_preprocess -d {self.plans_manager.dataset_name} -c "
                     f"{self.configuration_name} --only-unlabeled")
+
+    @override
+    def print_plans(self):
+        """nnU-Net's print of the plans, with the task table's case lists as counts: a pool of 10,000 unlabeled
+        images would otherwise add 200 kB to every training log."""
+        pm = self.plans_manager
+        full = pm.plans
+        if TABLE_KEY in full:
+            pm.plans = {**full, TABLE_KEY: table_with_counts(full[TABLE_KEY])}
+        try:
+            super().print_plans()
+        finally:
+            pm.plans = full
 
     @override
     def do_split(self):

@@ -82,3 +82,17 @@ def test_step_trains_the_student_and_moves_the_teacher_toward_it(make_trainer):
     assert torch.nn.functional.cosine_similarity(moved, to_student, dim=0) > 0.999
     assert all(torch.equal(teacher[k], teacher_before[k]) for k in before.keys() - changed)
     assert all(p.grad is None for p in teacher.values())  # the teacher is not trained by the loss
+
+
+def test_training_log_shows_the_task_table_as_counts(make_trainer):
+    """The plans print in the training log lists no case ids (a large unlabeled pool would flood every log), and
+    the trainer's plans keep the whole table."""
+    from nnunetv2_versemi.tasktable import TABLE_KEY
+
+    trainer = make_trainer(VerSemiTrainer)
+    trainer.print_plans()
+    with open(trainer.log_file) as f:
+        log = f.read()
+    assert "'unlabeled': '2 cases'" in log and "Kidney" in log
+    assert "Kidney_u0" not in log and "Liver_l1" not in log
+    assert trainer.plans_manager.plans[TABLE_KEY]["tasks"][1]["unlabeled"] == ["Kidney_u0", "Kidney_u1"]
