@@ -50,10 +50,14 @@ def union_of(setting: str, seed: int, np_: int) -> str:
     return seed_union(dataset_name(first), seed, "2d_cpu", "cpu_demo", np_, set(), new_id=first + 30 * seed)
 
 
-def _benchmark(union: str, device: str, methods: list[str], out: str, log_name: str) -> subprocess.Popen:
+def _benchmark(union: str, device: str, methods: list[str], out: str, log_name: str, threads: int | None
+               ) -> subprocess.Popen:
     cmd = [sys.executable, "-c", "from nnunetv2_versemi.entrypoints.benchmark import benchmark_main; benchmark_main()",
            "-d", union, *PROTOCOL, "-device", device, "--methods", *methods, "-o", out]
-    return subprocess.Popen(cmd, stdout=open(join(out, log_name), "a"), stderr=subprocess.STDOUT)
+    env = dict(os.environ)
+    if threads is not None:
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+    return subprocess.Popen(cmd, stdout=open(join(out, log_name), "a"), stderr=subprocess.STDOUT, env=env)
 
 
 def _finished_methods(out: str, methods: list[str], n_cases: int) -> list[str]:
@@ -87,6 +91,10 @@ def main() -> None:
     if args.budget:
         for flag, value in zip(("--epochs", "--iterations", "--val-iterations"), args.budget):
             PROTOCOL[PROTOCOL.index(flag) + 1] = str(value)
+    # CPU processes side by side: torch's threads split the cores between them (OMP_NUM_THREADS, unless set).
+    # Two 2-thread processes on 2 cores ran a step 6.5 times slower than two 1-thread processes (threads waiting
+    # for each other in every small parallel region), docs/BENCHMARKS.md
+    threads = max(1, (os.cpu_count() or 1) // args.parallel) if args.parallel and args.device == "cpu" else None
     t0 = time.time()
     if not os.path.isdir(join(os.environ["nnUNet_raw"], "Dataset921_HardOrganCT")):
         demo_data_main(["--preset", "hard"])
@@ -105,7 +113,7 @@ def main() -> None:
         while queue and (args.parallel is None or sum(j.poll() is None for j in jobs) < args.parallel):
             setting, s, union, out, part, methods = queue.pop(0)
             os.makedirs(out, exist_ok=True)
-            jobs.append(_benchmark(union, args.device, methods, out, f"campaign_{part}.log"))
+            jobs.append(_benchmark(union, args.device, methods, out, f"campaign_{part}.log", threads))
             print(f"{time.time() - t0:6.0f} s: started {setting} seed {s} {part} ({' '.join(methods)}) on {union}",
                   flush=True)
             time.sleep(5)
