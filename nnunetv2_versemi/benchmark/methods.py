@@ -13,6 +13,7 @@ from os.path import join
 from nnunetv2.utilities.file_path_utilities import get_output_folder
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
+from nnunetv2_versemi.discovery import ensure_ext_trainer_env
 from nnunetv2_versemi.errors import VerSemiInputError
 from nnunetv2_versemi.tasktable import TaskTable
 from nnunetv2_versemi.training.trainer import VerSemiTrainer
@@ -63,6 +64,7 @@ def method_by_name(name: str) -> Method:
 
     cls = None
     if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        ensure_ext_trainer_env()  # nnU-Net finds this package's trainers through nnUNet_extTrainer
         try:
             cls = recursive_find_trainer_class_by_name(name)
         except RuntimeError:  # nnU-Net raises when no trainer has that name

@@ -87,3 +87,11 @@ def test_probe_usage_message():
     r = subprocess.run([sys.executable, "-m", "nnunetv2_versemi.benchmark.pool_scale"], capture_output=True,
                        text=True)
     assert r.returncode != 0 and "--probe DATASET" in r.stderr
+
+
+def test_plot_writes_the_figure_from_the_result_rows(tmp_path):
+    rows = [{"size": n, "merge_s": 1.0 + n / 100, "preprocess_unlabeled_s": 2.0 + n / 50, "startup_s": 2.0,
+             "peak_rss_mib": 2800.0, "step_s_all": [0.15 + 0.001 * i for i in range(12)]} for n in (100, 1000)]
+    path = tmp_path / "pool_scale.png"
+    pool_scale.plot({"rows": rows}, str(path))
+    assert path.stat().st_size > 10_000
