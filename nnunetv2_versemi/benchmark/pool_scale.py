@@ -244,7 +244,8 @@ def plot(result: dict, path: str) -> None:
     axes[0].set(xscale="log", yscale="log", xlabel="unlabeled images", ylabel="seconds", title="time")
     axes[0].legend(fontsize=8)
     axes[1].plot(n, [r["peak_rss_mib"] for r in rows], "o-")
-    axes[1].set(xscale="log", xlabel="unlabeled images", ylabel="MiB", title="peak RSS, trainer + workers")
+    axes[1].set(xscale="log", xlabel="unlabeled images", ylabel="MiB", title="peak RSS, trainer + workers",
+                ylim=(0, 1.15 * max(r["peak_rss_mib"] for r in rows)))
     axes[2].boxplot([r["step_s_all"][5:] for r in rows])
     axes[2].set_xticks(range(1, len(n) + 1), [str(x) for x in n])
     axes[2].set(xlabel="unlabeled images", ylabel="seconds", title="training step (stage 2)")
