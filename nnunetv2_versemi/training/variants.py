@@ -173,7 +173,7 @@ class VerSemiTrainer_demoConverged(ShortRun, VerSemiTrainer):
     steps as fit into a few minutes on 2 CPU cores with the demo's small network, enough for every demo task
     and the task classifier to converge (docs/BENCHMARKS.md, "The README demo")."""
 
-    epochs, iterations, val_iterations = 12, 80, 2
+    epochs, iterations, val_iterations = 30, 80, 2
 
 
 # 2 epochs of 3 iterations: the test suite's trainers (run through nnUNetv2_train, which finds them here)
