@@ -4,9 +4,6 @@ the curves plot in OUT_DIR.
 
 Usage:
     python hard_seeds.py OUT_DIR SEED0/results.json SEED1/results.json ... [--methods a d e]
-
-A seed given as ``A.json+B.json`` joins two benchmark reports of the same union and test cases (e.g. a committed
-report and a later run of more methods); a method in both is taken from the first.
 """
 import argparse
 import json
@@ -27,31 +24,13 @@ def only_methods(results: dict, keys: set) -> dict:
     return r
 
 
-def joined(paths: str) -> dict:
-    """One seed's results from ``A.json+B.json+...``: the methods of every report, the first one's where repeated."""
-    parts = [json.load(open(f)) for f in paths.split("+")]
-    r = dict(parts[0])
-    for other in parts[1:]:
-        if other["dataset"] != r["dataset"] or other["test_cases"] != r["test_cases"]:
-            sys.exit(f"{paths}: the reports are of different unions or test cases")
-        new = {m["key"] for m in other["methods"]} - {m["key"] for m in r["methods"]}
-        extra = only_methods(other, new)
-        r["methods"] = r["methods"] + extra["methods"]
-        r["cases"] = r["cases"] + extra["cases"]
-        r["summary"] = {**r["summary"], **extra["summary"]}
-        r["runs"] = r["runs"] + extra["runs"]
-        r["curves"] = {**r.get("curves", {}), **{k: v for k, v in other.get("curves", {}).items()
-                                                 if k not in r.get("curves", {})}}
-    return r
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out")
     p.add_argument("results", nargs="+", help="results.json of each seed, seed 0 first")
     p.add_argument("--methods", nargs="+", default=None, help="method letters or names (default: those all share)")
     args = p.parse_args()
-    per_seed = [joined(f) for f in args.results]
+    per_seed = [json.load(open(f)) for f in args.results]
     common = set.intersection(*({m["key"] for m in r["methods"]} for r in per_seed))
     if args.methods:
         wanted = {method_by_name(m).key for m in args.methods}
