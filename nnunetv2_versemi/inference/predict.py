@@ -4,8 +4,8 @@
 the task's intensity transform is applied, only that task's prompt runs, and label maps are written in the
 source dataset's own label values and in the input's geometry.
 ``--task auto`` (default): raw source images of any of the model's tasks, mixed in one folder; each case's task
-is recognised by the network's task classifier (mean probability over the case's patches, with that task's
-intensity transform applied), then the case is predicted as with ``--task`` of that task. The recognised task
+is recognised by the network's task classifier (each candidate task's intensity transform a hypothesis,
+:func:`recognise_case`), then the case is predicted as with ``--task`` of that task. The recognised task
 per case goes to ``recognised_tasks.json`` in the output folder.
 ``--task all``: union-format images (as in the union's imagesTs); merged label maps, as stock
 ``nnUNetv2_predict`` writes them (the prompt-free network: each patch routed to the task it is recognised as).
@@ -241,37 +241,76 @@ def list_auto_cases(input_folder: str, table: TaskTable) -> dict[str, tuple[list
     return found
 
 
+def calibrated_units(task: Task) -> bool:
+    """Whether the task's intensity transform has fixed parameters in calibrated units (CT: a Hounsfield window
+    and the task's own mean and std), as opposed to a per-image one (z-score, rescaling) that makes any image
+    look standardised."""
+    norm = task.normalization
+    schemes = [c.get("scheme") for c in norm.get("channels", [])] if norm.get("scheme") == "per_channel" \
+        else [norm.get("scheme")]
+    return all(scheme == "CT" for scheme in schemes)
+
+
 def recognise_case(predictor, net, image: np.ndarray, props: dict, tasks: list[int], table: TaskTable,
                    batch: int = 16) -> np.ndarray:
-    """Task probabilities (T,) of one raw case. For each candidate task t the image gets t's intensity transform
-    and nnU-Net's preprocessing, and the classifier's mean probability of t over non-overlapping patches is
-    t's score; tasks that are not candidates score 0. The scores are normalised to sum to 1."""
+    """Task scores (T,) of one raw case, summing to 1; tasks that are not candidates score 0.
+
+    Each candidate task t is a hypothesis: the image gets t's intensity transform and nnU-Net's preprocessing,
+    and the task classifier's mean probabilities over the case's non-overlapping patches (T,) say which task
+    that input looks like. The hypothesis is consistent when they say t; its score is their probability of t.
+    Consistent hypotheses with a calibrated transform (:func:`calibrated_units`) go first: a CT image z-scored
+    looks like a z-scored MR task's images to the classifier (it was consistent with 0.94 on the demo, beside
+    0.96 for the right CT task), while an image that the fixed Hounsfield window of a CT task turns into
+    something the classifier takes for that task is in that task's units. The scores of the hypotheses not in
+    the first group that has any (consistent and calibrated; consistent; all) are 0.
+
+    The network runs in eval mode (the caller's mode comes back afterwards): nnU-Net's predictor leaves a freshly
+    loaded network in training mode, where the classifier's standardisation would take the statistics of this
+    one case's patches (one task) and lose what tells the tasks apart."""
+    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+    seen = {}
+    was_training = net.training
+    net.eval()
+    try:
+        for t in tasks:
+            seen[t] = _task_probabilities(predictor, net, preprocessor, image, props, table.tasks[t], batch)
+    finally:
+        net.train(was_training)
+    consistent = [t for t in tasks if int(seen[t].argmax()) == t]
+    calibrated = [t for t in consistent if calibrated_units(table.tasks[t])]
+    kept = calibrated or consistent or tasks
+    scores = np.zeros(table.num_tasks)
+    for t in kept:
+        scores[t] = seen[t][t]
+    return scores / max(scores.sum(), 1e-12)
+
+
+def _task_probabilities(predictor, net, preprocessor, image: np.ndarray, props: dict, task: Task,
+                        batch: int) -> np.ndarray:
+    """The task classifier's mean probabilities (T,) over the non-overlapping patches of ``image`` prepared as
+    ``task``'s own images are."""
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
     from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
 
     from nnunetv2_versemi.data.normalization import prepare_raw_task_image
 
     pm, cm = predictor.plans_manager, predictor.configuration_manager
-    preprocessor = cm.preprocessor_class(verbose=False)
     patch = list(cm.patch_size)
-    scores = np.zeros(table.num_tasks)
-    for t in tasks:
-        data, _, _ = preprocessor.run_case_npy(prepare_raw_task_image(image, table.tasks[t]), None, dict(props),
-                                               pm, cm, predictor.dataset_json)
-        data = torch.from_numpy(np.ascontiguousarray(data)).float()
-        if len(patch) == 2:  # a 2d model sees the slices
-            data = data.permute(1, 0, 2, 3)
-        else:
-            data = data[None]
-        data, _ = pad_nd_image(data, patch, "constant", {"value": 0}, True, None)
-        steps = compute_steps_for_sliding_window(data.shape[2:], patch, 1.0)
-        tiles = [data[(slice(None), slice(None), *[slice(s, s + p) for s, p in zip(starts, patch)])]
-                 for starts in np.array(np.meshgrid(*steps, indexing="ij")).reshape(len(patch), -1).T]
-        tiles = torch.cat(tiles).to(predictor.device)
-        with torch.no_grad():
-            probs = torch.cat([net.recognise(tiles[i:i + batch]) for i in range(0, len(tiles), batch)])
-        scores[t] = float(probs[:, t].mean())
-    return scores / max(scores.sum(), 1e-12)
+    data, _, _ = preprocessor.run_case_npy(prepare_raw_task_image(image, task), None, dict(props), pm, cm,
+                                           predictor.dataset_json)
+    data = torch.from_numpy(np.ascontiguousarray(data)).float()
+    if len(patch) == 2:  # a 2d model sees the slices
+        data = data.permute(1, 0, 2, 3)
+    else:
+        data = data[None]
+    data, _ = pad_nd_image(data, patch, "constant", {"value": 0}, True, None)
+    steps = compute_steps_for_sliding_window(data.shape[2:], patch, 1.0)
+    tiles = [data[(slice(None), slice(None), *[slice(s, s + p) for s, p in zip(starts, patch)])]
+             for starts in np.array(np.meshgrid(*steps, indexing="ij")).reshape(len(patch), -1).T]
+    tiles = torch.cat(tiles).to(predictor.device)
+    with torch.no_grad():
+        probs = torch.cat([net.recognise(tiles[i:i + batch]) for i in range(0, len(tiles), batch)])
+    return probs.mean(0).cpu().numpy().astype(np.float64)
 
 
 #: a recognised task must beat the runner-up by this much, and chance (1 / number of tasks) by half of it (the

@@ -322,3 +322,102 @@ def test_classifier_reads_every_encoder_stage_and_old_layout_loads():
         bottleneck_net.load_state_dict(_net(ds=False).state_dict())
     with pytest.raises(ValueError, match="recognition_input"):
         VerSemiNetwork(_backbone(2), NUM_CLASSES, MERGED, recognition_input="pooled")
+
+
+def test_recognise_case_scores_with_running_statistics_whatever_mode_the_network_is_in():
+    """nnU-Net's predictor leaves a freshly loaded network in training mode. ``--task auto`` must recognise a
+    case with the classifier's running statistics: in training mode its standardisation would use the
+    statistics of the case's own slices (one task), which removes what tells the tasks apart (measured: the
+    demo's test cases near chance, most recognised wrongly, while stock routing was right)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from nnunetv2_versemi.inference.predict import recognise_case
+    from nnunetv2_versemi.tasktable import Task, TaskLabel, TaskTable
+
+    net = _net().train()
+    standardize, linear = net.task_classifier
+    g = torch.Generator().manual_seed(1)
+    standardize.running_mean.copy_(torch.randn(standardize.num_features, generator=g))
+    standardize.running_var.copy_(torch.rand(standardize.num_features, generator=g) + 0.5)
+    linear.weight.data.copy_(torch.randn(linear.weight.shape, generator=g) * 5)
+    stats = standardize.running_mean.clone()
+
+    class Pre:  # nnU-Net's preprocessing as identity: the test is about the network's mode
+        def run_case_npy(self, data, seg, props, pm, cm, dataset_json):
+            return data.astype(np.float32), None, props
+
+    cm = SimpleNamespace(patch_size=[16, 16], preprocessor_class=lambda verbose: Pre())
+    predictor = SimpleNamespace(plans_manager=None, configuration_manager=cm, dataset_json={},
+                                device=torch.device("cpu"))
+    table = TaskTable(tasks=[Task(name=n, source_dataset=f"Dataset90{i}_{n}", channel_names={"0": "MRI"},
+                                  labels=[TaskLabel("x", 1, 1 + i)], labeled=[f"{n}_a"],
+                                  normalization={"scheme": "zscore"})
+                             for i, n in enumerate(["A", "B", "C"])])
+    image = np.random.default_rng(0).normal(size=(1, 6, 32, 32)).astype(np.float32)
+    scores = recognise_case(predictor, net, image, {}, [0, 1, 2], table, batch=4)
+    assert net.training  # the caller's mode comes back
+    torch.testing.assert_close(standardize.running_mean, stats)  # recognising does not train the statistics
+
+    from nnunetv2_versemi.data.normalization import prepare_raw_task_image
+
+    seen = []
+    with torch.no_grad():
+        net.eval()
+        for t in range(3):
+            x = torch.from_numpy(prepare_raw_task_image(image, table.tasks[t])).permute(1, 0, 2, 3)
+            tiles = torch.cat([x[..., i:i + 16, j:j + 16] for i in (0, 16) for j in (0, 16)])
+            seen.append(net.recognise(tiles).mean(0).numpy())
+    # the same z-score transform for the three tasks: one input, the classifier's own probabilities
+    np.testing.assert_allclose(seen[0], seen[1], rtol=1e-5)
+    np.testing.assert_allclose(scores, np.where(np.arange(3) == seen[0].argmax(), 1.0, 0.0), atol=1e-6)
+    assert scores.argmax() == 0 and seen[0][0] > 0.5  # planted: task A, not near chance
+
+
+def _planted_recognition(monkeypatch, schemes: list[str], seen: dict[int, list[float]]):
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from nnunetv2_versemi.inference import predict
+    from nnunetv2_versemi.tasktable import Task, TaskLabel, TaskTable
+
+    norms = {"CT": {"scheme": "CT", "mean": 100.0, "std": 20.0, "lower": 50.0, "upper": 150.0},
+             "zscore": {"scheme": "zscore"}}
+    table = TaskTable(tasks=[Task(name=f"T{i}", source_dataset=f"Dataset90{i}_T{i}", channel_names={"0": s},
+                                  labels=[TaskLabel("x", 1, 1 + i)], labeled=[f"T{i}_a"], normalization=norms[s])
+                             for i, s in enumerate(schemes)])
+    monkeypatch.setattr(predict, "_task_probabilities",
+                        lambda predictor, net, pre, image, props, task, batch:
+                        np.array(seen[table.names.index(task.name)]))
+    predictor = SimpleNamespace(configuration_manager=SimpleNamespace(preprocessor_class=lambda verbose: None))
+    return predict.recognise_case(predictor, torch.nn.Identity(), np.zeros((1, 2, 4, 4)), {}, list(seen), table)
+
+
+def test_recognition_prefers_a_consistent_calibrated_hypothesis(monkeypatch):
+    """The demo's CT case (measured): z-scored as the MR task's images are, it looks like MR (0.94); under its own
+    Hounsfield window it looks like its own task (0.96). The CT window decides; under the other CT task's window
+    the classifier leans to that task (0.38), so both CT hypotheses stay in and their probabilities compare."""
+    ct, mr, mc = [0.96, 0.03, 0.01], [0.03, 0.94, 0.03], [0.28, 0.35, 0.37]
+    scores = _planted_recognition(monkeypatch, ["CT", "zscore", "CT"], {0: ct, 1: mr, 2: mc})
+    assert scores.argmax() == 0 and scores[1] == 0.0
+    assert scores[0] == pytest.approx(0.96 / (0.96 + 0.37)) and scores.sum() == pytest.approx(1.0)
+
+
+def test_recognition_of_an_mr_case_and_the_fallbacks(monkeypatch):
+    # an MR case looks like MR under every transform: only the MR hypothesis is consistent
+    scores = _planted_recognition(monkeypatch, ["CT", "zscore", "CT"],
+                                  {0: [0.05, 0.85, 0.1], 1: [0.07, 0.81, 0.12], 2: [0.04, 0.76, 0.2]})
+    assert scores.tolist() == [0.0, 1.0, 0.0]
+    # no consistent hypothesis: every candidate's probability of itself counts
+    scores = _planted_recognition(monkeypatch, ["CT", "zscore", "CT"],
+                                  {0: [0.2, 0.7, 0.1], 1: [0.6, 0.3, 0.1], 2: [0.1, 0.6, 0.3]})
+    assert scores == pytest.approx([0.25, 0.375, 0.375])
+    # consistent, none calibrated: the consistent ones
+    scores = _planted_recognition(monkeypatch, ["zscore", "zscore", "CT"],
+                                  {0: [0.6, 0.3, 0.1], 1: [0.2, 0.7, 0.1], 2: [0.1, 0.6, 0.3]})
+    assert scores == pytest.approx([0.6 / 1.3, 0.7 / 1.3, 0.0])
+    # a task that is not a candidate (file format or channels) scores 0
+    scores = _planted_recognition(monkeypatch, ["CT", "zscore", "CT"], {0: [0.9, 0.05, 0.05], 1: [0.1, 0.8, 0.1]})
+    assert scores[2] == 0.0 and scores.argmax() == 0
