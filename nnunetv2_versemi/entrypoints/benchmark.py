@@ -1,4 +1,5 @@
-"""``nnUNetv2_versemi_benchmark`` and its subcommands ``speed``, ``gpu``, ``pool``, ``recognition`` and ``plans``."""
+"""``nnUNetv2_versemi_benchmark`` and its subcommands ``speed``, ``gpu``, ``pool``, ``recognition``, ``add-task``
+and ``plans``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import os
 import sys
 
-from nnunetv2_versemi.entrypoints.common import add_device, input_errors_exit
+from nnunetv2_versemi.entrypoints.common import add_device, add_processes, input_errors_exit
 
 PROG = "nnUNetv2_versemi_benchmark"
 
@@ -15,7 +16,7 @@ PROG = "nnUNetv2_versemi_benchmark"
 def benchmark_main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     subcommands = {"speed": speed_main, "recognition": recognition_main, "plans": plans_main, "gpu": gpu_main,
-                   "pool": pool_main}
+                   "pool": pool_main, "add-task": add_task_main}
     if argv and argv[0] in subcommands:
         subcommands[argv[0]](argv[1:])
         return
@@ -135,6 +136,18 @@ def recognition_main(argv: list[str] | None = None) -> None:
     args.argv = ["recognition", *argv]
     with input_errors_exit(recognition.PROG):
         recognition.run_recognition(args)
+
+
+def add_task_main(argv: list[str] | None = None) -> None:
+    from nnunetv2_versemi.benchmark.add_task_bench import PROG as ADD_PROG
+    from nnunetv2_versemi.benchmark.add_task_bench import run_add_task_benchmark
+
+    argv = list(sys.argv[2:] if argv is None else argv)
+    args = build_add_task_parser().parse_args(argv)
+    args.argv = argv
+    os.environ.setdefault("nnUNet_def_n_proc", str(max(1, args.np)))
+    with input_errors_exit(ADD_PROG):
+        run_add_task_benchmark(args)
 
 
 def plans_main(argv: list[str] | None = None) -> None:
@@ -286,6 +299,35 @@ def build_speed_parser() -> argparse.ArgumentParser:
                         "count, each against nnU-Net")
     add_device(p)
     p.add_argument("-o", default=None, help="folder for speed.json and speed.md (default: print only)")
+    return p
+
+
+def build_add_task_parser() -> argparse.ArgumentParser:
+    from nnunetv2_versemi.benchmark import add_task_bench
+
+    p = argparse.ArgumentParser(prog=add_task_bench.PROG, description=add_task_bench.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="+", required=True,
+                   help="raw source datasets (ids or names); the last one is the task added to the model of the others")
+    p.add_argument("-o", required=True, help="report folder (add_task.json, add_task.md, add_task_curves.png)")
+    p.add_argument("--first-id", type=int, default=600,
+                   help="dataset id of seed 0's first union (seed s: +3 s; before, after, scratch; default 600)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds (merge seed 12345 + s; default 3)")
+    p.add_argument("-c", default="2d", help="configuration (default 2d; e.g. 2d_cpu with --plans-preset cpu_demo)")
+    p.add_argument("--plans-preset", default=None, help="plans preset of every model (e.g. cpu_demo)")
+    p.add_argument("-tr", default="VerSemiTrainer", help="VerSemi trainer of the union models (default VerSemiTrainer)")
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--labeled-fraction", type=float, default=None, help="labeled cases kept per task (fraction)")
+    sel.add_argument("--labeled-cases", type=int, default=None, help="labeled cases kept per task (number)")
+    p.add_argument("--epochs", type=int, default=1000, help="epochs of every from-scratch model (default 1000)")
+    p.add_argument("--iterations", type=int, default=250,
+                   help="iterations per epoch and task (the union models get T times as many; default 250)")
+    p.add_argument("--val-iterations", type=int, default=50, help="validation iterations per epoch (default 50)")
+    p.add_argument("--finetune-fraction", type=float, default=0.25,
+                   help="fine-tuning epochs as a fraction of the from-scratch union's (default 0.25)")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring at test time")
+    add_processes(p, "-np", default=1, help="processes for merging, preprocessing and prediction (default 1)")
+    add_device(p)
     return p
 
 

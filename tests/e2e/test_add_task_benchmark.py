@@ -1,0 +1,115 @@
+"""``nnUNetv2_versemi_benchmark add-task`` at a tiny budget: the three unions, the fine-tuning from the
+warm-start weights, the report and its resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nnunetv2_versemi.benchmark.add_task_bench import finetune_epochs, summarise, task_curves
+from nnunetv2_versemi.data.demo_data import generate_demo_datasets
+from nnunetv2_versemi.entrypoints.benchmark import benchmark_main
+
+import _synth as S  # tests/ is on sys.path (pyproject.toml: pytest's pythonpath)
+
+ARGS = ["--datasets", "901", "902", "903", "--first-id", "610", "--seeds", "1", "-c", "2d", "--epochs", "2",
+        "--iterations", "2", "--val-iterations", "1", "--finetune-fraction", "0.5", "-device", "cpu",
+        "--disable_tta"]
+
+
+@pytest.fixture(scope="module")
+def added(tmp_path_factory):
+    base = tmp_path_factory.mktemp("addbench")
+    mp = pytest.MonkeyPatch()
+    S.isolated_nnunet(base, mp)
+    generate_demo_datasets(base / "nnUNet_raw", num_labeled=3, num_unlabeled=2, num_test=1, scale=0.5)
+    mp.setenv("nnUNet_n_proc_DA", "0")
+    out = base / "report"
+    benchmark_main(["add-task", *ARGS, "-o", str(out)])
+    yield {"base": base, "out": out}
+    mp.undo()
+
+
+def test_unions_models_and_report(added):
+    base, out = added["base"], added["out"]
+    result = json.loads((out / "add_task.json").read_text())
+    raw = base / "nnUNet_raw"
+    # before: the other tasks; after: grown by the new one (old prompt numbers first); scratch: all from scratch
+    seed = result["seeds"][0]
+    assert seed["unions"] == {"before": "Dataset610_VSAdd0Old", "after": "Dataset611_VSAdd0Grown",
+                              "scratch": "Dataset612_VSAdd0All"}
+    for union, tasks in ((seed["unions"]["before"], ["DemoCT", "DemoMR"]),
+                         (seed["unions"]["after"], ["DemoCT", "DemoMR", "DemoMC"]),
+                         (seed["unions"]["scratch"], ["DemoCT", "DemoMR", "DemoMC"])):
+        dj = json.loads((raw / union / "dataset.json").read_text())
+        assert [t["name"] for t in dj["versemi"]["tasks"]] == tasks
+    assert result["summary"]["new_task"] == "DemoMC"
+    # the budget: 2 epochs x 2 iterations per task; fine-tuning half the epochs of the 3-task union
+    assert seed["steps"] == {"before": 2 * 2 * 2, "after": 1 * 2 * 3, "scratch": 2 * 2 * 3}
+    assert seed["train_seconds"]["after"] > 0 and seed["train_seconds"]["alone"] > 0
+    # every method scored the same test cases of each task it knows
+    cases = {m: {(t, c) for t, c, _ in v} for m, v in seed["cases"].items()}
+    assert cases["after"] == cases["scratch"] and cases["alone"] == cases["scratch"]
+    assert cases["before"] == {k for k in cases["after"] if k[0] != "DemoMC"} and len(cases["after"]) == 3
+    # the fine-tuned model started from the warm-start weights of the model before
+    ft = json.loads((out / "seed0" / "after" / "finetune.json").read_text())
+    assert ft["warm_start"].endswith("__fold_all.pth") and "Dataset611_VSAdd0Grown" in ft["warm_start"]
+    assert ft["budget"] == "e1-i6-v1"
+    names = {a["aim"] for a in result["summary"]["aims"]}
+    assert any("per-task nnU-Net" in n for n in names) and any("DemoCT (old)" in n for n in names)
+    assert result["summary"]["recognised_cases"]["total"] == 3
+    assert (out / "add_task.md").read_text().startswith("# Adding DemoMC")
+    assert (out / "add_task_curves.png").stat().st_size > 1000
+    # the fine-tuning's per-task curves come from its training log (one epoch)
+    assert set(seed["curves"]["after"]) == {"DemoCT", "DemoMR", "DemoMC"}
+    assert seed["curves"]["after"]["DemoMC"]["steps"] == [6]
+
+
+def test_rerun_trains_nothing(added, capsys):
+    out = added["out"]
+    before = (out / "add_task.json").read_text()
+    benchmark_main(["add-task", *ARGS, "-o", str(out)])
+    text = capsys.readouterr().out
+    assert "Training" not in text and "fine-tuning" in text
+    assert json.loads((out / "add_task.json").read_text())["seeds"][0]["steps"] == json.loads(before)["seeds"][0]["steps"]
+
+
+def test_taken_dataset_id_is_refused_before_anything_runs(added, capsys):
+    with pytest.raises(SystemExit) as e:
+        benchmark_main(["add-task", *ARGS[:4], "--first-id", "609", *ARGS[6:], "-o", str(added["out"] / "x")])
+    assert e.value.code == 2
+    assert "Dataset id 610 is taken by Dataset610_VSAdd0Old" in capsys.readouterr().err
+
+
+def test_finetune_epochs_and_curve_parsing(tmp_path):
+    assert finetune_epochs(20, 0.25) == 5 and finetune_epochs(2, 0.25) == 1 and finetune_epochs(30, 0.1) == 3
+    fold = tmp_path / "fold_all"
+    fold.mkdir()
+    (fold / "training_log_1.txt").write_text(
+        "x: Pseudo dice per task {'A': np.float64(nan), 'B': np.float64(0.5)}\n"
+        "y: Pseudo dice per task {'A': np.float64(0.25), 'B': 0.75}\n")
+    assert task_curves(str(tmp_path), 10) == {"A": {"steps": [10, 20], "dice": [None, 0.25]},
+                                              "B": {"steps": [10, 20], "dice": [0.5, 0.75]}}
+
+
+def test_summary_aims_from_planted_numbers():
+    def seed(s, after_new, alone_new, after_old, before_old):
+        return {"seed": s, "tasks": ["Old", "New"], "new_task": "New",
+                "cases": {"before": {("Old", "o1"): before_old, ("Old", "o2"): before_old},
+                          "after": {("Old", "o1"): after_old, ("Old", "o2"): after_old, ("New", "n1"): after_new},
+                          "scratch": {("Old", "o1"): 0.9, ("Old", "o2"): 0.9, ("New", "n1"): after_new + 0.05},
+                          "alone": {("Old", "o1"): 0.8, ("Old", "o2"): 0.8, ("New", "n1"): alone_new}},
+                "steps": {"before": 100, "after": 37, "scratch": 150},
+                "recognition": {"Old": {"cases": 1.0, "n_cases": 2}, "New": {"cases": 0.0, "n_cases": 1}}}
+
+    s = summarise([seed(0, 0.8, 0.7, 0.9, 0.95), seed(1, 0.8, 0.7, 0.9, 0.95)], 0.25)
+    aims = {a["aim"]: a for a in s["aims"]}
+    assert aims["new task >= per-task nnU-Net - 1"]["met"]  # +10 points
+    assert not aims["new task >= from-scratch union - 1"]["met"]  # -5 points
+    assert not aims["Old (old) within 1 point of the model before adding"]["met"]  # -5 points: forgotten
+    assert aims["Old (old) within 1 point of the model before adding"]["value"] == pytest.approx(-0.05)
+    assert not aims["stock routing recognises >= 99 % of test cases (old and new tasks)"]["met"]  # 4 of 6
+    assert aims["fine-tuning compute <= 25 % of the from-scratch union's (steps)"]["met"]  # 37 / 150
+    assert s["recognised_cases"] == {"right": 4, "total": 6}
+    assert s["dice"]["after"]["New"] == pytest.approx(0.8)
