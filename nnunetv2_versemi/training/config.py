@@ -91,6 +91,9 @@ class VerSemiConfig:
     stage1_min_fraction: float = 0.1
     switch_dice: float = 0.5
     rampup_fraction: float = 0.2
+    # the last this fraction of the epochs train L_sup (and L_rec) alone, on the unmixed labeled images: every CutMix
+    # term off (0: none; docs/BENCHMARKS.md, the 100 % cost)
+    sup_finish_fraction: float = 0.0
     allow_labeled_only: bool = False  # True: train without unlabeled images (logged), instead of failing
     # -- task recognition (prompt-free prediction)
     # None: the task classifier learns with nnU-Net's SGD; a number: its own Adam with this learning rate, outside
@@ -121,6 +124,7 @@ class VerSemiConfig:
         for name in ("stage1_fraction", "stage1_min_fraction", "switch_dice", "unsup_min_foreground",
                      "rampup_fraction", "recognition_threshold"):
             _number(self, name, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+        _number(self, "sup_finish_fraction", lambda v: 0 <= v < 1, "a number in [0, 1)")
         if self.stage1_min_fraction > self.stage1_fraction:
             raise ValueError(f"stage1_min_fraction ({self.stage1_min_fraction}) must not exceed stage1_fraction "
                              f"({self.stage1_fraction})")

@@ -4,7 +4,8 @@ Stage 1 trains on labeled images only (L_sup, L_syn, L_spec, labeled CutMix boxe
 adds the unlabeled terms, drops L_spec and draws the labeled boxes like the unlabeled ones (the official two
 stages). Stage 2 starts on evidence: after the first epoch in which every task's online pseudo Dice reaches
 ``switch_dice``, not before ``stage1_min_fraction`` of the epochs, at the latest after ``stage1_fraction`` of them.
-With ``unsup_schedule = "ramp"`` lambda ramps up from that same switch instead, and L_spec stays.
+With ``unsup_schedule = "ramp"`` lambda ramps up from that same switch instead, and L_spec stays. With
+``sup_finish_fraction`` the last epochs train L_sup alone (every CutMix term off).
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ class StageSchedule:
     def in_stage_two(self, epoch: int) -> bool:
         """Whether L_spec is dropped and the labeled boxes are drawn like the unlabeled ones."""
         return self.config.unsup_schedule == "stage" and self.switch_epoch is not None and epoch >= self.switch_epoch
+
+    def in_sup_finish(self, epoch: int, num_epochs: int) -> bool:
+        """Whether ``epoch`` is in the closing phase of ``sup_finish_fraction``: L_sup alone, no CutMix term."""
+        f = self.config.sup_finish_fraction
+        return f > 0 and epoch >= num_epochs - max(1, round(f * num_epochs))
 
     def labeled_box_ratio(self, epoch: int) -> tuple[float, float]:
         return self.config.unlabeled_box_ratio if self.in_stage_two(epoch) else self.config.labeled_box_ratio

@@ -225,9 +225,11 @@ class VerSemiTrainer(FinalValidation, TaskData, nnUNetTrainer):
         """One VerSemi step: build the mixes, one backbone pass, the loss terms by name, nnU-Net's optimizer
         step, the teacher's update."""
         labeled, _ = self._to_device(batch)
-        lam = self.unlabeled_weight()
+        # the closing phase of sup_finish_fraction: L_sup (and L_rec) alone, no mix is built
+        finish = self.schedule.in_sup_finish(self.current_epoch, self.num_epochs)
+        lam = 0.0 if finish else self.unlabeled_weight()
         step = mixes.StepGroups(labeled)
-        if self.config.syn_weight > 0 or self.config.spec_weight > 0:
+        if not finish and (self.config.syn_weight > 0 or self.config.spec_weight > 0):
             step.labeled_mix = mixes.labeled_mix(labeled, self.schedule.labeled_box_ratio(self.current_epoch),
                                                  self.task_table.synthetic_prompt)
         if lam > 0:

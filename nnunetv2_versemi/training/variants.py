@@ -28,6 +28,12 @@ class VerSemiTrainer_noSpec(VerSemiTrainer):
     config = replace(DEFAULT, spec_weight=0.0)
 
 
+class VerSemiTrainer_supFinish(VerSemiTrainer):
+    """The last 20 % of the epochs L_sup alone on the unmixed labeled images (every CutMix term off): whether the
+    cost at 100 % labels is the CutMix terms' and a closing phase on real images takes it back."""
+    config = replace(DEFAULT, sup_finish_fraction=0.2)
+
+
 class VerSemiTrainer_noUnsup(VerSemiTrainer):
     """Labeled-only VerSemi: prompts, synthetic task and L_spec, no unlabeled images."""
     config = replace(DEFAULT, **LABELED_ONLY)

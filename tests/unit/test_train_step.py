@@ -55,6 +55,25 @@ def test_loss_terms_before_and_after_the_switch(make_trainer, cls, stage2):
     _loss_is_the_sum_of(out, stage2)
 
 
+def test_sup_finish_trains_l_sup_alone_in_the_closing_epochs(make_trainer):
+    from nnunetv2_versemi.training.variants import VerSemiTrainer_supFinish
+
+    trainer = make_trainer(VerSemiTrainer_supFinish)
+    labeled, unlabeled = train_batches(trainer)
+    trainer.num_epochs = 20
+    trainer.switch_epoch = 2  # stage 2 since epoch 2
+    trainer.current_epoch = 15  # the last 20 % are epochs 16-19
+    trainer.dataloader_unlabeled = iter([unlabeled])
+    out = trainer.train_step(labeled)
+    assert _terms(out) == {"sup", "syn", "unsup", "pseudo", "rec"}
+    trainer.current_epoch = 16
+    trainer.dataloader_unlabeled = iter([unlabeled])
+    out = trainer.train_step(labeled)
+    assert _terms(out) == {"sup", "rec"} and float(out["unsup_lambda"]) == 0
+    assert next(trainer.dataloader_unlabeled, None) is not None  # no unlabeled batch drawn
+    _loss_is_the_sum_of(out, {"sup", "rec"})
+
+
 def test_step_trains_the_student_and_moves_the_teacher_toward_it(make_trainer):
     trainer = make_trainer(VerSemiTrainer)
     labeled, unlabeled = train_batches(trainer)
