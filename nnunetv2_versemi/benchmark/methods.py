@@ -39,13 +39,14 @@ class Method:
     trainer: str
     per_task: bool = False
     prompted: bool = False
+    unlabeled: bool = False  # trains on the union's unlabeled images (their preprocessed files must all be there)
 
 
 METHODS = (
     Method("alone", "a", "(a) nnU-Net, each task alone", "nnUNetTrainer", per_task=True),
     Method("union", "b", "(b) nnU-Net on the union", "nnUNetTrainer"),
     Method("noUnsup", "c", "(c) VerSemi, labeled only", "VerSemiTrainer_noUnsup", prompted=True),
-    Method("versemi", "d", "(d) VerSemi", "VerSemiTrainer", prompted=True),
+    Method("versemi", "d", "(d) VerSemi", "VerSemiTrainer", prompted=True, unlabeled=True),
     Method("pseudo", "e", "(e) nnU-Net with pseudo labels, each task alone", "nnUNetTrainer", per_task=True),
     Method("alonePCD", "f", "(f) nnU-Net, each task alone, present-class Dice", "nnUNetTrainer_presentClassDice",
            per_task=True),
@@ -72,7 +73,8 @@ def method_by_name(name: str) -> Method:
     if cls is None:
         valid = ", ".join(f"{m.letter}/{m.key}" for m in METHODS)
         raise BenchmarkError(f"Unknown method '{name}'; choose from {valid} or a trainer class name")
-    return Method(name, name, name, name, prompted=issubclass(cls, VerSemiTrainer))
+    versemi = issubclass(cls, VerSemiTrainer)
+    return Method(name, name, name, name, prompted=versemi, unlabeled=versemi and cls.config.uses_unlabeled)
 
 
 @dataclass(frozen=True)

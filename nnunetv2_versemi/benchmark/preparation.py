@@ -203,7 +203,7 @@ def _checked_methods(
     if PSEUDO in keys and BASELINE not in keys:
         raise BenchmarkError("Method e (nnU-Net with pseudo labels) labels the unlabeled images with the models of "
                              "method a: add a to --methods")
-    if any(m.key == "versemi" for m in methods):
+    if any(m.unlabeled for m in methods):  # (d) and every VerSemi variant with an unlabeled term
         missing = missing_unlabeled(pp, data_id, table)
         if missing:
             raise BenchmarkError(

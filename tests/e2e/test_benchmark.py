@@ -169,6 +169,24 @@ def test_bad_input_fails_before_training(bench, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_missing_unlabeled_files_refused_for_a_variant_too(bench, tmp_path, capsys):
+    """An interrupted preprocessing leaves unlabeled cases without files: every method that trains on them is
+    refused before training, the VerSemi variants as well as (d)."""
+    pp = next((bench["base"] / "nnUNet_preprocessed").glob(f"Dataset{UNION}_*"))
+    one = sorted((pp / "nnUNetPlans_2d_unlabeled").glob("*.b2nd"))[0]
+    hidden = one.with_suffix(".hidden")
+    one.rename(hidden)
+    try:
+        with pytest.raises(SystemExit) as e:
+            benchmark_main(["-d", str(UNION), "-c", "2d", *TINY, "--methods", "VerSemiTrainer_noSpec",
+                            "-o", str(tmp_path / "r")])
+        assert e.value.code == 2
+        assert "1 unlabeled case(s)" in capsys.readouterr().err
+        assert not (tmp_path / "r" / "results.json").exists()
+    finally:
+        hidden.rename(one)
+
+
 def test_pseudo_label_method_trains_on_labeled_plus_a_predictions(bench, tmp_path, capsys):
     """(e): each task's dataset holds its labeled cases with their true labels plus its unlabeled images
     labeled by (a)'s model (exactly what that model predicts), in the task's classes; validation folds stay
@@ -311,6 +329,9 @@ def test_ablation_trainers_are_benchmark_methods():
     m = B.method_by_name("VerSemiTrainer_noUnsup_dynamicHead")
     assert m.trainer == m.key == "VerSemiTrainer_noUnsup_dynamicHead" and m.prompted and not m.per_task
     assert not B.method_by_name("nnUNetTrainer_5epochs").prompted
+    # which methods read the unlabeled images (their preprocessed files are checked before training)
+    assert B.method_by_name("VerSemiTrainer_noSpec").unlabeled and B.method_by_name("d").unlabeled
+    assert not B.method_by_name("c").unlabeled and not B.method_by_name("VerSemiTrainer_supOnly").unlabeled
     for bad in ("NoSuchTrainer", "../x"):
         with pytest.raises(B.BenchmarkError, match="Unknown method"):
             B.method_by_name(bad)

@@ -38,13 +38,24 @@ SETTINGS = {"L10": (0.1, 700, "HardL10", ["a", "e", "f"], ["d", "c", "VerSemiTra
 PER_TASK = {"a", "e", "f"}
 
 
+def _preprocessed(union: str) -> bool:
+    """Plans written and every unlabeled case preprocessed (an interrupted run leaves them incomplete)."""
+    from nnunetv2_versemi.data.preprocess import missing_unlabeled
+    from nnunetv2_versemi.tasktable import find_task_table
+
+    pp = join(os.environ["nnUNet_preprocessed"], union)
+    if not isfile(join(pp, "nnUNetPlans.json")):
+        return False
+    return not missing_unlabeled(pp, "nnUNetPlans_2d", find_task_table(path=join(pp, "nnUNetPlans.json")))
+
+
 def union_of(setting: str, seed: int, np_: int) -> str:
     fraction, first, name = SETTINGS[setting][:3]
     if seed == 0:
         if not os.path.isdir(join(os.environ["nnUNet_raw"], f"Dataset{first}_{name}")):
             merge_main(["-d", "921", "922", "923", "-o", str(first), "-n", name, "--labeled-fraction", str(fraction),
                         "-np", str(np_), "--no-pbar"])
-        if not isfile(join(os.environ["nnUNet_preprocessed"], f"Dataset{first}_{name}", "nnUNetPlans.json")):
+        if not _preprocessed(f"Dataset{first}_{name}"):
             plan_and_preprocess_main(["-d", str(first), "-c", "2d", "-np", str(np_), "-npfp", str(np_), "--no_pbar"])
         return dataset_name(first)
     return seed_union(dataset_name(first), seed, "2d_cpu", "cpu_demo", np_, set(), new_id=first + 30 * seed)

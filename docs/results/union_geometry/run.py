@@ -1,7 +1,16 @@
 """Per-task nnU-Net on Spleen (seed-0 per-task dataset) with the union's 2d spacing/patch: does the union's
 resampling explain the union models' loss on Spleen?"""
-import json, os, sys, copy, subprocess
-import numpy as np, SimpleITK as sitk, torch
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+
 def main():
     pp = os.environ["nnUNet_preprocessed"]
     ds = sys.argv[1]          # e.g. Dataset993_VSBench990_Spleen
@@ -38,7 +47,7 @@ def main():
         c = f.replace("_0000.nii.gz", "")
         pr = sitk.GetArrayFromImage(sitk.ReadImage(f"{out}/{c}.nii.gz")) > 0
         gt = sitk.GetArrayFromImage(sitk.ReadImage(f"{raw}/labelsTs/{c}.nii.gz"))
-        gt = np.isin(gt, t["merged_values"] if "merged_values" in t else [l["merged"] for l in t["labels"]])
+        gt = np.isin(gt, t["merged_values"] if "merged_values" in t else [lab["merged"] for lab in t["labels"]])
         res[c] = 2 * (pr & gt).sum() / (pr.sum() + gt.sum())
     print("RESULT", task, mode, {k: round(float(v), 4) for k, v in res.items()}, "mean", round(float(np.mean(list(res.values()))), 4))
 
