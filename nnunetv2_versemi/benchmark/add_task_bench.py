@@ -281,6 +281,8 @@ def run_seed(args: argparse.Namespace, s: int, sources: list[str]) -> dict:
 
 def summarise(per_seed: list[dict], finetune_fraction: float) -> dict:
     """Dice per task and method (mean over seeds x test cases), paired differences and the aims."""
+    from nnunetv2_versemi.benchmark.seeds import _ci as ci  # the seed reports' interval text
+
     tasks, new = per_seed[0]["tasks"], per_seed[0]["new_task"]
     old_tasks = [t for t in tasks if t != new]
     pooled = {m: {} for m in ("before", "after", "scratch", "alone")}
@@ -302,13 +304,6 @@ def summarise(per_seed: list[dict], finetune_fraction: float) -> dict:
 
     def aim(name: str, value, met: bool, text: str) -> dict:
         return {"aim": name, "value": value, "met": bool(met), "measured": text}
-
-    def ci(d: dict) -> str:
-        if d["mean"] is None:
-            return "n/a"
-        if d["low"] is None:
-            return f"{100 * d['mean']:+.1f} (n={d['n']})"
-        return f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] (n={d['n']})"
 
     aims = [aim("fine-tuning compute <= 25 % of the from-scratch union's (steps)", compute,
                 compute <= finetune_fraction + 1e-9 and finetune_fraction <= 0.25, f"{compute:.0%}")]
