@@ -34,6 +34,12 @@ class VerSemiTrainer_supFinish(VerSemiTrainer):
     config = replace(DEFAULT, sup_finish_fraction=0.2)
 
 
+class VerSemiTrainer_supFinish40(VerSemiTrainer):
+    """The last 40 % of the epochs L_sup alone: whether a longer closing phase takes back the rest of the cost at
+    100 % labels, and what it gives away at 10 %."""
+    config = replace(DEFAULT, sup_finish_fraction=0.4)
+
+
 class VerSemiTrainer_noUnsup(VerSemiTrainer):
     """Labeled-only VerSemi: prompts, synthetic task and L_spec, no unlabeled images."""
     config = replace(DEFAULT, **LABELED_ONLY)

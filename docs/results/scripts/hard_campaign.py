@@ -88,6 +88,8 @@ def main() -> None:
     p.add_argument("-device", default="cpu")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS))
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--train-seeds", type=int, nargs="+", default=None,
+                   help="train only these of the seeds (the others' finished runs still enter the report)")
     p.add_argument("-np", type=int, default=4, help="processes for merging and planning")
     p.add_argument("--deadline", type=float, default=None, help="stop unfinished runs after this many seconds")
     p.add_argument("--budget", type=int, nargs=3, default=None, metavar=("E", "I", "V"),
@@ -118,7 +120,8 @@ def main() -> None:
     queue = [(setting, s, union, out, part, methods)
              for part, index in (("union", 4), ("per_task", 3))
              for setting, s, union, out in seeds
-             for methods in [SETTINGS[setting][index]] if methods]
+             for methods in [SETTINGS[setting][index]] if methods
+             if args.train_seeds is None or s in args.train_seeds]
     jobs = []
     while queue or any(j.poll() is None for j in jobs):
         while queue and (args.parallel is None or sum(j.poll() is None for j in jobs) < args.parallel):
@@ -144,7 +147,11 @@ def main() -> None:
             if st != setting:
                 continue
             n_cases = 3 * 12
-            methods = _finished_methods(out, [*SETTINGS[setting][3], *SETTINGS[setting][4]], n_cases)
+            # the methods of an earlier report stay in it (a run of other methods must not drop them)
+            earlier = ([m["letter"] for m in json.load(open(join(out, "results.json")))["methods"]]
+                       if isfile(join(out, "results.json")) else [])
+            named = list(dict.fromkeys([*SETTINGS[setting][3], *SETTINGS[setting][4], *earlier]))
+            methods = _finished_methods(out, named, n_cases)
             print(f"{setting} seed {s}: finished methods {methods}", flush=True)
             if "a" in methods:
                 subprocess.run([sys.executable, "-c", "from nnunetv2_versemi.entrypoints.benchmark import "
