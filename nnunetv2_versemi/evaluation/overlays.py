@@ -13,6 +13,7 @@ Rendering goes through matplotlib's Agg canvas directly, so the global pyplot ba
 from __future__ import annotations
 
 import os
+import textwrap
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -117,7 +118,9 @@ def render_slice_overlay(
                 # contour needs a non-constant grid of at least 2 x 2
                 if mask.any() and not mask.all() and min(mask.shape) > 1:
                     ax.contour(mask, levels=[0.5], colors=[colors[i]], linewidths=1.0)
-            ax.set_title(name if row_titles is None else f"{row_titles[row]}: {name}", fontsize=9)
+            # wrapped, so that the two panels' titles never run into each other
+            ax.set_title(name if row_titles is None else textwrap.fill(f"{row_titles[row]}: {name}", 48),
+                         fontsize=9)
             ax.set_axis_off()
     handles = []
     for (n, v), c in zip(labels, colors):

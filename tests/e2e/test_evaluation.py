@@ -406,6 +406,33 @@ def test_overlay_legend_says_the_outline_is_the_reference(monkeypatch, tmp_path)
     assert legends == [["organ (1) Dice 1.000", "outline: reference"]]
 
 
+def test_overlay_panel_titles_do_not_run_into_each_other(monkeypatch, tmp_path):
+    """The longest row title the case overlay writes stays inside its own panel's half of the figure."""
+    from matplotlib.figure import Figure
+
+    from nnunetv2_versemi.evaluation import overlays
+
+    saved = []
+    real = Figure.savefig
+
+    def spy(self, *args, **kwargs):
+        saved.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    ref = np.zeros((40, 40), np.uint8)
+    ref[10:30, 10:30] = 1
+    title = "slice 106, most reference foreground and most errors (1234 voxels)"
+    overlays.render_slice_overlay(tmp_path / "a.png", [ref, ref], [ref, ref], [("organ", 1)],
+                                  row_titles=[title, "slice 107, most errors (1234 voxels FP + FN)"])
+    fig = saved[0]
+    renderer = fig.canvas.get_renderer()
+    for left, right in zip(fig.axes[0::2], fig.axes[1::2]):
+        a, b = left.title.get_window_extent(renderer), right.title.get_window_extent(renderer)
+        assert a.x1 < b.x0, (left.title.get_text(), right.title.get_text())
+        assert a.x0 >= 0 and b.x1 <= fig.bbox.width
+
+
 def test_worker_processes_give_same_numbers(union):
     serial = evaluate_folders(union["ref"], union["pred"], union["table"], num_processes=1)
     parallel = evaluate_folders(union["ref"], union["pred"], union["table"], num_processes=2)
