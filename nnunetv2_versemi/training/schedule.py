@@ -42,10 +42,14 @@ class StageSchedule:
         """Whether L_spec is dropped and the labeled boxes are drawn like the unlabeled ones."""
         return self.config.unsup_schedule == "stage" and self.switch_epoch is not None and epoch >= self.switch_epoch
 
+    def sup_finish_epochs(self, num_epochs: int) -> int:
+        """How many of the last epochs form the closing phase: ``sup_finish_fraction`` of them, rounded down (a run
+        too short for one whole closing epoch has none)."""
+        return int(self.config.sup_finish_fraction * num_epochs + 1e-9)
+
     def in_sup_finish(self, epoch: int, num_epochs: int) -> bool:
         """Whether ``epoch`` is in the closing phase of ``sup_finish_fraction``: L_sup alone, no CutMix term."""
-        f = self.config.sup_finish_fraction
-        return f > 0 and epoch >= num_epochs - max(1, round(f * num_epochs))
+        return epoch >= num_epochs - self.sup_finish_epochs(num_epochs)
 
     def labeled_box_ratio(self, epoch: int) -> tuple[float, float]:
         return self.config.unlabeled_box_ratio if self.in_stage_two(epoch) else self.config.labeled_box_ratio

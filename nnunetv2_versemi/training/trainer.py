@@ -365,6 +365,15 @@ class VerSemiTrainer(FinalValidation, TaskData, nnUNetTrainer):
                                {t.name: round(a, 4) for t, a in zip(self.task_table.tasks, acc)})
 
     @override
+    def on_epoch_start(self):
+        super().on_epoch_start()
+        n = self.schedule.sup_finish_epochs(self.num_epochs)
+        if n and self.current_epoch == self.num_epochs - n:
+            self.print_to_log_file(f"VerSemi: closing phase from epoch {self.current_epoch} (the last {n} of "
+                                   f"{self.num_epochs} epochs, sup_finish_fraction={self.config.sup_finish_fraction}): "
+                                   "L_sup alone on the unmixed labeled images, every CutMix term off")
+
+    @override
     def on_epoch_end(self):
         # before nnU-Net's checkpointing in super(), so a checkpoint written now already holds the switch
         self.maybe_switch()

@@ -60,6 +60,7 @@ def test_no_two_ablations_are_the_same_config_except_the_named_aliases():
 @pytest.mark.parametrize("changes, message", [
     (dict(switch_dice=1.5), "switch_dice must be a number in"),
     (dict(stage1_min_fraction=0.8, stage1_fraction=0.5), "must not exceed stage1_fraction"),
+    (dict(sup_finish_fraction=0.9), "leave no epoch for the unlabeled terms"),
     (dict(unsup_min_foreground=-0.1), "unsup_min_foreground must be"),
     (dict(empty_warning_epochs=0), "empty_warning_epochs must be a positive integer"),
     (dict(unsup_aggregate="max"), "unsup_aggregate must be 'source' or 'all'"),

@@ -74,6 +74,37 @@ def test_sup_finish_trains_l_sup_alone_in_the_closing_epochs(make_trainer):
     _loss_is_the_sum_of(out, {"sup", "rec"})
 
 
+@pytest.mark.parametrize("fraction, epochs, closing", [
+    (0.2, 20, 4), (0.4, 20, 8), (0.2, 30, 6), (0.29, 100, 29), (0.4, 2, 0), (0.4, 8, 3), (0.0, 20, 0)])
+def test_closing_phase_is_the_last_fraction_of_the_epochs_rounded_down(fraction, epochs, closing):
+    from dataclasses import replace
+
+    from nnunetv2_versemi.training.config import DEFAULT
+    from nnunetv2_versemi.training.schedule import StageSchedule
+
+    schedule = StageSchedule(replace(DEFAULT, sup_finish_fraction=fraction), active=True)
+    assert schedule.sup_finish_epochs(epochs) == closing  # 0.29 x 100 is 28.999... in floating point
+    assert [e for e in range(epochs) if schedule.in_sup_finish(e, epochs)] == list(range(epochs - closing, epochs))
+
+
+def test_closing_phase_start_is_logged_once(make_trainer, monkeypatch):
+    from nnunetv2_versemi.training.variants import VerSemiTrainer_supFinish
+
+    trainer = make_trainer(VerSemiTrainer_supFinish)
+    trainer.num_epochs = 20
+    lines = []
+    monkeypatch.setattr(trainer, "print_to_log_file", lambda *a, **k: lines.append(" ".join(map(str, a))))
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    monkeypatch.setattr(nnUNetTrainer, "on_epoch_start", lambda self: None)  # nnU-Net's own part
+    for epoch in range(20):
+        trainer.current_epoch = epoch
+        trainer.on_epoch_start()
+    assert [x for x in lines if "closing phase" in x] == [
+        "VerSemi: closing phase from epoch 16 (the last 4 of 20 epochs, sup_finish_fraction=0.2): L_sup alone on the "
+        "unmixed labeled images, every CutMix term off"]
+
+
 def test_step_trains_the_student_and_moves_the_teacher_toward_it(make_trainer):
     trainer = make_trainer(VerSemiTrainer)
     labeled, unlabeled = train_batches(trainer)
