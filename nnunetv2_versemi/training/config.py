@@ -91,9 +91,9 @@ class VerSemiConfig:
     stage1_min_fraction: float = 0.1
     switch_dice: float = 0.5
     rampup_fraction: float = 0.2
-    # the last this fraction of the epochs train L_sup (and L_rec) alone, on the unmixed labeled images: every CutMix
-    # term off (0: none; docs/BENCHMARKS.md, the 100 % cost)
-    sup_finish_fraction: float = 0.0
+    # the last this fraction of the epochs (rounded down) train L_sup (and L_rec) alone, on the unmixed labeled
+    # images: every CutMix term off (0: none, the paper's schedule; docs/BENCHMARKS.md, "The closing phase")
+    sup_finish_fraction: float = 0.4
     allow_labeled_only: bool = False  # True: train without unlabeled images (logged), instead of failing
     # -- task recognition (prompt-free prediction)
     # None: the task classifier learns with nnU-Net's SGD; a number: its own Adam with this learning rate, outside

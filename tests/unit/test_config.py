@@ -48,7 +48,7 @@ def test_every_variant_is_the_default_plus_the_changes_its_row_lists():
 
 def test_no_two_ablations_are_the_same_config_except_the_named_aliases():
     seen: dict[VerSemiConfig, str] = {}
-    aliases = {("VerSemiTrainer", "VerSemiTrainer_unmixedTeacher")}
+    aliases = {("VerSemiTrainer", "VerSemiTrainer_unmixedTeacher"), ("VerSemiTrainer", "VerSemiTrainer_supFinish40")}
     for name, cls in _classes().items():
         if issubclass(cls, V.ShortRun):
             continue
@@ -59,7 +59,7 @@ def test_no_two_ablations_are_the_same_config_except_the_named_aliases():
 
 @pytest.mark.parametrize("changes, message", [
     (dict(switch_dice=1.5), "switch_dice must be a number in"),
-    (dict(stage1_min_fraction=0.8, stage1_fraction=0.5), "must not exceed stage1_fraction"),
+    (dict(stage1_min_fraction=0.55, stage1_fraction=0.5), "must not exceed stage1_fraction"),
     (dict(sup_finish_fraction=0.9), "leave no epoch for the unlabeled terms"),
     (dict(unsup_min_foreground=-0.1), "unsup_min_foreground must be"),
     (dict(empty_warning_epochs=0), "empty_warning_epochs must be a positive integer"),
