@@ -70,6 +70,7 @@ from nnunetv2_versemi.benchmark.methods import (
     PROG,
     STATE_DIR,
     BenchmarkContext,
+    BenchmarkError,
     Method,
     TrainingRun,
 )
@@ -175,8 +176,39 @@ def _save_state(ctx: BenchmarkContext, run: TrainingRun, state: dict) -> None:
         json.dump(state, f, indent=2)
 
 
+def check_trained_configs(runs: list[TrainingRun]) -> None:
+    """Refuse, before anything trains, a run whose checkpoint on disk was trained with another VerSemi config than
+    its trainer class has now (a default changed between two invocations): resuming would report the old model
+    under the new method's name, or continue it with other loss terms."""
+    import torch
+
+    from nnunetv2_versemi.training.config import VerSemiConfig
+    from nnunetv2_versemi.training.warm_start import trainer_class
+
+    problems = []
+    for run in runs:
+        config = getattr(trainer_class(run.trainer), "config", None)
+        if not isinstance(config, VerSemiConfig):
+            continue
+        for fold in run.folds:
+            for name in (CHECKPOINT, "checkpoint_latest.pth"):
+                path = join(run.model_folder(), f"fold_{fold}", name)
+                if not isfile(path):
+                    continue
+                trained = (torch.load(path, map_location="cpu", weights_only=False).get("versemi") or {}).get("config")
+                if trained is not None and VerSemiConfig.from_dict(trained) != config:
+                    problems.append(f"{path}: trained with {VerSemiConfig.from_dict(trained).changes(config)} where "
+                                    f"{run.trainer} now has {config.changes(VerSemiConfig.from_dict(trained))}")
+                break
+    if problems:
+        raise BenchmarkError("Checkpoints on disk were trained with another VerSemi config than their trainer has "
+                             "now; move them away to retrain, or benchmark the variant that has their config "
+                             "(docs/METHOD.md, Variants):\n  " + "\n  ".join(problems))
+
+
 def train_and_predict(ctx: BenchmarkContext, runs: list[TrainingRun]) -> list[dict]:
 
+    check_trained_configs(runs)
     states = []
     with tqdm(runs, desc="benchmark runs", unit="run", file=sys.stdout) as bar:
         for run in bar:

@@ -166,9 +166,15 @@ class VerSemiConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> VerSemiConfig:
-        """The inverse of :meth:`to_dict`; fields a checkpoint lacks (an older version) keep their defaults."""
+        """The inverse of :meth:`to_dict`. A field a checkpoint lacks (an older version) takes the value that version
+        trained with: ``BEFORE_FIELD`` where the field's default has since changed, its default otherwise."""
         known = {f.name for f in fields(cls)}
+        values = {**BEFORE_FIELD, **values}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known})
+
+
+# what a version without the field trained with, where that differs from the field's default today
+BEFORE_FIELD = {"sup_finish_fraction": 0.0}
 
 
 def _is_number(v) -> bool:
