@@ -125,14 +125,14 @@ class VerSemiConfig:
                      "rampup_fraction", "recognition_threshold"):
             _number(self, name, lambda v: 0 <= v <= 1, "a number in [0, 1]")
         _number(self, "sup_finish_fraction", lambda v: 0 <= v < 1, "a number in [0, 1)")
+        if self.stage1_min_fraction > self.stage1_fraction:
+            raise ValueError(f"stage1_min_fraction ({self.stage1_min_fraction}) must not exceed stage1_fraction "
+                             f"({self.stage1_fraction})")
         if (self.unsup_weight > 0 or self.pseudo_weight > 0 or self.cons_weight > 0) and \
                 self.stage1_min_fraction + self.sup_finish_fraction >= 1:
             raise ValueError(f"sup_finish_fraction ({self.sup_finish_fraction}) and stage1_min_fraction "
                              f"({self.stage1_min_fraction}) leave no epoch for the unlabeled terms: their sum must "
                              "be below 1")
-        if self.stage1_min_fraction > self.stage1_fraction:
-            raise ValueError(f"stage1_min_fraction ({self.stage1_min_fraction}) must not exceed stage1_fraction "
-                             f"({self.stage1_fraction})")
         for name in ("empty_warning_epochs", "unlabeled_batch_size"):
             v = getattr(self, name)
             if (v is not None or name == "empty_warning_epochs") and (

@@ -109,9 +109,11 @@ def test_two_ranks_train_one_model(two_ranks):
     assert r0["stopped"]["epoch"] == 2 and r0["loaded"]["switch_epoch"] == SWITCH_EPOCH
     # rank-dependent evidence, one decision: rank 0's
     assert r0["switch_epoch"] == r1["switch_epoch"] == SWITCH_EPOCH
-    assert r0["logged"]["versemi_unsup_lambda"] == [0.0, 0.0, 1.0, 1.0]
-    # stage 2 drew unlabeled images on both ranks, from disjoint halves of the pool
-    assert len(r0["unlabeled_keys"]) == 6 and not set(r0["unlabeled_pool"]) & set(r1["unlabeled_pool"])
+    # stage 2 from the switch; the last epoch is the closing phase (floor(0.4 x 4) = 1 epoch of L_sup alone)
+    assert r0["logged"]["versemi_unsup_lambda"] == [0.0, 0.0, 1.0, 0.0]
+    # stage 2 (epoch 2 alone, 3 steps) drew unlabeled images on both ranks, from disjoint halves of the pool;
+    # the closing epoch draws none
+    assert len(r0["unlabeled_keys"]) == len(r1["unlabeled_keys"]) == 3 and not set(r0["unlabeled_pool"]) & set(r1["unlabeled_pool"])
     assert {"checkpoint_latest", "checkpoint_best", "checkpoint_final"} <= {
         s.split(".pth")[0] for s in r0["saved"]}
     assert r1["saved"] == []
