@@ -1,0 +1,70 @@
+"""Where Lung's points go in the union's geometry: (1) predicted / reference tumour volume of every test case, per
+labeled draw and geometry (the predictions of run_seeds.sh); (2) the tumour area of every Lung label after
+nnU-Net's segmentation resampling into the union's 2d grid (order 1 as planned, and order 0), relative to the
+original, in mm^2 per slice summed over the slices.
+
+Usage: python volumes.py  (in this folder, after run_seeds.sh; nnUNet_raw as for run_seeds.sh); writes
+results_volumes.json
+"""
+import json
+import os
+
+import numpy as np
+import SimpleITK as sitk
+from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def lung_values(raw: str) -> list[int]:
+    task = [t for t in json.load(open(f"{raw}/dataset.json"))["versemi"]["tasks"] if t["name"] == "Lung"][0]
+    return task["merged_values"] if "merged_values" in task else [lab["merged"] for lab in task["labels"]]
+
+
+def predicted_volumes() -> dict:
+    out = {}
+    for s in range(3):
+        raw = f"{os.environ['nnUNet_raw']}/Dataset{980 + s}_PaperGeoL20S{s}"
+        values = lung_values(raw)
+        for mode in ("own", "union"):
+            pred = f"{HERE}/pred_Dataset{984 + s}_Lung{s}_{mode}"
+            ratios = {}
+            for f in sorted(x for x in os.listdir(pred) if x.endswith(".nii.gz")):
+                p = sitk.GetArrayFromImage(sitk.ReadImage(f"{pred}/{f}")) > 0
+                g = np.isin(sitk.GetArrayFromImage(sitk.ReadImage(f"{raw}/labelsTs/{f}")), values)
+                ratios[f[:-7]] = round(float(p.sum() / max(g.sum(), 1)), 3)
+            out[f"draw{s}_{mode}"] = {"per_case": ratios, "mean": round(float(np.mean(list(ratios.values()))), 3)}
+    return out
+
+
+def resampled_label_area(spacing_2d: float = 1.125) -> dict:
+    raw = f"{os.environ['nnUNet_raw']}/Dataset980_PaperGeoL20S0"
+    values = lung_values(raw)
+    ratios = {0: [], 1: []}
+    for folder in ("labelsTr", "labelsTs"):
+        for f in sorted(x for x in os.listdir(f"{raw}/{folder}") if x.startswith("Lung")):
+            img = sitk.ReadImage(f"{raw}/{folder}/{f}")
+            lab = np.isin(sitk.GetArrayFromImage(img), values).astype(np.float32)[None]
+            cur = np.array(img.GetSpacing()[::-1], float)
+            shape = np.round(np.array(lab.shape[1:]) * cur / np.array([cur[0], spacing_2d, spacing_2d])).astype(int)
+            new = np.array([cur[0], *(cur[1:] * np.array(lab.shape[2:]) / shape[1:])])  # the grid actually written
+            for order in (0, 1):
+                up = resample_data_or_seg_to_shape(lab, shape, cur, new, is_seg=True, order=order, order_z=0,
+                                                   force_separate_z=None)
+                ratios[order].append(float(up.sum() * np.prod(new[1:]) / (lab.sum() * np.prod(cur[1:]))))
+    return {f"order_{o}": {"mean": round(float(np.mean(v)), 3), "min": round(float(np.min(v)), 3),
+                           "max": round(float(np.max(v)), 3), "n": len(v)} for o, v in ratios.items()}
+
+
+def main():
+    out = {"what": __doc__.split("\n\n")[0].replace("\n", " "),
+           "command": "python docs/results/union_geometry/volumes.py",
+           "predicted_over_reference_volume": predicted_volumes(),
+           "label_area_after_resampling_to_union_grid": resampled_label_area()}
+    json.dump(out, open(f"{HERE}/results_volumes.json", "w"), indent=1)
+    print(json.dumps({k: {kk: vv.get("mean", vv) for kk, vv in v.items()} if isinstance(v, dict) else v
+                      for k, v in out.items() if k != "what"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
