@@ -56,11 +56,32 @@ def resampled_label_area(spacing_2d: float = 1.125) -> dict:
                            "max": round(float(np.max(v)), 3), "n": len(v)} for o, v in ratios.items()}
 
 
+def resampled_disk_area(radii=(1.5, 2.5, 3.5, 5.0), n: int = 50) -> dict:
+    """The same resampling (one 40x40 slice of 1.25 mm to 44x44) of discs of the given radii (voxels) centred
+    uniformly at random in the slice's middle: the area kept, mean over n discs."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:40, :40]
+    out = {}
+    for r in radii:
+        kept = {0: [], 1: []}
+        for _ in range(n):
+            cy, cx = rng.uniform(15, 25, 2)
+            disc = (((yy - cy) ** 2 + (xx - cx) ** 2) <= r * r).astype(np.float32)[None, None]
+            for order in (0, 1):
+                up = resample_data_or_seg_to_shape(disc, (1, 44, 44), np.array([2, 1.25, 1.25]),
+                                                   np.array([2, 50 / 44, 50 / 44]), is_seg=True, order=order,
+                                                   order_z=0, force_separate_z=None)
+                kept[order].append(float(up.sum() * (40 / 44) ** 2 / disc.sum()))
+        out[f"radius_{r}"] = {f"order_{o}": round(float(np.mean(v)), 3) for o, v in kept.items()}
+    return out
+
+
 def main():
     out = {"what": __doc__.split("\n\n")[0].replace("\n", " "),
            "command": "python docs/results/union_geometry/volumes.py",
            "predicted_over_reference_volume": predicted_volumes(),
-           "label_area_after_resampling_to_union_grid": resampled_label_area()}
+           "label_area_after_resampling_to_union_grid": resampled_label_area(),
+           "disc_area_after_resampling_to_union_grid": resampled_disk_area()}
     json.dump(out, open(f"{HERE}/results_volumes.json", "w"), indent=1)
     print(json.dumps({k: {kk: vv.get("mean", vv) for kk, vv in v.items()} if isinstance(v, dict) else v
                       for k, v in out.items() if k != "what"}, indent=1))
