@@ -83,7 +83,13 @@ def _benchmark_args(args: argparse.Namespace, dataset: str, methods: list[str], 
         argv.append("--disable_tta")
     parsed = build_benchmark_parser().parse_args(argv)
     parsed.argv = argv
+    parsed.reserved_ids = union_ids(args)  # the per-task datasets of a seed must not take a later seed's union ids
     return parsed
+
+
+def union_ids(args: argparse.Namespace) -> set[int]:
+    """Every union id of the run: ``--first-id`` + 3 s + (before, after, scratch) for each seed s."""
+    return {args.first_id + 3 * s + k for s in range(args.seeds) for k in (OLD, GROWN, FULL)}
 
 
 def _versemi_method(trainer: str) -> str:

@@ -253,6 +253,9 @@ def prepare_benchmark(args: argparse.Namespace) -> BenchmarkContext:
         base_configuration=base_configuration(plans_eff, args.c),
         data_identifier=data_id,
         plans_content=plans,
+        # ids a caller has reserved for datasets it writes later (the add-task benchmark's unions of every seed):
+        # no per-task dataset takes them
+        claimed_ids=set(getattr(args, "reserved_ids", ())),
     )
     return ctx
 

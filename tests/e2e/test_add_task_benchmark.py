@@ -13,7 +13,7 @@ from nnunetv2_versemi.entrypoints.benchmark import benchmark_main
 
 import _synth as S  # tests/ is on sys.path (pyproject.toml: pytest's pythonpath)
 
-ARGS = ["--datasets", "901", "902", "903", "--first-id", "610", "--seeds", "1", "-c", "2d", "--epochs", "2",
+ARGS = ["--datasets", "901", "902", "903", "--first-id", "610", "--seeds", "2", "-c", "2d", "--epochs", "2",
         "--iterations", "2", "--val-iterations", "1", "--finetune-fraction", "0.5", "-device", "cpu",
         "--disable_tta"]
 
@@ -39,6 +39,11 @@ def test_unions_models_and_report(added):
     seed = result["seeds"][0]
     assert seed["unions"] == {"before": "Dataset610_VSAdd0Old", "after": "Dataset611_VSAdd0Grown",
                               "scratch": "Dataset612_VSAdd0All"}
+    # seed 1's unions follow seed 0's, and no per-task dataset of seed 0 took one of their ids
+    assert result["seeds"][1]["unions"] == {"before": "Dataset613_VSAdd1Old", "after": "Dataset614_VSAdd1Grown",
+                                            "scratch": "Dataset615_VSAdd1All"}
+    alone_ids = {int(d.name[7:10]) for d in raw.iterdir() if "_VSBench" in d.name}
+    assert len(alone_ids) == 6 and not alone_ids & set(range(610, 616))
     for union, tasks in ((seed["unions"]["before"], ["DemoCT", "DemoMR"]),
                          (seed["unions"]["after"], ["DemoCT", "DemoMR", "DemoMC"]),
                          (seed["unions"]["scratch"], ["DemoCT", "DemoMR", "DemoMC"])):
@@ -58,7 +63,7 @@ def test_unions_models_and_report(added):
     assert ft["budget"] == "e1-i6-v1"
     names = {a["aim"] for a in result["summary"]["aims"]}
     assert any("per-task nnU-Net" in n for n in names) and any("DemoCT (old)" in n for n in names)
-    assert result["summary"]["recognised_cases"]["total"] == 3
+    assert result["summary"]["recognised_cases"]["total"] == 2 * 3  # 3 test cases per seed
     assert (out / "add_task.md").read_text().startswith("# Adding DemoMC")
     assert (out / "add_task_curves.png").stat().st_size > 1000
     # the fine-tuning's per-task curves come from its training log (one epoch)
