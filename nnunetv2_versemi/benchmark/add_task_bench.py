@@ -352,11 +352,15 @@ def markdown(result: dict) -> str:
 
 
 def curves_plot(result: dict, path: str) -> None:
-    import matplotlib
+    from nnunetv2_versemi.benchmark.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    # the models trained in this process left nnU-Net's seaborn poster style switched on: plot in matplotlib's own
+    with plt.style.context("default"):
+        _curves_plot(plt, result, path)
 
+
+def _curves_plot(plt, result: dict, path: str) -> None:
     new = result["summary"]["new_task"]
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in result["seeds"]:

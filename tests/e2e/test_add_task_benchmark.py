@@ -118,3 +118,25 @@ def test_summary_aims_from_planted_numbers():
     assert aims["fine-tuning compute <= 25 % of the from-scratch union's (steps)"]["met"]  # 37 / 150
     assert s["recognised_cases"] == {"right": 4, "total": 6}
     assert s["dice"]["after"]["New"] == pytest.approx(0.8)
+
+
+def test_curves_plot_ignores_the_poster_style_nnunet_left_on(tmp_path, monkeypatch):
+    """nnU-Net's progress plots switch seaborn's poster style on for the whole process (font scale 2.5): the
+    curves of the benchmark, drawn after training in the same process, must still use matplotlib's defaults."""
+    import matplotlib
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    from nnunetv2_versemi.benchmark.add_task_bench import curves_plot
+
+    sizes = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: sizes.append(fig.axes[0].xaxis.label.get_fontsize()))
+    default = matplotlib.rcParamsDefault["axes.labelsize"]
+    with matplotlib.rc_context():
+        sns.set(font_scale=2.5)  # what nnU-Net's logger does
+        curves_plot({"summary": {"new_task": "C"},
+                     "seeds": [{"seed": 0, "curves": {"after": {"C": {"steps": [1, 2], "dice": [0.5, None]}},
+                                                      "scratch": {"C": {"steps": [1, 2], "dice": [0.2, 0.4]}}}}]},
+                    str(tmp_path / "c.png"))
+    expected = matplotlib.font_manager.FontProperties(size=default).get_size_in_points()
+    assert sizes == [expected]
