@@ -373,7 +373,7 @@ def _curves_plot(plt, result: dict, path: str) -> None:
     ax.set_ylabel(f"{new}: pseudo Dice (validation patches)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
-    ax.set_title(f"The new task {new}: fine-tuning from the trained model vs from scratch")
+    ax.set_title(f"New task {new}: fine-tuned from the trained model vs from scratch", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
