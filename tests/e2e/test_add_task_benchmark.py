@@ -131,12 +131,12 @@ def test_curves_plot_ignores_the_poster_style_nnunet_left_on(tmp_path, monkeypat
 
     sizes = []
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: sizes.append(fig.axes[0].xaxis.label.get_fontsize()))
-    default = matplotlib.rcParamsDefault["axes.labelsize"]
+    with matplotlib.style.context("default"):  # whatever style earlier tests left on in this process
+        expected = matplotlib.font_manager.FontProperties(size=matplotlib.rcParams["axes.labelsize"]).get_size_in_points()
     with matplotlib.rc_context():
         sns.set(font_scale=2.5)  # what nnU-Net's logger does
         curves_plot({"summary": {"new_task": "C"},
                      "seeds": [{"seed": 0, "curves": {"after": {"C": {"steps": [1, 2], "dice": [0.5, None]}},
                                                       "scratch": {"C": {"steps": [1, 2], "dice": [0.2, 0.4]}}}}]},
                     str(tmp_path / "c.png"))
-    expected = matplotlib.font_manager.FontProperties(size=default).get_size_in_points()
     assert sizes == [expected]
