@@ -87,9 +87,14 @@ def _benchmark_args(args: argparse.Namespace, dataset: str, methods: list[str], 
     return parsed
 
 
+def union_id(args: argparse.Namespace, s: int, role: int) -> int:
+    """The id of seed ``s``'s union ``role`` (OLD, GROWN, FULL): ``--first-id`` + 3 s + role."""
+    return args.first_id + 3 * s + role
+
+
 def union_ids(args: argparse.Namespace) -> set[int]:
-    """Every union id of the run: ``--first-id`` + 3 s + (before, after, scratch) for each seed s."""
-    return {args.first_id + 3 * s + k for s in range(args.seeds) for k in (OLD, GROWN, FULL)}
+    """Every union id of the run, all seeds."""
+    return {union_id(args, s, k) for s in range(args.seeds) for k in (OLD, GROWN, FULL)}
 
 
 def _versemi_method(trainer: str) -> str:
@@ -249,17 +254,16 @@ def _mean_dice(per_case: dict, task: str) -> float | None:
 
 
 def run_seed(args: argparse.Namespace, s: int, sources: list[str]) -> dict:
-    first = args.first_id + 3 * s
     out = join(args.o, f"seed{s}")
     seed = MERGE_SEED + s
     method = _versemi_method(args.tr)
-    old = _union(args, sources[:-1], first + OLD, f"VSAdd{s}Old", seed)
+    old = _union(args, sources[:-1], union_id(args, s, OLD), f"VSAdd{s}Old", seed)
     _log(f"seed {s}: the model before adding, on {old}")
     before = _benchmark(args, old, [method], join(out, "before"), args.epochs)
-    full = _union(args, sources, first + FULL, f"VSAdd{s}All", seed)
+    full = _union(args, sources, union_id(args, s, FULL), f"VSAdd{s}All", seed)
     _log(f"seed {s}: from scratch and per task, on {full}")
     scratch = _benchmark(args, full, ["a", method], join(out, "scratch"), args.epochs)
-    grown, warm, old_plans = _grown_union(args, before, old, sources[-1], first + GROWN, f"VSAdd{s}Grown", seed)
+    grown, warm, old_plans = _grown_union(args, before, old, sources[-1], union_id(args, s, GROWN), f"VSAdd{s}Grown", seed)
     _log(f"seed {s}: fine-tuning {grown} from {warm}")
     ft_seconds = _finetune(args, grown, warm, old_plans, len(scratch["tasks"]), join(out, "after"))
     after = _benchmark(args, grown, [method], join(out, "after"), finetune_epochs(args.epochs, args.finetune_fraction),
@@ -394,10 +398,10 @@ def run_add_task_benchmark(args: argparse.Namespace) -> dict:
     sources = [dataset_name(d) for d in args.datasets]
     for s in range(args.seeds):
         for k, role in ((OLD, "Old"), (GROWN, "Grown"), (FULL, "All")):
-            taken = _dataset_folder(args.first_id + 3 * s + k)
-            if taken is not None and taken != f"Dataset{args.first_id + 3 * s + k:03d}_VSAdd{s}{role}":
-                raise BenchmarkError(f"Dataset id {args.first_id + 3 * s + k} is taken by {taken}; choose another "
-                                     "--first-id")
+            i = union_id(args, s, k)
+            taken = _dataset_folder(i)
+            if taken is not None and taken != f"Dataset{i:03d}_VSAdd{s}{role}":
+                raise BenchmarkError(f"Dataset id {i} is taken by {taken}; choose another --first-id")
     os.makedirs(args.o, exist_ok=True)
     per_seed = [run_seed(args, s, sources) for s in range(args.seeds)]
     result = {"command": " ".join([PROG, *(getattr(args, "argv", None) or sys.argv[2:])]),

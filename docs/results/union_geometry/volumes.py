@@ -13,12 +13,14 @@ import numpy as np
 import SimpleITK as sitk
 from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
 
+from nnunetv2_versemi.tasktable import TaskTable
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def lung_values(raw: str) -> list[int]:
-    task = [t for t in json.load(open(f"{raw}/dataset.json"))["versemi"]["tasks"] if t["name"] == "Lung"][0]
-    return task["merged_values"] if "merged_values" in task else [lab["merged"] for lab in task["labels"]]
+    table = TaskTable.from_dataset_json(json.load(open(f"{raw}/dataset.json")))
+    return table.tasks[table.index("Lung")].merged_values
 
 
 def predicted_volumes() -> dict:
