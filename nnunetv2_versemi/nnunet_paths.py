@@ -92,6 +92,41 @@ def free_dataset_id(after: int, claimed: set[int]) -> int:
     raise DatasetNotFoundError("No free nnU-Net dataset id (001-999) left")
 
 
+def relocate_dataset(name: str, new_id: int) -> str:
+    """Move dataset ``name`` to id ``new_id`` in nnUNet_raw, nnUNet_preprocessed and nnUNet_results: its folders
+    are renamed, and the name nnU-Net records in them (``name`` in dataset.json, ``dataset_name`` in plans files,
+    the trained models' copies included) follows. Returns the new name. Nothing is moved when the new name is
+    taken in any of the three folders."""
+    import json
+
+    new = f"Dataset{new_id:03d}_{name.split('_', 1)[1]}"
+    folders = [(os.path.join(_root(v), name), os.path.join(_root(v), new))
+               for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")]
+    taken = [dst for _, dst in folders if os.path.exists(dst)]
+    if taken:
+        raise DatasetNotFoundError(f"Cannot move {name} to id {new_id}: {taken[0]} exists")
+    for src, dst in folders:
+        if os.path.isdir(src):
+            os.rename(src, dst)
+    for _, dst in folders:
+        if not os.path.isdir(dst):
+            continue
+        files = [os.path.join(dst, f) for f in os.listdir(dst) if f.endswith(".json")]
+        files += [os.path.join(dst, d, f) for d in os.listdir(dst) if os.path.isdir(os.path.join(dst, d))
+                  for f in ("plans.json", "dataset.json") if os.path.isfile(os.path.join(dst, d, f))]
+        for f in files:
+            with open(f) as fh:
+                content = json.load(fh)
+            changed = {k: new for k in ("name", "dataset_name") if isinstance(content, dict) and content.get(k) == name}
+            if changed:
+                content.update(changed)
+                tmp = f"{f}.tmp-{os.getpid()}"
+                with open(tmp, "w") as fh:
+                    json.dump(content, fh, indent=4)
+                os.replace(tmp, f)
+    return new
+
+
 def link_or_copy(src: str, dst: str) -> None:
     """Hard-link ``src`` to ``dst`` where the file system allows, else copy it."""
     try:

@@ -101,6 +101,24 @@ def _versemi_method(trainer: str) -> str:
     return "d" if trainer == "VerSemiTrainer" else trainer
 
 
+def finetune_trainer(args: argparse.Namespace) -> str:
+    """The trainer that fine-tunes the grown union: ``--finetune-tr``, by default the union models' ``-tr``."""
+    return getattr(args, "finetune_tr", None) or args.tr
+
+
+def after_folder(args: argparse.Namespace, out: str, step: str) -> str:
+    """``out``/``step`` (after, recognition) for the default fine-tuning; ``step_<trainer>`` for another
+    ``--finetune-tr``, so fine-tunings of the same models sit side by side."""
+    tr = finetune_trainer(args)
+    return join(out, step if tr == args.tr else f"{step}_{tr}")
+
+
+def report_file(args: argparse.Namespace, name: str) -> str:
+    """``-o``/add_task.json (.md, _curves.png); ``add_task_<trainer>...`` for another ``--finetune-tr``."""
+    tr = finetune_trainer(args)
+    return join(args.o, name if tr == args.tr else name.replace("add_task", f"add_task_{tr}", 1))
+
+
 def _run_of(results: dict, trainer: str) -> dict:
     return next(r for r in results["runs"] if r["trainer"] == trainer)
 
@@ -148,7 +166,7 @@ def _finetune(args: argparse.Namespace, grown: str, warm_start: str, plans_ident
     pp = join(os.environ["nnUNet_preprocessed"], grown)
     with open(join(pp, plans_identifier + ".json")) as f:
         write_json_if_changed(join(pp, identifier + ".json"), bench_plans(json.load(f), identifier, args.plans_preset))
-    fold_dir = join(get_output_folder(grown, args.tr, identifier, args.c), "fold_all")
+    fold_dir = join(get_output_folder(grown, finetune_trainer(args), identifier, args.c), "fold_all")
     if isfile(join(fold_dir, "checkpoint_final.pth")):
         if isfile(record):
             with open(record) as f:
@@ -156,7 +174,7 @@ def _finetune(args: argparse.Namespace, grown: str, warm_start: str, plans_ident
         return 0.0
     t0 = time.time()
     latest = isfile(join(fold_dir, "checkpoint_latest.pth"))
-    trainer = get_trainer_from_args(grown, args.c, "all", args.tr, identifier, continue_training=latest,
+    trainer = get_trainer_from_args(grown, args.c, "all", finetune_trainer(args), identifier, continue_training=latest,
                                     device=device_for(args.device))
     trainer.num_epochs = budget.epochs
     trainer.num_iterations_per_epoch = budget.iterations
@@ -195,14 +213,14 @@ def _grown_union(args: argparse.Namespace, before: dict, old: str, new_source: s
     return os.path.basename(result.raw_folder), result.warm_start["all"], run["plans"]
 
 
-def _recognition(args: argparse.Namespace, grown: str, plans: str, out: str) -> dict:
+def _recognition(args: argparse.Namespace, grown: str, trainer: str, plans: str, out: str) -> dict:
     from nnunetv2_versemi.benchmark.recognition import run_recognition
     from nnunetv2_versemi.entrypoints.benchmark import build_recognition_parser
 
     if isfile(join(out, "recognition.json")):
         with open(join(out, "recognition.json")) as f:
             return json.load(f)
-    argv = ["-d", grown, "-c", args.c, "-tr", args.tr, "-p", plans, "-f", "all", "-o", out, "-device", args.device]
+    argv = ["-d", grown, "-c", args.c, "-tr", trainer, "-p", plans, "-f", "all", "-o", out, "-device", args.device]
     if args.disable_tta:
         argv.append("--disable_tta")
     parsed = build_recognition_parser().parse_args(argv)
@@ -256,7 +274,8 @@ def _mean_dice(per_case: dict, task: str) -> float | None:
 def run_seed(args: argparse.Namespace, s: int, sources: list[str]) -> dict:
     out = join(args.o, f"seed{s}")
     seed = MERGE_SEED + s
-    method = _versemi_method(args.tr)
+    method, ft_tr = _versemi_method(args.tr), finetune_trainer(args)
+    ft_method = _versemi_method(ft_tr)
     old = _union(args, sources[:-1], union_id(args, s, OLD), f"VSAdd{s}Old", seed)
     _log(f"seed {s}: the model before adding, on {old}")
     before = _benchmark(args, old, [method], join(out, "before"), args.epochs)
@@ -264,13 +283,15 @@ def run_seed(args: argparse.Namespace, s: int, sources: list[str]) -> dict:
     _log(f"seed {s}: from scratch and per task, on {full}")
     scratch = _benchmark(args, full, ["a", method], join(out, "scratch"), args.epochs)
     grown, warm, old_plans = _grown_union(args, before, old, sources[-1], union_id(args, s, GROWN), f"VSAdd{s}Grown", seed)
-    _log(f"seed {s}: fine-tuning {grown} from {warm}")
-    ft_seconds = _finetune(args, grown, warm, old_plans, len(scratch["tasks"]), join(out, "after"))
-    after = _benchmark(args, grown, [method], join(out, "after"), finetune_epochs(args.epochs, args.finetune_fraction),
+    _log(f"seed {s}: fine-tuning {grown} from {warm} with {ft_tr}")
+    after_dir = after_folder(args, out, "after")
+    ft_seconds = _finetune(args, grown, warm, old_plans, len(scratch["tasks"]), after_dir)
+    after = _benchmark(args, grown, [ft_method], after_dir, finetune_epochs(args.epochs, args.finetune_fraction),
                        plans=old_plans)
-    recognition = _recognition(args, grown, _run_of(after, args.tr)["plans"], join(out, "recognition"))
-    key = _method_keys([method])[0]
-    runs = {"before": _run_of(before, args.tr), "after": _run_of(after, args.tr),
+    recognition = _recognition(args, grown, ft_tr, _run_of(after, ft_tr)["plans"],
+                               after_folder(args, out, "recognition"))
+    key, ft_key = _method_keys([method, ft_method])
+    runs = {"before": _run_of(before, args.tr), "after": _run_of(after, ft_tr),
             "scratch": _run_of(scratch, args.tr)}
     runs["after"]["train_seconds"] = {"all": ft_seconds}
     alone_runs = [r for r in scratch["runs"] if r["letter"] == "a"]
@@ -278,7 +299,7 @@ def run_seed(args: argparse.Namespace, s: int, sources: list[str]) -> dict:
     return {
         "seed": s, "unions": {"before": old, "after": grown, "scratch": full},
         "tasks": scratch["tasks"], "new_task": scratch["tasks"][-1],
-        "cases": {"before": _case_dice(before, key), "after": _case_dice(after, key),
+        "cases": {"before": _case_dice(before, key), "after": _case_dice(after, ft_key),
                   "scratch": _case_dice(scratch, key), "alone": _case_dice(scratch, "alone")},
         "steps": steps,
         "train_seconds": {**{k: sum(r.get("train_seconds", {}).values()) for k, r in runs.items()},
@@ -338,7 +359,8 @@ def markdown(result: dict) -> str:
     lines = [f"# Adding {s['new_task']} to a trained model ({len(result['seeds'])} seed(s))", "",
              f"`{result['command']}`", "",
              "Mean test Dice over seeds x test cases. before: the model of the other tasks; after: that model with "
-             f"{s['new_task']} added and fine-tuned ({result['finetune_fraction']:.0%} of the from-scratch epochs); "
+             f"{s['new_task']} added and fine-tuned ({result['finetune_fraction']:.0%} of the from-scratch epochs, "
+             f"{result.get('finetune_trainer', 'the same trainer')}); "
              "scratch: VerSemi on all tasks from scratch; alone: per-task nnU-Net.", "",
              "| task | before | after | scratch | alone |", "|---|---|---|---|---|"]
     for t in s["tasks"]:
@@ -383,6 +405,26 @@ def _curves_plot(plt, result: dict, path: str) -> None:
     plt.close(fig)
 
 
+def claim_union_ids(args: argparse.Namespace) -> None:
+    """Check that every union id of the run is free or holds that union. A per-task dataset of this run that sits
+    on a union id (made when the run had fewer ``--seeds``: it only skipped the union ids of that run) moves to a
+    free id, trained models included; any other dataset there is refused before anything runs."""
+    from nnunetv2_versemi.nnunet_paths import free_dataset_id, relocate_dataset
+
+    ours = union_ids(args)
+    for s in range(args.seeds):
+        for k, role in ((OLD, "Old"), (GROWN, "Grown"), (FULL, "All")):
+            i = union_id(args, s, k)
+            taken = _dataset_folder(i)
+            if taken is None or taken == f"Dataset{i:03d}_VSAdd{s}{role}":
+                continue
+            m = re.fullmatch(r"Dataset\d{3}_VSBench(\d{3})_.+", taken)
+            if m is None or int(m.group(1)) not in ours:
+                raise BenchmarkError(f"Dataset id {i} is taken by {taken}; choose another --first-id")
+            moved = relocate_dataset(taken, free_dataset_id(i, set(ours)))
+            _log(f"moved per-task dataset {taken} to {moved}: its id is seed {s}'s union id now")
+
+
 def run_add_task_benchmark(args: argparse.Namespace) -> dict:
     from nnunetv2_versemi.discovery import ensure_ext_trainer_env
     from nnunetv2_versemi.nnunet_paths import dataset_name
@@ -396,27 +438,23 @@ def run_add_task_benchmark(args: argparse.Namespace) -> dict:
     if not 0 < args.finetune_fraction <= 1:
         raise BenchmarkError(f"--finetune-fraction must be in (0, 1], got {args.finetune_fraction}")
     sources = [dataset_name(d) for d in args.datasets]
-    for s in range(args.seeds):
-        for k, role in ((OLD, "Old"), (GROWN, "Grown"), (FULL, "All")):
-            i = union_id(args, s, k)
-            taken = _dataset_folder(i)
-            if taken is not None and taken != f"Dataset{i:03d}_VSAdd{s}{role}":
-                raise BenchmarkError(f"Dataset id {i} is taken by {taken}; choose another --first-id")
+    claim_union_ids(args)
     os.makedirs(args.o, exist_ok=True)
     per_seed = [run_seed(args, s, sources) for s in range(args.seeds)]
     result = {"command": " ".join([PROG, *(getattr(args, "argv", None) or sys.argv[2:])]),
               "datasets": sources, "finetune_fraction": args.finetune_fraction,
+              "trainer": args.tr, "finetune_trainer": finetune_trainer(args),
               "budget_per_task": {"epochs": args.epochs, "iterations": args.iterations,
                                   "val_iterations": args.val_iterations},
               "configuration": args.c, "plans_preset": args.plans_preset, "device": args.device,
               "summary": summarise(per_seed, args.finetune_fraction),
               "seeds": [{**r, "cases": {m: [[t, c, d] for (t, c), d in v.items()] for m, v in r["cases"].items()}}
                         for r in per_seed]}
-    with open(join(args.o, JSON), "w") as f:
+    with open(report_file(args, JSON), "w") as f:
         json.dump(result, f, indent=2)
-    with open(join(args.o, MD), "w") as f:
+    with open(report_file(args, MD), "w") as f:
         f.write(markdown(result))
-    curves_plot(result, join(args.o, PNG))
+    curves_plot(result, report_file(args, PNG))
     print(markdown(result))
     return result
 

@@ -325,6 +325,9 @@ def build_add_task_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-iterations", type=int, default=50, help="validation iterations per epoch (default 50)")
     p.add_argument("--finetune-fraction", type=float, default=0.25,
                    help="fine-tuning epochs as a fraction of the from-scratch union's (default 0.25)")
+    p.add_argument("--finetune-tr", default=None,
+                   help="VerSemi trainer of the fine-tuning (default: -tr); the same models before, from scratch and "
+                        "per task, fine-tuned in seed<s>/after_<trainer>")
     p.add_argument("--disable_tta", action="store_true", help="no mirroring at test time")
     add_processes(p, "-np", default=1, help="processes for merging, preprocessing and prediction (default 1)")
     add_device(p)

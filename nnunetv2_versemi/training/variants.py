@@ -190,7 +190,32 @@ class VerSemiTrainer_demoConverged(ShortRun, VerSemiTrainer):
     steps as fit into a few minutes on 2 CPU cores with the demo's small network, enough for every demo task
     and the task classifier to converge (docs/BENCHMARKS.md, "The README demo")."""
 
-    epochs, iterations, val_iterations = 30, 80, 2
+    epochs, iterations, val_iterations = 36, 80, 2
+
+
+# -------------------------------------------------------------------------------------- learning rate
+class LearningRate:
+    """Mixin of the learning-rate trainers: nnU-Net's SGD and poly schedule from ``lr`` instead of 1e-2. Put it
+    first: ``class X(LearningRate, VerSemiTrainer): lr = 1e-3``."""
+
+    lr: float = 1e-2
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = self.lr
+
+
+class VerSemiTrainer_lr3en3(LearningRate, VerSemiTrainer):
+    """Fine-tuning a grown union (``nnUNetv2_versemi_add_task``) from 3e-3 instead of 1e-2 (docs/DATA.md)."""
+
+    lr = 3e-3
+
+
+class VerSemiTrainer_lr1en3(LearningRate, VerSemiTrainer):
+    """Fine-tuning a grown union (``nnUNetv2_versemi_add_task``) from 1e-3 instead of 1e-2 (docs/DATA.md)."""
+
+    lr = 1e-3
 
 
 # 2 epochs of 3 iterations: the test suite's trainers (run through nnUNetv2_train, which finds them here)

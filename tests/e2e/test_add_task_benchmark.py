@@ -80,6 +80,35 @@ def test_rerun_trains_nothing(added, capsys):
     assert json.loads((out / "add_task.json").read_text())["seeds"][0]["steps"] == json.loads(before)["seeds"][0]["steps"]
 
 
+def test_another_finetune_trainer_fine_tunes_the_same_models(added, capsys):
+    """--finetune-tr: only the fine-tuning (and its scoring) runs again, with that trainer's learning rate, beside
+    the default's results."""
+    out, results = added["out"], added["base"] / "nnUNet_results"
+    trained = {p: p.stat().st_mtime for p in results.glob("*/*/fold_*/checkpoint_final.pth")}
+    args = [*ARGS[:6], "--seeds", "1", *ARGS[8:], "--finetune-tr", "VerSemiTrainer_lr1en3", "-o", str(out)]
+    benchmark_main(["add-task", *args])
+    assert "with VerSemiTrainer_lr1en3" in capsys.readouterr().out
+    new = {p for p in results.glob("*/*/fold_*/checkpoint_final.pth") if p not in trained}
+    assert len(new) == 1, new  # the fine-tuning only: nothing before adding, from scratch or per task again
+    (ckpt,) = new
+    assert ckpt.parts[-4] == "Dataset611_VSAdd0Grown" and ckpt.parts[-3].startswith("VerSemiTrainer_lr1en3__")
+    assert all(p.stat().st_mtime == t for p, t in trained.items())
+    result = json.loads((out / "add_task_VerSemiTrainer_lr1en3.json").read_text())
+    default = json.loads((out / "add_task.json").read_text())
+    assert result["finetune_trainer"] == "VerSemiTrainer_lr1en3" and default["finetune_trainer"] == "VerSemiTrainer"
+    seed, seed_default = result["seeds"][0], default["seeds"][0]
+    # the same models before adding, from scratch and per task; a fine-tuning of its own
+    for m in ("before", "scratch", "alone"):
+        assert seed["cases"][m] == seed_default["cases"][m], m
+    ft = json.loads((out / "seed0" / "after_VerSemiTrainer_lr1en3" / "finetune.json").read_text())
+    assert ft["budget"] == "e1-i6-v1" and "Dataset611_VSAdd0Grown" in ft["warm_start"]
+    logs = list((added["base"] / "nnUNet_results" / "Dataset611_VSAdd0Grown").glob(
+        "VerSemiTrainer_lr1en3__*/fold_all/training_log_*.txt"))
+    assert logs and "Current learning rate: 0.001" in logs[0].read_text()
+    assert (out / "seed0" / "recognition_VerSemiTrainer_lr1en3" / "recognition.json").is_file()
+    assert "VerSemiTrainer_lr1en3" in (out / "add_task_VerSemiTrainer_lr1en3.md").read_text()
+
+
 def test_taken_dataset_id_is_refused_before_anything_runs(added, capsys):
     with pytest.raises(SystemExit) as e:
         benchmark_main(["add-task", *ARGS[:4], "--first-id", "609", *ARGS[6:], "-o", str(added["out"] / "x")])
@@ -140,3 +169,47 @@ def test_curves_plot_ignores_the_poster_style_nnunet_left_on(tmp_path, monkeypat
                                                       "scratch": {"C": {"steps": [1, 2], "dice": [0.2, 0.4]}}}}]},
                     str(tmp_path / "c.png"))
     assert sizes == [expected]
+
+
+def _fake_dataset(base, name: str, trainer_dir: str = "nnUNetTrainer__nnUNetPlans__2d") -> None:
+    for root in ("nnUNet_raw", "nnUNet_preprocessed"):
+        (base / root / name).mkdir(parents=True)
+        (base / root / name / "dataset.json").write_text(json.dumps({"name": name, "labels": {"background": 0}}))
+    (base / "nnUNet_preprocessed" / name / "nnUNetPlans.json").write_text(json.dumps({"dataset_name": name}))
+    model = base / "nnUNet_results" / name / trainer_dir
+    (model / "fold_all").mkdir(parents=True)
+    (model / "plans.json").write_text(json.dumps({"dataset_name": name, "plans_name": "nnUNetPlans"}))
+    (model / "fold_all" / "checkpoint_final.pth").write_bytes(b"weights")
+
+
+def test_more_seeds_move_per_task_datasets_off_the_new_union_ids(tmp_path, monkeypatch, capsys):
+    """A run of 2 seeds put per-task datasets on the ids after its unions (616 = seed 2's first union id of a run
+    at --first-id 610). Rerun with --seeds 3: they move to free ids with their models, the rest is refused."""
+    from nnunetv2_versemi.benchmark.add_task_bench import claim_union_ids
+    from nnunetv2_versemi.benchmark.methods import BenchmarkError
+    from nnunetv2_versemi.entrypoints.benchmark import build_add_task_parser
+
+    S.isolated_nnunet(tmp_path, monkeypatch)
+    _fake_dataset(tmp_path, "Dataset610_VSAdd0Old")
+    _fake_dataset(tmp_path, "Dataset616_VSBench612_DemoCT")
+    _fake_dataset(tmp_path, "Dataset617_VSBench612_DemoMR")
+    _fake_dataset(tmp_path, "Dataset619_VSBench615_DemoCT")  # seed 1's per-task dataset, on no union id
+    args = build_add_task_parser().parse_args([*ARGS[:6], "--seeds", "3", *ARGS[8:], "-o", str(tmp_path / "r")])
+    claim_union_ids(args)
+    raw = sorted(d.name for d in (tmp_path / "nnUNet_raw").iterdir())
+    assert raw == ["Dataset610_VSAdd0Old", "Dataset619_VSBench615_DemoCT", "Dataset620_VSBench612_DemoCT",
+                   "Dataset621_VSBench612_DemoMR"]
+    assert "moved per-task dataset Dataset616_VSBench612_DemoCT to Dataset620_VSBench612_DemoCT" in capsys.readouterr().out
+    for root in ("nnUNet_preprocessed", "nnUNet_results"):
+        assert not (tmp_path / root / "Dataset616_VSBench612_DemoCT").exists()
+    pp = tmp_path / "nnUNet_preprocessed" / "Dataset620_VSBench612_DemoCT"
+    assert json.loads((pp / "dataset.json").read_text())["name"] == "Dataset620_VSBench612_DemoCT"
+    assert json.loads((pp / "nnUNetPlans.json").read_text())["dataset_name"] == "Dataset620_VSBench612_DemoCT"
+    model = tmp_path / "nnUNet_results" / "Dataset620_VSBench612_DemoCT" / "nnUNetTrainer__nnUNetPlans__2d"
+    assert json.loads((model / "plans.json").read_text())["dataset_name"] == "Dataset620_VSBench612_DemoCT"
+    assert (model / "fold_all" / "checkpoint_final.pth").read_bytes() == b"weights"
+    # a dataset that is not this run's stays where it is, and the run is refused
+    _fake_dataset(tmp_path, "Dataset618_Other")
+    with pytest.raises(BenchmarkError, match="Dataset id 618 is taken by Dataset618_Other"):
+        claim_union_ids(args)
+    assert (tmp_path / "nnUNet_raw" / "Dataset618_Other").is_dir()

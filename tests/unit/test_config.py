@@ -33,7 +33,7 @@ def test_every_variant_is_the_default_plus_the_changes_its_row_lists():
     assert set(table) == set(classes), (set(table) ^ set(classes))
     for name, cls in classes.items():
         topic, changes, why = table[name]
-        listed = changes.split(" (run length")[0]
+        listed = re.split(r" \((?:run length|initial learning rate)", changes)[0]
         expected = ", ".join(f"`{k}={v!r}`" for k, v in cls.config.changes().items()) or "none"
         assert listed == expected, name
         assert cls.config == dataclasses.replace(DEFAULT, **cls.config.changes()), name
@@ -41,6 +41,9 @@ def test_every_variant_is_the_default_plus_the_changes_its_row_lists():
         if topic == "length":
             assert issubclass(cls, V.ShortRun), name
             assert f"{cls.epochs} epochs" in changes, name
+        elif topic == "optimizer":
+            assert cls.__bases__ == (V.LearningRate, VerSemiTrainer), name
+            assert f"(initial learning rate {cls.lr:g})" in changes, name
         else:
             # an ablation is the default trainer with a config, not a subclass of another ablation
             assert cls.__bases__ == (VerSemiTrainer,) or cls is VerSemiTrainer, name
@@ -50,7 +53,7 @@ def test_no_two_ablations_are_the_same_config_except_the_named_aliases():
     seen: dict[VerSemiConfig, str] = {}
     aliases = {("VerSemiTrainer", "VerSemiTrainer_unmixedTeacher"), ("VerSemiTrainer", "VerSemiTrainer_supFinish40")}
     for name, cls in _classes().items():
-        if issubclass(cls, V.ShortRun):
+        if issubclass(cls, (V.ShortRun, V.LearningRate)):
             continue
         if cls.config in seen:
             assert (seen[cls.config], name) in aliases, (seen[cls.config], name)
