@@ -9,6 +9,8 @@ import re
 from nnunetv2_versemi.entrypoints.common import add_processes, default_processes, input_errors_exit
 from nnunetv2_versemi.entrypoints.data import _add_case_selection_arguments
 
+FINETUNE_TRAINER = "VerSemiTrainer_addTask"  # the recommended fine-tuning of a grown union (docs/DATA.md)
+
 
 def build_add_task_parser() -> argparse.ArgumentParser:
     from nnunetv2_versemi.data.merge import DEFAULT_NAME
@@ -80,9 +82,10 @@ def add_task_main(argv: list[str] | None = None) -> None:
                            channels=chans_int, overwrite=a.overwrite, num_processes=a.np, progress=not a.no_pbar)
     name = os.path.basename(result.raw_folder)
     print(f"Tasks of {name}: {', '.join(result.table.names)} (new: {', '.join(result.new_tasks)})")
-    print("Fine-tune from the trained model (see docs/DATA.md for the budget), e.g.:")
+    print(f"Fine-tune from the trained model with {FINETUNE_TRAINER} (L_sup alone, 250 epochs; docs/DATA.md, "
+          "\"Fine-tuning budget and learning rate\"):")
     for fold, path in result.warm_start.items():
-        print(f"  nnUNetv2_train {name} {a.c} {fold} -tr {a.tr} -p {a.p} -pretrained_weights {path}")
+        print(f"  nnUNetv2_train {name} {a.c} {fold} -tr {FINETUNE_TRAINER} -p {a.p} -pretrained_weights {path}")
 
 
 if __name__ == "__main__":

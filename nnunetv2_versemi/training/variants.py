@@ -218,6 +218,15 @@ class VerSemiTrainer_lr1en3(LearningRate, VerSemiTrainer):
     lr = 1e-3
 
 
+class VerSemiTrainer_addTask(ShortRun, VerSemiTrainer):
+    """Fine-tuning a union grown by ``nnUNetv2_versemi_add_task`` from its warm-start weights: L_sup alone (each
+    labeled case under its own prompt; ``_supOnly``'s config) for 250 epochs, 25 % of nnU-Net's 1000. Measured
+    against fine-tuning with every term in docs/DATA.md ("Fine-tuning budget and learning rate")."""
+
+    config = replace(DEFAULT, **LABELED_ONLY, syn_weight=0.0, spec_weight=0.0)
+    epochs = 250
+
+
 # 2 epochs of 3 iterations: the test suite's trainers (run through nnUNetv2_train, which finds them here)
 class VerSemiTrainer_tiny(ShortRun, VerSemiTrainer):
     epochs, iterations, val_iterations = 2, 3, 2

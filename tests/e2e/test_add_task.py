@@ -3,6 +3,8 @@ stock ``nnUNetv2_train -pretrained_weights`` run, prediction with the grown mode
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -47,13 +49,25 @@ def grown(tmp_path_factory):
     plan_and_preprocess_main(["-d", "600", "-c", "2d", "-np", "1", "-npfp", "1", "--no_pbar"])
     _run(["nnUNetv2_train", "600", "2d", "0", "-tr", TRAINER, "-device", "cpu"], env)
     old_raw_hash = S.tree_hash(join(raw, OLD))
-    add_task_main(["-d", "600", "-c", "2d", "-tr", TRAINER, "-a", "503", "-o", "610", "-n", "Grown",
-                   "--labeled-cases", "3", "-np", "1", "--no-pbar"])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        add_task_main(["-d", "600", "-c", "2d", "-tr", TRAINER, "-a", "503", "-o", "610", "-n", "Grown",
+                       "--labeled-cases", "3", "-np", "1", "--no-pbar"])
     pre, res = base / "nnUNet_preprocessed", base / "nnUNet_results"
     yield {"base": base, "env": env, "raw": raw, "pre": str(pre), "res": str(res), "old_raw_hash": old_raw_hash,
            "model": join(res, OLD, f"{TRAINER}__nnUNetPlans__2d"),
-           "warm": join(pre, NEW, "versemi_warm_start", f"{TRAINER}__nnUNetPlans__2d__fold_0.pth")}
+           "warm": join(pre, NEW, "versemi_warm_start", f"{TRAINER}__nnUNetPlans__2d__fold_0.pth"),
+           "printed": printed.getvalue()}
     mp.undo()
+
+
+def test_prints_the_recommended_fine_tuning_command(grown):
+    from nnunetv2_versemi.training.variants import VerSemiTrainer_addTask, VerSemiTrainer_supOnly
+
+    assert (f"nnUNetv2_train {NEW} 2d 0 -tr VerSemiTrainer_addTask -p nnUNetPlans -pretrained_weights "
+            f"{grown['warm']}") in grown["printed"]
+    # the trainer the command names: L_sup alone (the config the add-task benchmark measured), 250 epochs
+    assert VerSemiTrainer_addTask.config == VerSemiTrainer_supOnly.config and VerSemiTrainer_addTask.epochs == 250
 
 
 def test_grown_union_appends_the_task_and_keeps_old_cases_and_folds(grown):
