@@ -1,21 +1,14 @@
-"""Which part of VerSemi costs Lung its points on the `paper` preset at 20 % labels? One labeled draw (merge seed
-12345, the benchmark's seed 0; union Dataset980_PaperGeoL20S0 of ../union_geometry/run_seeds.sh), 10 test cases
-per task, per-case Dice of every model trained on that draw:
+"""Which part of VerSemi costs Lung its points on the `paper` preset at 20 % labels? Labeled-only VerSemi
+(`VerSemiTrainer_noUnsup`, method (c)) trained on the labeled draws of the benchmark's seeds 0-2 (unions
+Dataset98{0,1,2}_PaperGeoL20S{s} of ../union_geometry/run_seeds.sh: merge seeds 12345 + s, the same labeled and
+test cases as ../benchmark_P20_closing_seed{s}.json), set against that benchmark's per-task nnU-Net (a) and
+default (d); on seed 0's draw also the union with L_sup alone (`VerSemiTrainer_supOnly`) and a second per-task
+nnU-Net run, and Lung's predicted / reference tumour volume of the models whose predictions were kept.
 
-  alone      per-task nnU-Net (a), this run (outTerms)
-  supOnly    VerSemiTrainer_supOnly: the union with prompts and L_sup alone (no CutMix terms, no unlabeled images)
-  noUnsup    VerSemiTrainer_noUnsup: labeled-only VerSemi (L_sup, L_syn, L_spec), method (c)
-  default    the default (d), from ../benchmark_P20_closing_seed0.json (same labeled cases and test cases)
-  nnunetDice VerSemiTrainer_nnunetDice, from ../benchmark_P20_nnunetDice_seed0.json
-
-Seed 1's draw (union Dataset981_PaperGeoL20S1, merge seed 12346): labeled-only VerSemi (OUT_TERMS_S1) against
-the default and per-task nnU-Net of ../benchmark_P20_closing_seed1.json (same labeled and test cases).
-
-Usage: python docs/results/union_terms/summarize.py OUT_TERMS/results.json OUT_TERMS_S1/results.json
-(nnUNet_raw set as for the runs)
-writes docs/results/union_terms/results.json (mean Dice per task and model, paired differences per task with
-95 % t intervals over the 10 test cases, and the predicted / reference Lung tumour volume of the models whose
-predictions OUT_TERMS/predictions holds).
+Usage: python docs/results/union_terms/summarize.py OUT_S0/results.json OUT_S1/results.json OUT_S2/results.json
+(OUT_S0: the run with `--methods a VerSemiTrainer_supOnly VerSemiTrainer_noUnsup` on 980; OUT_S1, OUT_S2:
+`--methods VerSemiTrainer_noUnsup` on 981, 982; nnUNet_raw set as for the runs). Writes results.json here: mean
+Dice per seed, task and model, and paired differences per task over seeds x test cases (95 % t intervals).
 """
 import glob
 import json
@@ -29,11 +22,16 @@ from nnunetv2_versemi.benchmark.seeds import t_interval
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.dirname(HERE)
+TASKS = ["Pancreas", "LA", "Spleen", "Lung"]
 
 
 def per_case(results: dict, method: str) -> dict:
     return {(c["task"], c["case"]): 100 * c["dice"] for c in results["cases"]
             if c["method"] == method and c["dice"] is not None}
+
+
+def task_means(cases: dict) -> dict:
+    return {t: round(float(np.mean([v for (tt, _), v in cases.items() if tt == t])), 1) for t in TASKS}
 
 
 def lung_volume_ratios(terms_file: str, dataset: str) -> dict:
@@ -50,60 +48,41 @@ def lung_volume_ratios(terms_file: str, dataset: str) -> dict:
     return out
 
 
-def seed1(terms_file: str) -> dict:
-    """Seed 1's draw: per-task nnU-Net, labeled-only VerSemi and the default; default - labeled-only per task."""
-    terms = json.load(open(terms_file))
-    bench = json.load(open(os.path.join(RESULTS, "benchmark_P20_closing_seed1.json")))
-    models = {"alone": per_case(bench, "alone"), "noUnsup": per_case(terms, "VerSemiTrainer_noUnsup"),
-              "default": per_case(bench, "VerSemiTrainer_supFinish40")}
-    tasks = sorted({t for t, _ in models["alone"]})
-    mean = {m: {t: round(sum(v for (tt, _), v in d.items() if tt == t) / max(1, sum(tt == t for tt, _ in d)), 1)
-                for t in tasks} for m, d in models.items()}
-    diff = {t: t_interval([models["default"][k] - models["noUnsup"][k] for k in models["noUnsup"]
-                           if k[0] == t and k in models["default"]]) for t in tasks}
-    return {"benchmark_command": terms["command"], "mean_dice": mean, "default - noUnsup": diff,
-            "cases": models}
+def paired(seeds: list[dict], a: str, b: str) -> dict:
+    out = {}
+    for t in TASKS:
+        diffs = [s[a][k] - s[b][k] for s in seeds if a in s and b in s for k in s[a] if k[0] == t and k in s[b]]
+        out[t] = t_interval(diffs)
+    return out
 
 
-def main(terms_file: str, terms_file_s1: str) -> None:
-    terms = json.load(open(terms_file))
-    default = json.load(open(os.path.join(RESULTS, "benchmark_P20_closing_seed0.json")))
-    dice = json.load(open(os.path.join(RESULTS, "benchmark_P20_nnunetDice_seed0.json")))
-    models = {"alone": per_case(terms, "alone"),
-              "supOnly": per_case(terms, "VerSemiTrainer_supOnly"),
-              "noUnsup": per_case(terms, "VerSemiTrainer_noUnsup"),
-              "default": per_case(default, "VerSemiTrainer_supFinish40"),
-              "nnunetDice": per_case(dice, "VerSemiTrainer_nnunetDice")}
-    tasks = sorted({t for t, _ in models["alone"]})
-    mean = {m: {t: round(sum(v for (tt, _), v in d.items() if tt == t) / max(1, sum(tt == t for tt, _ in d)), 1)
-                for t in tasks} for m, d in models.items()}
-    pairs = [("supOnly", "alone"), ("noUnsup", "supOnly"), ("default", "noUnsup"), ("default", "alone")]
-    diffs = {f"{a} - {b}": {t: t_interval([models[a][k] - models[b][k] for k in models[a]
-                                           if k in models[b] and k[0] == t]) for t in tasks}
-             for a, b in pairs}
-    out = {"what": __doc__.split("\n\n")[0], "command": f"python docs/results/union_terms/summarize.py {terms_file}",
-           "benchmark_command": terms["command"], "machine": "2 CPU cores, no GPU; shared with other runs (Dice only)",
-           "mean_dice": mean, "paired_differences": diffs,
-           "lung_volume_ratio": lung_volume_ratios(terms_file, terms["dataset"])}
-    s1 = seed1(terms_file_s1)
-    both = {t: t_interval([s1["cases"]["default"][k] - s1["cases"]["noUnsup"][k] for k in s1["cases"]["noUnsup"]
-                           if k[0] == t and k in s1["cases"]["default"]]
-                          + [models["default"][k] - models["noUnsup"][k] for k in models["noUnsup"]
-                             if k[0] == t and k in models["default"]]) for t in tasks}
-    out["seed1"] = {k: v for k, v in s1.items() if k != "cases"}
-    out["default - noUnsup, seeds 0-1"] = both
-    out["command"] = f"python docs/results/union_terms/summarize.py {terms_file} {terms_file_s1}"
+def main(files: list[str]) -> None:
+    seeds = []
+    for s, f in enumerate(files):
+        terms = json.load(open(f))
+        bench = json.load(open(os.path.join(RESULTS, f"benchmark_P20_closing_seed{s}.json")))
+        models = {"a": per_case(bench, "alone"), "c": per_case(terms, "VerSemiTrainer_noUnsup"),
+                  "d": per_case(bench, "VerSemiTrainer_supFinish40")}
+        if s == 0:
+            models["supOnly"] = per_case(terms, "VerSemiTrainer_supOnly")
+            models["a, second run"] = per_case(terms, "alone")
+        seeds.append(models)
+    out = {"what": __doc__.split("\n\n")[0], "command": "python docs/results/union_terms/summarize.py " + " ".join(files),
+           "benchmark_commands": [json.load(open(f))["command"] for f in files],
+           "machine": "2 CPU cores, no GPU; shared with other runs (Dice only)",
+           "mean_dice": [{m: task_means(c) for m, c in s.items()} for s in seeds],
+           "paired_differences": {"c - a": paired(seeds, "c", "a"), "d - c": paired(seeds, "d", "c"),
+                                  "d - a": paired(seeds, "d", "a"),
+                                  "supOnly - a, second run (seed 0)": paired(seeds, "supOnly", "a, second run"),
+                                  "c - supOnly (seed 0)": paired(seeds, "c", "supOnly")},
+           "lung_volume_ratio_seed0": lung_volume_ratios(files[0], json.load(open(files[0]))["dataset"])}
     json.dump(out, open(os.path.join(HERE, "results.json"), "w"), indent=1)
-    print("| model | " + " | ".join(tasks) + " |")
-    for m in models:
-        print(f"| {m} | " + " | ".join(f"{mean[m][t]:.1f}" for t in tasks) + " |")
-    for k, v in diffs.items():
+    for s, m in enumerate(out["mean_dice"]):
+        print(f"seed {s}:", m)
+    for k, v in out["paired_differences"].items():
         print(k, {t: f"{d['mean']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]" for t, d in v.items() if d["n"] > 1})
-    print("Lung predicted / reference volume:", {m: v["mean"] for m, v in out["lung_volume_ratio"].items()})
-    print("seed 1:", s1["mean_dice"])
-    for name in ("default - noUnsup, seeds 0-1",):
-        print(name, {t: f"{d['mean']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]" for t, d in out[name].items()})
+    print("Lung predicted / reference volume, seed 0:", {m: v["mean"] for m, v in out["lung_volume_ratio_seed0"].items()})
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1:])
