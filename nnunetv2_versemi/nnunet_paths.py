@@ -95,8 +95,8 @@ def free_dataset_id(after: int, claimed: set[int]) -> int:
 def relocate_dataset(name: str, new_id: int) -> str:
     """Move dataset ``name`` to id ``new_id`` in nnUNet_raw, nnUNet_preprocessed and nnUNet_results: its folders
     are renamed, and the name nnU-Net records in them (``name`` in dataset.json, ``dataset_name`` in plans files,
-    the trained models' copies included) follows. Returns the new name. Nothing is moved when the new name is
-    taken in any of the three folders."""
+    the trained models' copies included) follows. Returns the new name; refuses (moving nothing) when the new name
+    is taken in any of the three folders."""
     import json
 
     new = f"Dataset{new_id:03d}_{name.split('_', 1)[1]}"

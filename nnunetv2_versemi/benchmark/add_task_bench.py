@@ -106,17 +106,21 @@ def finetune_trainer(args: argparse.Namespace) -> str:
     return getattr(args, "finetune_tr", None) or args.tr
 
 
-def after_folder(args: argparse.Namespace, out: str, step: str) -> str:
-    """``out``/``step`` (after, recognition) for the default fine-tuning; ``step_<trainer>`` for another
-    ``--finetune-tr``, so fine-tunings of the same models sit side by side."""
+def _finetune_suffix(args: argparse.Namespace) -> str:
+    """"" for the default fine-tuning, ``_<trainer>`` for another ``--finetune-tr`` (so fine-tunings of the same
+    models sit side by side)."""
     tr = finetune_trainer(args)
-    return join(out, step if tr == args.tr else f"{step}_{tr}")
+    return "" if tr == args.tr else f"_{tr}"
+
+
+def after_folder(args: argparse.Namespace, out: str, step: str) -> str:
+    """``out``/``step`` (after, recognition), suffixed for another ``--finetune-tr``."""
+    return join(out, step + _finetune_suffix(args))
 
 
 def report_file(args: argparse.Namespace, name: str) -> str:
-    """``-o``/add_task.json (.md, _curves.png); ``add_task_<trainer>...`` for another ``--finetune-tr``."""
-    tr = finetune_trainer(args)
-    return join(args.o, name if tr == args.tr else name.replace("add_task", f"add_task_{tr}", 1))
+    """``-o``/add_task.json (.md, _curves.png), ``add_task_<trainer>...`` for another ``--finetune-tr``."""
+    return join(args.o, name.replace("add_task", "add_task" + _finetune_suffix(args), 1))
 
 
 def _run_of(results: dict, trainer: str) -> dict:

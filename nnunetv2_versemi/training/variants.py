@@ -223,7 +223,7 @@ class VerSemiTrainer_addTask(ShortRun, VerSemiTrainer):
     labeled case under its own prompt; ``_supOnly``'s config) for 250 epochs, 25 % of nnU-Net's 1000. Measured
     against fine-tuning with every term in docs/DATA.md ("Fine-tuning budget and learning rate")."""
 
-    config = replace(DEFAULT, **LABELED_ONLY, syn_weight=0.0, spec_weight=0.0)
+    config = VerSemiTrainer_supOnly.config
     epochs = 250
 
 
