@@ -30,7 +30,9 @@ Deviations, each a field below:
   - ``dice_present_classes_only``: the Dice of the hard-label terms averages over the classes present in
     the target, so a small class that most batches of a union lack is not pushed to zero;
   - hard-label terms use nnU-Net's Dice+CE instead of the official Dice only;
-  - one CutMix box per pair instead of one per batch; labeled pairs cross tasks whenever possible.
+  - one CutMix box per pair instead of one per batch; labeled pairs cross tasks whenever possible;
+  - ``task_batches`` (an option): one planned nnU-Net batch per task in every step, instead of one planned batch
+    shared by all tasks over T times the steps.
 """
 
 from __future__ import annotations
@@ -74,6 +76,11 @@ class VerSemiConfig:
     unlabeled_box_ratio: tuple[float, float] = (0.3, 0.6)
     unlabeled_mix: UnlabeledPartner = "unlabeled"  # an unlabeled image's CutMix partner ("labeled": enables L_cons)
     labeled_balance: LabeledBalance = "tasks"  # "cases": tasks drawn in proportion to their labeled case counts
+    # True: each step holds one planned batch per task (batch size x T, iterations per epoch / T, rounded up; the
+    # same number of patches): every task's Dice is nnU-Net's batch Dice over a batch of its own, each task's group
+    # gets nnU-Net's number of foreground-forced slots, and the learning-rate schedule spans the per-task number of
+    # steps (only with labeled_balance "tasks")
+    task_batches: bool = False
     unlabeled_batch_size: int | None = None  # None: the labeled batch size
     # -- the consistency target P_agg and the pseudo labels
     unsup_aggregate: Aggregate = "all"  # max over every task head (paper); "source": each region's own head
@@ -144,7 +151,9 @@ class VerSemiConfig:
             if not (isinstance(v, tuple) and len(v) == 2 and all(_is_number(r) and 0 < r <= 1 for r in v)
                     and v[0] <= v[1]):
                 raise ValueError(f"{name} must be a (low, high) pair in (0, 1] with low <= high, got {v!r}")
-        for name in ("dice_present_classes_only", "allow_labeled_only", "recognition_detach",
+        if self.task_batches and self.labeled_balance != "tasks":
+            raise ValueError("task_batches needs labeled_balance 'tasks': a batch per task is a task-balanced batch")
+        for name in ("dice_present_classes_only", "task_batches", "allow_labeled_only", "recognition_detach",
                      "validate_prompted_too", "static_head"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")

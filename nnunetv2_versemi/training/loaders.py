@@ -122,7 +122,8 @@ class TaskData:
                       oversample_foreground_percent=self.oversample_foreground_percent,
                       probabilistic_oversampling=self.probabilistic_oversampling)
         dl_tr = TaskBalancedDataLoader(dataset_tr, self.batch_size, initial_patch_size, cm.patch_size, lm,
-                                       transforms=tr_transforms, balance=self.config.labeled_balance, **common)
+                                       transforms=tr_transforms, balance=self.config.labeled_balance,
+                                       forced_per_task=self.config.task_batches, **common)
         # validation batches are task balanced too, so every task gets an online pseudo Dice
         dl_val = TaskBalancedDataLoader(dataset_val, self.batch_size, cm.patch_size, cm.patch_size, lm,
                                         transforms=val_transforms, balance="tasks", pair_different_tasks=False,
@@ -138,7 +139,7 @@ class TaskData:
             dataset_class = infer_dataset_class(folder)
             shard = self._unlabeled_shard(dataset_class.get_identifiers(folder), world, rank)
             dataset_u = dataset_class(folder, shard)
-            global_u = self.config.unlabeled_batch_size or self.configuration_manager.batch_size
+            global_u = self.unlabeled_global_batch()
             dl_u = nnUNetDataLoader(dataset_u, split_global_batch(global_u, world, rank), initial_patch_size,
                                     cm.patch_size, lm, oversample_foreground_percent=0.0, transforms=u_transforms)
             self.dataloader_unlabeled = self._augmenter(dl_u, True)
@@ -146,6 +147,11 @@ class TaskData:
         _ = next(mt_train)
         _ = next(mt_val)
         return mt_train, mt_val
+
+    def unlabeled_global_batch(self) -> int:
+        """Unlabeled images per step over every rank: ``unlabeled_batch_size``, else as many as the labeled batch
+        holds (the planned batch, one per task with ``task_batches``)."""
+        return self.config.unlabeled_batch_size or self.configuration_manager.batch_size * self.batches_per_step()
 
     @staticmethod
     def _unlabeled_shard(identifiers: list[str], world: int, rank: int) -> list[str]:

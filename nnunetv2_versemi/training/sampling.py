@@ -41,14 +41,18 @@ class TaskBalancedDataLoader(nnUNetDataLoader):
     large ones); ``balance="cases"``: cases are drawn uniformly, so tasks appear in proportion to their case
     counts (nnU-Net's own behaviour). Cropping and augmentation are nnU-Net's; foreground oversampling keeps
     nnU-Net's number of forced slots per batch but draws their positions anew for every batch, so both sides
-    of every CutMix pair (slot i, slot i + B/2) get them.
+    of every CutMix pair (slot i, slot i + B/2) get them; ``forced_per_task`` draws them within each task's slots,
+    nnU-Net's number for a batch of that task's size (the trainer's ``task_batches``).
     """
 
     def __init__(self, *args, case_tasks: Mapping[str, int], num_tasks: int, balance: str = "tasks",
-                 pair_different_tasks: bool = True, **kwargs):
+                 pair_different_tasks: bool = True, forced_per_task: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         if balance not in BALANCE_MODES:
             raise ValueError(f"balance must be one of {BALANCE_MODES}, got {balance!r}")
+        if forced_per_task and balance != "tasks":
+            raise ValueError("forced_per_task needs balance='tasks'")
+        self.forced_per_task = forced_per_task
         missing = [k for k in self.indices if k not in case_tasks]
         if missing:
             raise ValueError(f"Cases without a task: {missing[:5]}")
@@ -65,12 +69,22 @@ class TaskBalancedDataLoader(nnUNetDataLoader):
             self.get_do_oversample = self._oversample_random_slots
         self._forced_slots: set[int] = set()
 
-    def num_forced_slots(self) -> int:
-        """Slots per batch with forced foreground, as nnU-Net's ``_oversample_last_XX_percent`` counts them."""
-        return self.batch_size - round(self.batch_size * (1 - self.oversample_foreground_percent))
+    def num_forced_slots(self, slots: int | None = None) -> int:
+        """Slots with forced foreground among ``slots`` (default: the batch), as nnU-Net's
+        ``_oversample_last_XX_percent`` counts them in a batch of that size."""
+        n = self.batch_size if slots is None else slots
+        return n - round(n * (1 - self.oversample_foreground_percent))
 
     def draw_forced_slots(self, rng=np.random) -> set[int]:
         return {int(i) for i in rng.choice(self.batch_size, self.num_forced_slots(), replace=False)}
+
+    def draw_forced_slots_per_task(self, slot_tasks: list[int], rng=np.random) -> set[int]:
+        """Forced slots drawn within each task's slots, as many as nnU-Net forces in a batch of that task alone."""
+        forced: set[int] = set()
+        for t in sorted(set(slot_tasks)):
+            mine = [i for i, s in enumerate(slot_tasks) if s == t]
+            forced.update(int(i) for i in rng.choice(mine, self.num_forced_slots(len(mine)), replace=False))
+        return forced
 
     def _oversample_random_slots(self, sample_idx: int) -> bool:
         return sample_idx in self._forced_slots
@@ -84,4 +98,6 @@ class TaskBalancedDataLoader(nnUNetDataLoader):
             return super().get_indices()
         slots = draw_batch_tasks(self.num_tasks, self.batch_size, np.random,
                                  sorted(self.cases_per_task), self.pair_different_tasks)
+        if self.forced_per_task and self.get_do_oversample == self._oversample_random_slots:
+            self._forced_slots = self.draw_forced_slots_per_task(slots)
         return [self.cases_per_task[t][np.random.randint(len(self.cases_per_task[t]))] for t in slots]

@@ -117,12 +117,38 @@ class VerSemiTrainer(FinalValidation, TaskData, nnUNetTrainer):
         mod = self.network.module if isinstance(self.network, DDP) else self.network
         return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
 
+    # ------------------------------------------------------------------------------------- batch, budget
+    def batches_per_step(self) -> int:
+        """Planned batches in one step: one per task with ``task_batches``, else one shared by every task."""
+        return self.task_table.num_tasks if self.config.task_batches else 1
+
+    @override
+    def _set_batch_size_and_oversample(self):
+        super()._set_batch_size_and_oversample()
+        self.batch_size *= self.batches_per_step()
+
+    def _steps_for_task_batches(self) -> None:
+        """With ``task_batches``: T times the batch in 1/T of the steps (rounded up), so every task sees as many
+        patches as before and the learning-rate schedule spans the per-task number of steps."""
+        n = self.batches_per_step()
+        if n == 1 or getattr(self, "_task_batch_steps", None) is not None:
+            return
+        before = (self.num_iterations_per_epoch, self.num_val_iterations_per_epoch)
+        self.num_iterations_per_epoch = -(-before[0] // n)
+        self.num_val_iterations_per_epoch = -(-before[1] // n)
+        self._task_batch_steps = before
+        self.print_to_log_file(
+            f"VerSemi: task batches: {self.configuration_manager.batch_size} patches per task and step, "
+            f"{self.num_iterations_per_epoch} training / {self.num_val_iterations_per_epoch} validation steps per "
+            f"epoch instead of {before[0]} / {before[1]}")
+
     @override
     def initialize(self):
         if not isinstance(self.config, VerSemiConfig):
             raise TypeError(f"{type(self).__name__}.config must be a VerSemiConfig, got {type(self.config).__name__}")
         self.uses_unlabeled = self.config.uses_unlabeled
         self._check_unlabeled_images()
+        self._steps_for_task_batches()
         with cpu_ddp_without_device_ids(self.device):
             super().initialize()
         self.print_to_log_file("VerSemi config (changes from the default: "

@@ -89,6 +89,18 @@ class VerSemiTrainer_supOnly_nnunetDice(VerSemiTrainer):
     config = replace(VerSemiTrainer_supOnly.config, dice_present_classes_only=False)
 
 
+class VerSemiTrainer_taskBatches(VerSemiTrainer):
+    """One planned nnU-Net batch per task in every step (batch x T, steps / T): each task's Dice over a batch of its
+    own and the learning-rate schedule over the per-task number of steps, as per-task nnU-Net trains."""
+    config = replace(DEFAULT, task_batches=True)
+
+
+class VerSemiTrainer_taskBatches_nnunetDice(VerSemiTrainer):
+    """Task batches with nnU-Net's own Dice: every task's hard-label loss is per-task nnU-Net's, over a batch of
+    its own."""
+    config = replace(DEFAULT, task_batches=True, dice_present_classes_only=False)
+
+
 # ------------------------------------------------------------------------------------------ teacher, P_agg
 class VerSemiTrainer_unmixedTeacher(VerSemiTrainer):
     """The default under its own name: benchmark runs of today's default stay apart from runs of earlier defaults

@@ -341,3 +341,35 @@ def test_masked_cross_entropy_counts_only_labeled_voxels():
     none = losses.masked_cross_entropy(logits, torch.full_like(target, -1))
     none.backward()
     assert none.item() == 0.0 and logits.grad is not None
+
+
+@pytest.mark.parametrize("per_task_batch, num_tasks", [(4, 3), (2, 2), (6, 2)])
+def test_forced_foreground_per_task_gives_each_task_nnunets_count(per_task_batch, num_tasks):
+    """With task batches (``forced_per_task``) every task's group of the batch gets the forced slots nnU-Net forces
+    in a batch of that task alone (1 of 4 at 0.33), instead of a batch-wide number at random positions (5 of 16,
+    which gives a task 0 to 4)."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    from nnunetv2_versemi.training.sampling import TaskBalancedDataLoader
+
+    case_tasks = {f"{chr(65 + t)}_{i}": t for t in range(num_tasks) for i in range(3)}
+    batch = per_task_batch * num_tasks
+    dl = TaskBalancedDataLoader(_CornerDataset(case_tasks), batch, (8, 8), (8, 8),
+                                LabelManager({"background": 0, "a": 1}, regions_class_order=None),
+                                case_tasks=case_tasks, num_tasks=num_tasks, oversample_foreground_percent=0.33,
+                                forced_per_task=True)
+    expected = per_task_batch - round(per_task_batch * (1 - 0.33))
+    np.random.seed(0)
+    for _ in range(30):
+        keys = dl.get_indices()
+        tasks = [case_tasks[k] for k in keys]
+        assert np.bincount(tasks).tolist() == [per_task_batch] * num_tasks
+        for t in range(num_tasks):
+            assert sum(tasks[i] == t for i in dl._forced_slots) == expected, (tasks, dl._forced_slots)
+    # the forced slots do hold foreground: the corner blob is rarely in a random 8x8 crop of 32x32
+    seg = dl.generate_train_batch()["target"]
+    assert all(bool((seg[i] > 0).any()) for i in dl._forced_slots)
+    with pytest.raises(ValueError, match="forced_per_task needs balance='tasks'"):
+        TaskBalancedDataLoader(_CornerDataset(case_tasks), batch, (8, 8), (8, 8),
+                               LabelManager({"background": 0, "a": 1}, regions_class_order=None),
+                               case_tasks=case_tasks, num_tasks=num_tasks, balance="cases", forced_per_task=True)

@@ -146,3 +146,32 @@ def test_training_log_shows_the_task_table_as_counts(make_trainer):
     assert "'unlabeled': '2 cases'" in log and "Kidney" in log
     assert "Kidney_u0" not in log and "Liver_l1" not in log
     assert trainer.plans_manager.plans[TABLE_KEY]["tasks"][1]["unlabeled"] == ["Kidney_u0", "Kidney_u1"]
+
+
+def test_task_batches_put_one_planned_batch_per_task_in_each_step(make_trainer):
+    """``task_batches``: T times the planned batch (labeled and unlabeled) in 1/T of the steps, rounded up, so every
+    task sees as many patches; each task fills a planned batch of its own."""
+    from nnunetv2_versemi.training.variants import VerSemiTrainer_taskBatches
+
+    plain = make_trainer(VerSemiTrainer)
+    trainer = make_trainer(VerSemiTrainer_taskBatches)
+    T, planned = trainer.task_table.num_tasks, trainer.configuration_manager.batch_size
+    assert plain.batch_size == planned and plain.num_iterations_per_epoch == 250
+    assert trainer.batch_size == T * planned
+    assert trainer.num_iterations_per_epoch == -(-250 // T) and trainer.num_val_iterations_per_epoch == -(-50 // T)
+    with open(trainer.log_file) as f:
+        assert f"{planned} patches per task and step, 84 training / 17 validation steps" in f.read()
+    assert plain.unlabeled_global_batch() == planned and trainer.unlabeled_global_batch() == T * planned
+    labeled, _ = train_batches(trainer)  # a step over the whole batch
+    trainer.dataloader_unlabeled = iter(())
+    out = trainer.train_step(labeled)
+    assert np.isfinite(float(out["loss"]))
+
+
+def test_task_batches_need_task_balanced_batches():
+    from dataclasses import replace
+
+    from nnunetv2_versemi.training.config import DEFAULT
+
+    with pytest.raises(ValueError, match="task_batches needs labeled_balance 'tasks'"):
+        replace(DEFAULT, task_batches=True, labeled_balance="cases")
