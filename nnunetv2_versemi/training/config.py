@@ -78,8 +78,9 @@ class VerSemiConfig:
     labeled_balance: LabeledBalance = "tasks"  # "cases": tasks drawn in proportion to their labeled case counts
     # True: each step holds one planned batch per task (batch size x T, iterations per epoch / T, rounded up; the
     # same number of patches): every task's Dice is nnU-Net's batch Dice over a batch of its own, each task's group
-    # gets nnU-Net's number of foreground-forced slots, and the learning-rate schedule spans the per-task number of
-    # steps (only with labeled_balance "tasks")
+    # gets nnU-Net's number of foreground-forced slots, the learning-rate schedule spans the per-task number of
+    # steps, and a step's loss counts T times, so each task's L_sup is its per-task loss at full weight (only with
+    # labeled_balance "tasks")
     task_batches: bool = False
     unlabeled_batch_size: int | None = None  # None: the labeled batch size
     # -- the consistency target P_agg and the pseudo labels

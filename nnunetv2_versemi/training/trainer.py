@@ -129,7 +129,8 @@ class VerSemiTrainer(FinalValidation, TaskData, nnUNetTrainer):
 
     def _steps_for_task_batches(self) -> None:
         """With ``task_batches``: T times the batch in 1/T of the steps (rounded up), so every task sees as many
-        patches as before and the learning-rate schedule spans the per-task number of steps."""
+        patches as before and the learning-rate schedule spans the per-task number of steps; the step's loss
+        counts T times (:meth:`train_step`)."""
         n = self.batches_per_step()
         if n == 1 or getattr(self, "_task_batch_steps", None) is not None:
             return
@@ -269,7 +270,9 @@ class VerSemiTrainer(FinalValidation, TaskData, nnUNetTrainer):
             terms, stats = self.terms(step, outputs, task_logits, stage_two=self._in_stage_two())
             weights = self.terms.weights(lam)
             loss = sum(weights[k] * v for k, v in terms.items())
-        self._optimizer_step(loss)
+        # task batches: a step does the work of T steps of one planned batch, so it moves the weights as far (each
+        # task's L_sup is then its per-task nnU-Net loss at full weight, as when the task trains alone)
+        self._optimizer_step(loss * self.batches_per_step())
         if self.teacher is not None:
             self.teacher.update(self._plain_network(), self._sync_buffers if self.is_ddp else None)
         return step_record(loss, terms, stats, lam, self.task_table.num_tasks)

@@ -162,10 +162,17 @@ def test_task_batches_put_one_planned_batch_per_task_in_each_step(make_trainer):
     with open(trainer.log_file) as f:
         assert f"{planned} patches per task and step, 84 training / 17 validation steps" in f.read()
     assert plain.unlabeled_global_batch() == planned and trainer.unlabeled_global_batch() == T * planned
-    labeled, _ = train_batches(trainer)  # a step over the whole batch
+    # a step over the whole batch moves the weights as T steps would: its loss counts T times (the log keeps the
+    # loss itself, comparable with the default's)
+    labeled, _ = train_batches(trainer)
     trainer.dataloader_unlabeled = iter(())
+    stepped = []
+    trainer._optimizer_step = lambda loss: stepped.append(float(loss))
     out = trainer.train_step(labeled)
-    assert np.isfinite(float(out["loss"]))
+    assert np.isfinite(float(out["loss"])) and stepped == [pytest.approx(T * float(out["loss"]), rel=1e-6)]
+    plain._optimizer_step = lambda loss: stepped.append(float(loss))
+    out = plain.train_step(train_batches(plain)[0])
+    assert stepped[1] == pytest.approx(float(out["loss"]), rel=1e-6)
 
 
 def test_task_batches_need_task_balanced_batches():
