@@ -1,0 +1,90 @@
+"""Each task at its own spacing in a union, as an experiment outside the package (../union_own_grid/summarize.py).
+
+prep SRC DST: a copy DST of the preprocessed union SRC (raw folder, plans, split) whose labeled cases are
+preprocessed again, each at its task's own planned 2d spacing (SPACING: the 2d spacings of the per-task datasets'
+plans of the `paper` preset), by nnU-Net's DefaultPreprocessor with the union's plans otherwise; no unlabeled image
+(labeled-only VerSemi reads none). Then train DST with `nnUNetv2_versemi_benchmark -d DST ... --methods
+VerSemiTrainer_noUnsup -o OUT` (its own predictions are made at the union's spacing).
+predict DST OUT: the trained model predicts each task's test images under the task's prompt at that task's spacing
+(nnU-Net's predictor with the configuration's spacing replaced) into OUT.
+
+    export nnUNet_raw=... nnUNet_preprocessed=... nnUNet_results=...
+    python owngrid.py prep Dataset980_PaperGeoL20S0 Dataset979_PaperOwnGridS0
+    nnUNetv2_versemi_benchmark -d 979 -c 2d_cpu --plans-preset cpu_demo --epochs 20 --iterations 50 \\
+        --val-iterations 4 --folds all -device cpu --npp 1 --disable_tta --skip-val --budget-per task \\
+        -o outOwn_s0 --methods VerSemiTrainer_noUnsup
+    python owngrid.py predict Dataset979_PaperOwnGridS0 outOwn_s0/pred_own_grid
+"""
+import copy
+import glob
+import json
+import os
+import shutil
+import sys
+from os.path import join
+
+SPACING = {"Pancreas": [1.0, 1.0], "LA": [1.0, 1.0], "Spleen": [1.5, 1.5], "Lung": [1.25, 1.25]}
+RAW, PRE = os.environ["nnUNet_raw"], os.environ["nnUNet_preprocessed"]
+
+
+def task_cm(plans_manager, configuration, task):
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+    cfg = copy.deepcopy(plans_manager.get_configuration(configuration).configuration)
+    cfg["spacing"] = SPACING[task]
+    return ConfigurationManager(cfg)
+
+
+def prep(src, dst):
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    shutil.copytree(join(RAW, src), join(RAW, dst))
+    os.makedirs(join(PRE, dst))
+    for f in ("dataset.json", "dataset_fingerprint.json", "splits_final.json", "nnUNetPlans.json"):
+        shutil.copy(join(PRE, src, f), join(PRE, dst, f))
+    shutil.copytree(join(PRE, src, "gt_segmentations"), join(PRE, dst, "gt_segmentations"))
+    plans = json.load(open(join(PRE, dst, "nnUNetPlans.json")))
+    plans["dataset_name"] = dst
+    json.dump(plans, open(join(PRE, dst, "nnUNetPlans.json"), "w"), indent=1)
+    pm = PlansManager(plans)
+    dj = json.load(open(join(RAW, dst, "dataset.json")))
+    pp = DefaultPreprocessor(verbose=False)
+    out = join(PRE, dst, "nnUNetPlans_2d")
+    os.makedirs(out)
+    os.makedirs(out + "_unlabeled")
+    for img in sorted(glob.glob(join(RAW, dst, "imagesTr", "*_0000.nii.gz"))):
+        case = os.path.basename(img)[:-12]
+        cm = task_cm(pm, "2d", case.split("_case")[0])
+        pp.run_case_save(join(out, case), [img], join(RAW, dst, "labelsTr", case + ".nii.gz"), pm, cm, dj)
+        print(case, cm.spacing, flush=True)
+    print("done")
+
+
+def predict(dst, out, trainer="VerSemiTrainer_noUnsup", plans="nnUNetPlans_vsbench-cpudemo-e20-i200-v4"):
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunetv2_versemi.discovery import ensure_ext_trainer_env
+    from nnunetv2_versemi.inference.predict import prompted
+    from nnunetv2_versemi.tasktable import TaskTable
+    ensure_ext_trainer_env()  # nnU-Net's predictor finds the trainer class by name
+    res = os.environ["nnUNet_results"]
+    pred = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=torch.device("cpu"),
+                           verbose=False, allow_tqdm=False)
+    pred.initialize_from_trained_model_folder(join(res, dst, f"{trainer}__{plans}__2d_cpu"), ("all",),
+                                              "checkpoint_final.pth")
+    table = TaskTable.from_plans(pred.plans_manager.plans)
+    os.makedirs(out, exist_ok=True)
+    union_cm = pred.configuration_manager
+    for t, task in enumerate(table.tasks):
+        imgs = sorted(glob.glob(join(RAW, dst, "imagesTs", f"{task.name}_case_*_0000.nii.gz")))
+        cm = task_cm(pred.plans_manager, "2d_cpu", task.name)
+        pred.configuration_manager = cm
+        with prompted(pred, t):
+            pred.predict_from_files_sequential([[i] for i in imgs],
+                                               [join(out, os.path.basename(i)[:-12]) for i in imgs], False, True)
+        pred.configuration_manager = union_cm
+        print(task.name, cm.spacing, len(imgs), flush=True)
+
+
+if __name__ == "__main__":
+    {"prep": prep, "predict": predict}[sys.argv[1]](*sys.argv[2:])
