@@ -90,7 +90,8 @@ class TaskBalancedDataLoader(nnUNetDataLoader):
         return sample_idx in self._forced_slots
 
     def generate_train_batch(self):
-        self._forced_slots = self.draw_forced_slots()
+        if not self.forced_per_task:  # per task: get_indices draws them with the batch's tasks
+            self._forced_slots = self.draw_forced_slots()
         return super().generate_train_batch()
 
     def get_indices(self):

@@ -132,12 +132,11 @@ class VerSemiTrainer(FinalValidation, TaskData, nnUNetTrainer):
         patches as before and the learning-rate schedule spans the per-task number of steps; the step's loss
         counts T times (:meth:`train_step`)."""
         n = self.batches_per_step()
-        if n == 1 or getattr(self, "_task_batch_steps", None) is not None:
+        if n == 1 or self.was_initialized:
             return
         before = (self.num_iterations_per_epoch, self.num_val_iterations_per_epoch)
         self.num_iterations_per_epoch = -(-before[0] // n)
         self.num_val_iterations_per_epoch = -(-before[1] // n)
-        self._task_batch_steps = before
         self.print_to_log_file(
             f"VerSemi: task batches: {self.configuration_manager.batch_size} patches per task and step, "
             f"{self.num_iterations_per_epoch} training / {self.num_val_iterations_per_epoch} validation steps per "
