@@ -1,6 +1,8 @@
 """The `hard` preset at 10 % labels, 3 seeds, with today's default (the closing phase): labeled-only VerSemi (c)
 and per-task nnU-Net with the present-class Dice (f) trained on every seed's union (the same labeled and test cases
-as ../benchmark_hard_L10_closing_seed{s}.json), set against that benchmark's per-task nnU-Net (a) and default (d).
+as ../benchmark_hard_L10_closing_seed{s}.json), set against that benchmark's per-task nnU-Net (a) and default (d),
+and against nnU-Net with pseudo labels (e) of the runs before the closing phase (../benchmark_hard_L10_seed{s}.json:
+the same draws and test cases; (e) does not depend on VerSemi's code).
 
 Usage: python docs/results/hard_L10_c_f/summarize.py OUT/L10/seed0 OUT/L10/seed1 OUT/L10/seed2 (the report folders of
 `python docs/results/scripts/hard_campaign.py OUT --settings L10 --seeds 3 --per-task-methods f --union-methods c`).
@@ -18,7 +20,7 @@ from nnunetv2_versemi.benchmark.seeds import paired_difference
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.dirname(HERE)
 TASKS = ["HardOrganCT", "HardKidneyCT", "HardProstateMR"]
-LABELS = {"alone": "a", "VerSemiTrainer_supFinish40": "d", "noUnsup": "c", "alonePCD": "f"}
+LABELS = {"alone": "a", "VerSemiTrainer_supFinish40": "d", "noUnsup": "c", "alonePCD": "f", "pseudo": "e"}
 
 
 def cases_of(results_file: str, methods: list[str]) -> list[dict]:
@@ -43,14 +45,16 @@ def main(dirs: list[str]) -> None:
         cases = cases_of(os.path.join(RESULTS, f"benchmark_hard_L10_closing_seed{s}.json"),
                          ["alone", "VerSemiTrainer_supFinish40"])
         cases += cases_of(os.path.join(d, "results.json"), ["noUnsup", "alonePCD"])
+        cases += cases_of(os.path.join(RESULTS, f"benchmark_hard_L10_seed{s}.json"), ["pseudo"])
         per_seed.append({"cases": cases})
-    models = ["a", "c", "d", "f"]
+    models = ["a", "c", "d", "e", "f"]
     out = {"what": __doc__.split("\n\n")[0], "command": "python docs/results/hard_L10_c_f/summarize.py " + " ".join(dirs),
            "benchmark_commands": [json.load(open(os.path.join(d, "results.json")))["command"] for d in dirs],
            "machine": "2 CPU cores, no GPU; shared with other benchmark processes (Dice only)",
            "per_seed": [{m: means(s["cases"], m) for m in models if means(s["cases"], m)} for s in per_seed],
            "paired_differences": {f"{a} - {b}": paired_difference(per_seed, a, b, TASKS)
-                                  for a, b in (("c", "a"), ("d", "c"), ("d", "a"), ("f", "a"), ("d", "f"))}}
+                                  for a, b in (("c", "a"), ("d", "c"), ("d", "a"), ("f", "a"), ("d", "f"),
+                                                                    ("e", "a"), ("d", "e"))}}
     json.dump(out, open(os.path.join(HERE, "results.json"), "w"), indent=1)
     for s, m in enumerate(out["per_seed"]):
         print(f"seed {s}:", {k: v["dice"] for k, v in m.items()})

@@ -5,8 +5,10 @@ preprocessed again, each at its task's own planned 2d spacing (SPACING: the 2d s
 plans of the `paper` preset), by nnU-Net's DefaultPreprocessor with the union's plans otherwise; no unlabeled image
 (labeled-only VerSemi reads none). Then train DST with `nnUNetv2_versemi_benchmark -d DST ... --methods
 VerSemiTrainer_noUnsup -o OUT` (its own predictions are made at the union's spacing).
-predict DST OUT: the trained model predicts each task's test images under the task's prompt at that task's spacing
+unlabeled DST: the unlabeled images of DST, each at its task's spacing (for the models that read them).
+predict DST OUT [TRAINER]: the trained model (default VerSemiTrainer_noUnsup) predicts each task's test images under the task's prompt at that task's spacing
 (nnU-Net's predictor with the configuration's spacing replaced) into OUT.
+OWNGRID_SETTING picks the spacings (SETTINGS): "own" (default) or "lung" (Lung alone at its own spacing).
 
     export nnUNet_raw=... nnUNet_preprocessed=... nnUNet_results=...
     python owngrid.py prep Dataset980_PaperGeoL20S0 Dataset979_PaperOwnGridS0
@@ -23,7 +25,13 @@ import shutil
 import sys
 from os.path import join
 
-SPACING = {"Pancreas": [1.0, 1.0], "LA": [1.0, 1.0], "Spleen": [1.5, 1.5], "Lung": [1.25, 1.25]}
+SETTINGS = {
+    # every task at the 2d spacing of its own per-task plans: no task is resampled
+    "own": {"Pancreas": [1.0, 1.0], "LA": [1.0, 1.0], "Spleen": [1.5, 1.5], "Lung": [1.25, 1.25]},
+    # Lung alone at its own spacing, the other tasks in the union's grid (1.125 mm)
+    "lung": {"Pancreas": [1.125, 1.125], "LA": [1.125, 1.125], "Spleen": [1.125, 1.125], "Lung": [1.25, 1.25]},
+}
+SPACING = SETTINGS[os.environ.get("OWNGRID_SETTING", "own")]
 RAW, PRE = os.environ["nnUNet_raw"], os.environ["nnUNet_preprocessed"]
 
 
@@ -32,6 +40,31 @@ def task_cm(plans_manager, configuration, task):
     cfg = copy.deepcopy(plans_manager.get_configuration(configuration).configuration)
     cfg["spacing"] = SPACING[task]
     return ConfigurationManager(cfg)
+
+
+def unlabeled(dst):
+    """The unlabeled images of DST's task table, each preprocessed at its task's spacing into the 2d
+    configuration's unlabeled folder (the package's unlabeled preprocessing with the spacing replaced)."""
+    from nnunetv2_versemi.data.preprocess import (
+        _preprocess_unlabeled_case,
+        _unlabeled_files,
+        unlabeled_folder,
+    )
+    from nnunetv2_versemi.tasktable import find_task_table
+    plans = json.load(open(join(PRE, dst, "nnUNetPlans.json")))
+    dj = json.load(open(join(PRE, dst, "dataset.json")))
+    table = find_task_table(dst)
+    files = _unlabeled_files(dst, join(RAW, dst), table, dj["file_ending"], len(dj["channel_names"]))
+    folder = unlabeled_folder(join(PRE, dst), plans["configurations"]["2d"]["data_identifier"])
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    for task in table.tasks:
+        task_plans = copy.deepcopy(plans)
+        task_plans["configurations"]["2d"]["spacing"] = SPACING[task.name]
+        for case in task.unlabeled:
+            _preprocess_unlabeled_case((case, files[case], join(folder, case), task_plans, "2d", dj))
+        print(task.name, SPACING[task.name], len(task.unlabeled), flush=True)
+    print("done")
 
 
 def prep(src, dst):
@@ -87,4 +120,4 @@ def predict(dst, out, trainer="VerSemiTrainer_noUnsup", plans="nnUNetPlans_vsben
 
 
 if __name__ == "__main__":
-    {"prep": prep, "predict": predict}[sys.argv[1]](*sys.argv[2:])
+    {"prep": prep, "unlabeled": unlabeled, "predict": predict}[sys.argv[1]](*sys.argv[2:])
