@@ -73,6 +73,16 @@ class VerSemiTrainer_pseudoOnly(VerSemiTrainer):
     config = replace(DEFAULT, unsup_weight=0.0)
 
 
+class VerSemiTrainer_unsupOnly_noSupFinish(VerSemiTrainer):
+    """``_unsupOnly`` without the closing phase: the ablation of the default before it (``_noSupFinish``)."""
+    config = replace(DEFAULT, pseudo_weight=0.0, sup_finish_fraction=0.0)
+
+
+class VerSemiTrainer_pseudoOnly_noSupFinish(VerSemiTrainer):
+    """``_pseudoOnly`` without the closing phase: the ablation of the default before it (``_noSupFinish``)."""
+    config = replace(DEFAULT, unsup_weight=0.0, sup_finish_fraction=0.0)
+
+
 class VerSemiTrainer_pseudo(VerSemiTrainer):
     """L_pseudo in its first form: the student's own hard pseudo labels (no teacher), every voxel, Dice + CE. It made
     the heads over-segment on the demo union (docs/METHOD.md); the default uses the teacher's confident voxels."""
