@@ -20,7 +20,7 @@ from os.path import join
 import numpy as np
 import torch
 
-from nnunetv2_versemi.tasktable import TaskTable
+from nnunetv2_versemi.tasktable import TABLE_KEY, TaskTable
 
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
@@ -87,11 +87,34 @@ def _stats(values: list[float]) -> dict:
     return {"mean": float(arr.mean()), "std": float(arr.std()), "n": int(arr.size)}
 
 
+def _model_task_table(model_folder: str) -> TaskTable | None:
+    """The task table of a union model folder (its plans.json); None for a model of one task (its pseudo Dice is
+    the task's)."""
+    plans_file = join(model_folder, "plans.json")
+    if not os.path.isfile(plans_file):
+        return None
+    with open(plans_file) as f:
+        plans = json.load(f)
+    table = TaskTable.from_plans(plans) if TABLE_KEY in plans else None
+    return table if table is not None and table.num_tasks > 1 else None
+
+
+def _per_task_dice(table: TaskTable, per_class: list) -> dict[str, list]:
+    """{task: pseudo Dice per epoch} from nnU-Net's per-class pseudo Dice (None where a task had no class seen)."""
+    out: dict[str, list] = {t.name: [] for t in table.tasks}
+    for epoch in per_class:
+        for name, v in table.per_task_mean([float(x) for x in epoch]).items():
+            out[name].append(None if math.isnan(v) else v)
+    return out
+
+
 def learning_curves(model_folder: str, folds: list, iterations: int = 1) -> dict:
     """Per fold: train loss, validation loss and pseudo Dice (nnU-Net's ``mean_fg_dice``) per epoch, read from
     the checkpoint's logging (falls back to checkpoint_latest.pth); ``steps`` = optimizer steps at the end of
-    each epoch (``iterations`` per epoch); ``switch_step``: where a VerSemi run switched its unlabeled terms on."""
+    each epoch (``iterations`` per epoch); ``switch_step``: where a VerSemi run switched its unlabeled terms on.
+    A union model also gets ``pseudo_dice_per_task``: {task: pseudo Dice per epoch} under the task's prompt."""
     out = {}
+    table = _model_task_table(model_folder)
     for fold in folds:
         for name in ("checkpoint_final.pth", "checkpoint_latest.pth"):
             path = join(model_folder, f"fold_{fold}", name)
@@ -107,6 +130,9 @@ def learning_curves(model_folder: str, folds: list, iterations: int = 1) -> dict
                     "pseudo_dice": [float(v) for v in log.get("mean_fg_dice", [])],
                     "switch_step": None if switch is None else switch * iterations,
                 }
+                if table is not None:
+                    out[str(fold)]["pseudo_dice_per_task"] = _per_task_dice(
+                        table, log.get("dice_per_class_or_region", []))
                 break
     return out
 
@@ -386,7 +412,12 @@ def _curves_plot(plt, results: dict, path: str) -> None:
                 steps = c.get("steps") or list(range(1, len(c["train_loss"]) + 1))
                 row[0].plot(steps[: len(c["train_loss"])], c["train_loss"], marker=".", label=label)
                 dice = [np.nan if v is None else v for v in c["pseudo_dice"]]
-                row[1].plot(steps[: len(dice)], dice, marker=".", label=label)
+                per_task = c.get("pseudo_dice_per_task") or {}
+                row[1].plot(steps[: len(dice)], dice, marker=".", label=label + (", mean" if per_task else ""),
+                            color="black" if per_task else None)
+                for task, values in per_task.items():  # a union model: each task under its prompt
+                    values = [np.nan if v is None else v for v in values]
+                    row[1].plot(steps[: len(values)], values, lw=1, label=f"{task}, fold {fold}")
                 if c.get("switch_step") is not None:
                     for ax in row:
                         ax.axvline(c["switch_step"], color="grey", ls="--", lw=0.8)

@@ -113,8 +113,15 @@ def test_report_files_rows_and_columns(bench):
         assert label in md
     # learning curves: one point per epoch for every run (2 x 3 per-task runs + 3 union runs)
     assert len(results["curves"]) == 9
-    for curves in results["curves"].values():
+    for run, curves in results["curves"].items():
         assert len(curves["0"]["train_loss"]) == 1 and len(curves["0"]["pseudo_dice"]) == 1
+        # union models: pseudo Dice per task (from nnU-Net's per-class values); per-task models have none
+        per_task = curves["0"].get("pseudo_dice_per_task")
+        if run in ("union", "noUnsup", "versemi"):
+            assert sorted(per_task) == sorted(tasks)
+            assert all(len(v) == 1 and (v[0] is None or 0.0 <= v[0] <= 1.0) for v in per_task.values())
+        else:
+            assert per_task is None, run
 
 
 def test_runs_are_real_nnunet_model_folders(bench):

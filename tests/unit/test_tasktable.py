@@ -29,3 +29,13 @@ def test_lookup_tables_round_trip():
     local = table.merged_to_local_lut()[merged]
     owner = np.array([0, 1, 1])
     assert table.local_to_merged_lut()[owner, local].tolist() == merged.tolist()
+
+
+def test_benchmark_curves_average_each_tasks_classes_per_epoch():
+    from nnunetv2_versemi.benchmark.report import _per_task_dice
+
+    # merged classes: 1 liver, 2 kidney, 3 tumour; epoch 2 saw no kidney class (NaN)
+    per_class = [[0.5, 0.2, 0.6], [0.7, float("nan"), float("nan")], [0.9, float("nan"), 0.4]]
+    got = _per_task_dice(_table(), per_class)
+    assert got["Liver"] == [0.5, 0.7, 0.9]
+    assert got["Kidney"][0] == 0.4 and got["Kidney"][1] is None and got["Kidney"][2] == 0.4
