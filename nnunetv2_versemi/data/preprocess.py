@@ -289,6 +289,7 @@ def plan_and_preprocess(
             [dataset_id], planner, gpu_memory_target, "DefaultPreprocessor", None, overwrite_plans_name
         )
     attach_task_table(name, plans_identifier)
+    _describe_task_grids(name, pp, plans_identifier, table)
     _write_and_describe_splits(pp, table)
     timings["planning"], t = time.time() - t, time.time()
     print("Preprocessing...")
@@ -299,6 +300,17 @@ def plan_and_preprocess(
     timings["unlabeled"] = time.time() - t
     print("Done: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     return plans_identifier
+
+
+def _describe_task_grids(name: str, pp: str, plans_identifier: str, table: TaskTable) -> None:
+    """Each task's own planned spacing against the union's grid (:mod:`nnunetv2_versemi.data.task_grid`)."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    from nnunetv2_versemi.data.task_grid import report_task_grids
+
+    print("Each task's own spacing against the union's grid:")
+    for line in report_task_grids(name, load_json(os.path.join(pp, plans_identifier + ".json")), table):
+        print(f"  {line}")
 
 
 def _write_and_describe_splits(pp: str, table: TaskTable) -> None:

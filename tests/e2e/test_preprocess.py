@@ -163,3 +163,57 @@ def test_ill_not_a_union(planned, capsys):
     assert e.value.code == 2
     assert "no 'versemi' task table" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(str(planned["base"]), "nnUNet_preprocessed", "Dataset501_Liver"))
+
+
+def test_each_tasks_own_spacing_against_the_unions_grid(planned, capsys):
+    from nnunetv2_versemi.data.task_grid import (
+        TaskGridError,
+        describe_task_grids,
+        report_task_grids,
+        task_spacings,
+    )
+
+    table, pp = planned["table"], planned["pp"]
+    name = "Dataset600_VerSemiUnion"
+    plans = _load(os.path.join(pp, "nnUNetPlans.json"))
+    union_2d = plans["configurations"]["2d"]["spacing"]
+    fp_file = os.path.join(pp, "dataset_fingerprint.json")
+    original = _load(fp_file)
+    try:
+        # all tasks share one spacing here: each task's own 2d spacing is the union's, and none is resampled
+        same = task_spacings(name, plans, table)
+        assert "2d" in same and sorted(same["2d"]) == sorted(t.name for t in table.tasks)
+        assert all(np.allclose(s, union_2d) for s in same["2d"].values())
+        assert not any("resampled" in line for line in describe_task_grids(plans, same))
+        # the second task's cases at half the in-plane spacing: only its own spacing changes
+        second = table.tasks[1]
+        fp = json.loads(json.dumps(original))
+        from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+        cases = list(get_filenames_of_train_images_and_targets(
+            os.path.join(planned["raw"], name), _load(os.path.join(planned["raw"], name, "dataset.json"))))
+        for i, c in enumerate(cases):
+            if table.task_of_case(c) == 1:
+                fp["spacings"][i] = [fp["spacings"][i][0], fp["spacings"][i][1] / 2, fp["spacings"][i][2] / 2]
+        with open(fp_file, "w") as f:
+            json.dump(fp, f)
+        got = task_spacings(name, plans, table)["2d"]
+        assert np.allclose(got[second.name], np.asarray(same["2d"][second.name]) / 2)
+        for t in (table.tasks[0], table.tasks[2]):
+            assert np.allclose(got[t.name], same["2d"][t.name])
+        lines = report_task_grids(name, plans, table)
+        marked = [line for line in lines if line.startswith("  ") and "resampled" in line]
+        assert len(marked) == 2  # in 2d and 3d_fullres, both into a coarser grid, and only the second task
+        assert all(m.strip().startswith(second.name + ":") and "coarser grid" in m for m in marked)
+        # a fingerprint of other cases is refused, and the report says so instead of guessing
+        fp["spacings"] = fp["spacings"][:-1]
+        with open(fp_file, "w") as f:
+            json.dump(fp, f)
+        with pytest.raises(TaskGridError, match="extract the fingerprint again"):
+            task_spacings(name, plans, table)
+        assert report_task_grids(name, plans, table)[0].startswith("WARNING: no per-task spacing report")
+    finally:
+        with open(fp_file, "w") as f:
+            json.dump(original, f)
+    P._describe_task_grids(name, pp, "nnUNetPlans", table)
+    assert "Each task's own spacing against the union's grid" in capsys.readouterr().out
