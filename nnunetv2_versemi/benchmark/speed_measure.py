@@ -56,10 +56,13 @@ def _prepare(c: Contender, plans: dict, configuration: str, table_for, num_chann
         u = {"data": torch.randn((bu, num_channels, *cm.patch_size)).to(device),
              "keys": [f"{table.tasks[i % table.num_tasks].name}_u{i:04d}" for i in range(bu)]}
         trainer.dataloader_unlabeled = itertools.repeat(u)
-        # the last epoch, after the switch: lambda > 0 under either schedule, so the step runs the unlabeled
-        # branch (stage 2 of the two-stage schedule; the stage-1 step has no unlabeled batch and is cheaper)
+        # the last epoch before the closing phase, after the switch: lambda > 0 under either schedule, so the step
+        # runs the unlabeled branch and every CutMix term (stage 2 of the two-stage schedule; the stage-1 step has
+        # no unlabeled batch, and the closing phase's step is L_sup alone: both are cheaper)
         trainer.switch_epoch = 0
-        trainer.current_epoch = trainer.num_epochs - 1
+        trainer.current_epoch = trainer.num_epochs - 1 - trainer.schedule.sup_finish_epochs(trainer.num_epochs)
+        if trainer.current_epoch < 0 or trainer.schedule.in_sup_finish(trainer.current_epoch, trainer.num_epochs):
+            raise ValueError(f"{c.name}: every epoch is in the closing phase, the VerSemi step never runs its CutMix terms")
         if not trainer.unlabeled_weight() > 0:
             raise ValueError(f"{c.name}: the VerSemi step would skip the unlabeled branch (lambda = 0)")
     return trainer, batch

@@ -527,6 +527,25 @@ def test_speed_ratios_are_computed_and_positive(tmp_path, capsys):
         speed.versemi_trainer_class("nnUNetTrainer")
 
 
+def test_speed_times_the_step_with_every_term_not_the_closing_phase():
+    from nnunetv2_versemi.benchmark.speed_inputs import scratch_nnunet_env
+    from nnunetv2_versemi.benchmark.speed_measure import _prepare
+    from nnunetv2_versemi.discovery import ensure_ext_trainer_env
+
+    ensure_ext_trainer_env()
+    plans, c = speed.synthetic_plans((32, 32), 2)
+    for trainer_name in ("VerSemiTrainer", "VerSemiTrainer_noSupFinish"):
+        contender = speed.Contender("versemi@2", "versemi", 2, trainer_name)
+        with scratch_nnunet_env():
+            trainer, _ = _prepare(contender, plans, c, speed._table_factory(None), 1, torch.device("cpu"))
+        assert trainer.unlabeled_weight() > 0
+        # the default's last 40 % of the epochs train L_sup alone: a step there has no CutMix term to time
+        assert not trainer.schedule.in_sup_finish(trainer.current_epoch, trainer.num_epochs), trainer_name
+        closing = trainer.schedule.sup_finish_epochs(trainer.num_epochs)
+        assert trainer.current_epoch == trainer.num_epochs - 1 - closing
+    assert closing == 0  # the last trainer has no closing phase: its last epoch is timed
+
+
 def test_memory_probe_sees_the_step():
     from nnunetv2_versemi.discovery import ensure_ext_trainer_env
 
