@@ -8,6 +8,8 @@ VerSemiTrainer_noUnsup -o OUT` (its own predictions are made at the union's spac
 unlabeled DST: the unlabeled images of DST, each at its task's spacing (for the models that read them).
 predict DST OUT [TRAINER]: the trained model (default VerSemiTrainer_noUnsup) predicts each task's test images under the task's prompt at that task's spacing
 (nnU-Net's predictor with the configuration's spacing replaced) into OUT.
+copy SRC DST: the preprocessed dataset SRC (union's grid or own grids, unlabeled images included) under another id and
+name, its benchmark plans left out: a second training of one setting on the same cases.
 OWNGRID_SETTING picks the spacings (SETTINGS): "own" (default) or "lung" (Lung alone at its own spacing).
 
     export nnUNet_raw=... nnUNet_preprocessed=... nnUNet_results=...
@@ -92,6 +94,15 @@ def prep(src, dst):
     print("done")
 
 
+def copy_dataset(src, dst):
+    shutil.copytree(join(RAW, src), join(RAW, dst))
+    shutil.copytree(join(PRE, src), join(PRE, dst), ignore=shutil.ignore_patterns("*_vsbench*"))
+    plans = json.load(open(join(PRE, dst, "nnUNetPlans.json")))
+    plans["dataset_name"] = dst
+    json.dump(plans, open(join(PRE, dst, "nnUNetPlans.json"), "w"), indent=1)
+    print("done")
+
+
 def predict(dst, out, trainer="VerSemiTrainer_noUnsup", plans="nnUNetPlans_vsbench-cpudemo-e20-i200-v4"):
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -120,4 +131,4 @@ def predict(dst, out, trainer="VerSemiTrainer_noUnsup", plans="nnUNetPlans_vsben
 
 
 if __name__ == "__main__":
-    {"prep": prep, "unlabeled": unlabeled, "predict": predict}[sys.argv[1]](*sys.argv[2:])
+    {"prep": prep, "copy": copy_dataset, "unlabeled": unlabeled, "predict": predict}[sys.argv[1]](*sys.argv[2:])
