@@ -203,6 +203,33 @@ class VerSemiTrainer(FinalValidation, TaskData, nnUNetTrainer):
         self.print_to_log_file(
             f"VerSemi: unlabeled terms on from epoch {nxt} (step {nxt * self.num_iterations_per_epoch}): {why}. "
             f"Pseudo Dice per task: { {k: round(v, 4) for k, v in dice.items()} }")
+        weak = [k for k, v in dice.items() if not v >= self.config.switch_dice]
+        if weak:
+            self.print_to_log_file(
+                f"WARNING: the unlabeled terms start before {', '.join(weak)} learned their foreground (pseudo Dice "
+                f"below switch_dice={self.config.switch_dice}). The teacher's labels for these tasks' unlabeled "
+                "images are then mostly background, which can hold them there. Train longer (more epochs, or a "
+                "larger stage1_fraction) or check these tasks' labels.")
+
+    def warn_unlearned_tasks(self) -> list[str]:
+        """At the end of training: the tasks whose online pseudo Dice was 0 in each of the last
+        ``empty_warning_epochs`` epochs (their heads predict none of their foreground, so the model segments
+        nothing for them), named in a WARNING in the training log. NaN epochs (no class of the task in the
+        validation patches) say nothing either way and are skipped."""
+        history = self.logger.get_checkpoint().get("dice_per_class_or_region", [])
+        n = self.config.empty_warning_epochs
+        per_epoch = [self.task_table.per_task_mean(h) for h in history]
+        dead = []
+        for task in self.task_table.tasks:
+            seen = [d[task.name] for d in per_epoch if not np.isnan(d[task.name])][-n:]
+            if len(seen) == n and all(v == 0 for v in seen):
+                dead.append(task.name)
+        if dead:
+            self.print_to_log_file(
+                f"WARNING: {', '.join(dead)}: online pseudo Dice 0 in each of the last {n} epochs with a value. The "
+                "model has not learned these tasks' foreground and will segment nothing for them. Train longer, or "
+                "check these tasks' labels and the stage switch above.")
+        return dead
 
     def _rank_zero_decides(self, decision: bool) -> bool:
         """Rank 0's decision on every rank (DDP): the switch changes the loss graph, and ranks that switched at
@@ -400,6 +427,12 @@ class VerSemiTrainer(FinalValidation, TaskData, nnUNetTrainer):
             self.print_to_log_file(f"VerSemi: closing phase from epoch {self.current_epoch} (the last {n} of "
                                    f"{self.num_epochs} epochs, sup_finish_fraction={self.config.sup_finish_fraction}): "
                                    "L_sup alone on the unmixed labeled images, every CutMix term off")
+
+    @override
+    def on_train_end(self):
+        if self.local_rank == 0:
+            self.warn_unlearned_tasks()
+        super().on_train_end()
 
     @override
     def on_epoch_end(self):

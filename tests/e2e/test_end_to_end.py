@@ -184,6 +184,7 @@ def test_switch_on_evidence_and_state_survives_checkpoint(pipeline, tmp_path, mo
     trainer.maybe_switch()
     assert trainer.switch_epoch == 3
     assert "unlabeled terms on from epoch 3" in _log_text(trainer) and "every task's pseudo Dice" in _log_text(trainer)
+    assert "WARNING" not in _log_text(trainer)  # every task had learned its foreground
     assert [trainer.unlabeled_weight(e) for e in (2, 3, 9)] == [0.0, 1.0, 1.0]
     # --c: the switch travels in the checkpoint, before and after it
     trainer.current_epoch = 3
@@ -232,6 +233,7 @@ def test_switch_forced_at_epoch_limit_names_weak_tasks_and_ramp_starts_there(pip
     assert trainer.switch_epoch == 3
     text = _log_text(trainer)
     assert "epoch limit stage1_fraction=0.3" in text and "DemoCT, DemoMC" in text
+    assert "WARNING: the unlabeled terms start before DemoCT, DemoMC learned their foreground" in text
     lam = [trainer.unlabeled_weight(e) for e in range(2, 9)]
     assert lam[0] == 0 and 0 < lam[1] < 0.01 and lam[1] < lam[2] < lam[3] < lam[4] and lam[-1] == 1.0
 
@@ -251,6 +253,20 @@ def test_empty_target_warning_names_tasks(pipeline, tmp_path, monkeypatch):
     log["versemi_unsup_kept"].append(0.5)
     trainer._warn_if_empty(np.array([[0.1, 0.02, 0.3]]))
     assert trainer._empty_epochs == 0
+
+
+def test_end_of_training_names_the_tasks_that_never_learned_their_foreground(pipeline, tmp_path, monkeypatch):
+    trainer = _fresh_trainer(pipeline, tmp_path, monkeypatch, empty_warning_epochs=2)
+    _log_epoch(trainer, [0.0, 0.9, 0.0])
+    assert trainer.warn_unlearned_tasks() == [] and "WARNING" not in _log_text(trainer)  # fewer epochs than 2
+    # DemoCT: 0 in its last two epochs; DemoMC: its NaN epoch is skipped, and the epoch before it was 0.3
+    _log_epoch(trainer, [0.0, 0.9, 0.3])
+    _log_epoch(trainer, [0.0, 0.9, float("nan")])
+    assert trainer.warn_unlearned_tasks() == ["DemoCT"]
+    text = _log_text(trainer)
+    assert "WARNING: DemoCT: online pseudo Dice 0 in each of the last 2 epochs" in text and "DemoMC:" not in text
+    _log_epoch(trainer, [0.4, 0.9, 0.3])  # DemoCT found its foreground in the last epoch
+    assert trainer.warn_unlearned_tasks() == []
 
 
 def test_present_class_dice_is_built_into_the_hard_label_loss(pipeline, tmp_path, monkeypatch):
