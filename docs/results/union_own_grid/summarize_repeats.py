@@ -1,5 +1,6 @@
 """Several trainings of each setting on the same draws, `paper` preset at 20 % labels, 3 seeds: per-task nnU-Net (a),
-task batches in the union's grid ("TB, union grid") and task batches with every task at its own spacing ("TB, own
+the default (d, its closing-phase config `VerSemiTrainer_supFinish40`), task batches in the union's grid ("TB,
+union grid") and task batches with every task at its own spacing ("TB, own
 grids"), each run on the benchmark's seed-s draw (the repeats on copies of the same unions: owngrid.py copy). Each
 test case's Dice is averaged over the runs of its setting before the settings are paired, so that the training
 randomness of one run, which moves Lung by up to 12 points, does not decide the comparison.
@@ -10,9 +11,11 @@ folders for seeds 0, 1, 2):
         --runs a outTerms outA_981 outA_982 --runs a outA_970 outA_969 outA_968 \\
         --runs tb outTBr_970 outTBr_969 outTBr_968 \\
         --runs own outOwnTB_s0 outOwnTB_s1 outOwnTB_s2 --runs own outOwnTBr_s0 outOwnTBr_s1 outOwnTBr_s2 ...
-The first run of (a), of task batches in the union's grid and the default's one run (d) come from the committed
+The first runs of (a), of task batches in the union's grid and of the default (d) come from the committed
 reports (../benchmark_P20_closing_seed{s}.json, ../task_batches/taskBatches_seed{s}.json). Own-grid runs are scored
-on their predictions at each task's spacing (pred_own_grid/, run_tb_grids.sh). Writes results_repeats.json and
+on their predictions at each task's spacing (pred_own_grid/, run_tb_grids.sh). For the runs given with --runs it
+also measures Lung's predicted / reference tumour volume per test case, and the first epoch whose online pseudo Dice of
+Lung reaches 0.5. Writes results_repeats.json and
 repeats.png here.
 """
 import argparse
@@ -26,7 +29,9 @@ from nnunetv2_versemi.benchmark.seeds import paired_difference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SETTINGS = {"a": "a", "tb": "TB, union grid", "own": "TB, own grids", "d": "d"}
-METHOD_IN_REPORT = {"a": "alone", "tb": "VerSemiTrainer_taskBatches"}
+LEGEND = {"a": "(a) per-task nnU-Net", "tb": "task batches, union's grid", "own": "task batches, own grids",
+          "d": "(d) the default (union's grid)"}
+METHOD_IN_REPORT = {"a": "alone", "tb": "VerSemiTrainer_taskBatches", "d": "VerSemiTrainer_supFinish40"}
 KEYS = ("dice", "hd95", "fp_components")
 
 
@@ -41,6 +46,36 @@ def run_cases(setting: str, out_dir: str) -> list[dict]:
     if setting == "own":
         return grid_cases(out_dir, "own")
     return cases_of(os.path.join(out_dir, "results.json"), METHOD_IN_REPORT[setting], setting)
+
+
+def lung_volume_ratio(setting: str, out_dir: str) -> float:
+    """Mean over Lung's test cases of predicted / reference tumour volume (where Lung's Dice goes: under-segmentation)."""
+    import SimpleITK as sitk
+
+    from nnunetv2_versemi.tasktable import find_task_table
+    dataset = load(os.path.join(out_dir, "results.json"))["dataset"]
+    table = find_task_table(path=os.path.join(os.environ["nnUNet_preprocessed"], dataset, "nnUNetPlans.json"))
+    values = table.tasks[table.index("Lung")].merged_values
+    pred = os.path.join(out_dir, "pred_own_grid" if setting == "own" else f"predictions/{METHOD_IN_REPORT[setting]}")
+    labels = os.path.join(os.environ["nnUNet_raw"], dataset, "labelsTs")
+    ratios = []
+    for f in sorted(x for x in os.listdir(labels) if x.startswith("Lung_") and x.endswith(".nii.gz")):
+        p = np.isin(sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(pred, f))), values).sum()
+        g = np.isin(sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(labels, f))), values).sum()
+        ratios.append(p / max(g, 1))
+    return round(float(np.mean(ratios)), 2)
+
+
+def lung_take_off(out_dir: str, level: float = 0.5) -> int | str | None:
+    """The first epoch whose online pseudo Dice of Lung reaches ``level`` (the union model's per-task curve, or (a)'s
+    Lung model); None when it never does, "no curve" for a report written before per-task curves were recorded."""
+    for run, folds in load(os.path.join(out_dir, "results.json"))["curves"].items():
+        curve = folds["all"]
+        values = curve["pseudo_dice_per_task"]["Lung"] if "pseudo_dice_per_task" in curve else (
+            curve["pseudo_dice"] if run.endswith("-Lung") else None)
+        if values is not None:
+            return next((e for e, v in enumerate(values) if v is not None and v >= level), None)
+    return "no curve"
 
 
 def mean_over_runs(runs: list[list[dict]], label: str) -> list[dict]:
@@ -72,7 +107,7 @@ def plot(per_run_means: list[dict], path: str) -> None:
             for run in seed.get(setting, []):
                 x = np.arange(len(cols)) + (j - 1.5) * 0.18
                 ax.scatter(x, [run[c] for c in cols], color=colours[setting], s=18,
-                           label=SETTINGS[setting] if run is seed[setting][0] else None)
+                           label=LEGEND[setting] if run is seed[setting][0] else None)
             if seed.get(setting):
                 x = np.arange(len(cols)) + (j - 1.5) * 0.18
                 ax.hlines([np.mean([r[c] for r in seed[setting]]) for c in cols], x - 0.08, x + 0.08,
@@ -90,13 +125,17 @@ def main(extra: list[list[str]]) -> None:
     n_seeds = 3
     runs = [{k: [v] for k, v in committed_runs(s).items()} for s in range(n_seeds)]
     commands = []
+    volumes = [{} for _ in range(n_seeds)]
+    take_off = [{} for _ in range(n_seeds)]
     for setting, *dirs in extra:
-        if setting not in ("a", "tb", "own"):
-            raise SystemExit(f"--runs: unknown setting {setting!r} (a, tb or own)")
+        if setting not in SETTINGS:
+            raise SystemExit(f"--runs: unknown setting {setting!r} ({', '.join(SETTINGS)})")
         if len(dirs) != n_seeds:
             raise SystemExit(f"--runs {setting}: {n_seeds} report folders (seeds 0-{n_seeds - 1}) expected, got {len(dirs)}")
         for s, d in enumerate(dirs):
             runs[s].setdefault(setting, []).append(run_cases(setting, d))
+            volumes[s].setdefault(SETTINGS[setting], []).append(lung_volume_ratio(setting, d))
+            take_off[s].setdefault(SETTINGS[setting], []).append(lung_take_off(d))
             commands.append(load(os.path.join(d, "results.json"))["command"])
     per_seed, per_run_means = [], []
     for seed in runs:
@@ -120,6 +159,8 @@ def main(extra: list[list[str]]) -> None:
                                                   for k in SETTINGS.values()} for seed in per_seed],
            "std_between_runs_mean_over_tasks": spread,
            "std_between_runs_lung": lung_spread,
+           "lung_predicted_over_reference_volume_per_seed_and_run": volumes,
+           "lung_first_epoch_with_pseudo_dice_0.5_per_seed_and_run": take_off,
            "paired_differences_of_run_means": {f"{a} - {b}": paired_difference(per_seed, a, b, TASKS) for a, b in pairs},
            "cases_per_run": [{SETTINGS[k]: [[{f: c[f] for f in ("task", "case", *KEYS)} for c in r] for r in v]
                               for k, v in seed.items()} for seed in runs]}
@@ -131,6 +172,8 @@ def main(extra: list[list[str]]) -> None:
         print(f"seed {s}:", {k: v["mean over tasks"] for k, v in m.items()})
     print("std between runs, mean over tasks:", spread)
     print("std between runs, Lung:", lung_spread)
+    print("Lung predicted / reference volume (the runs given with --runs):", volumes)
+    print("Lung's first epoch with pseudo Dice >= 0.5 (the runs given with --runs):", take_off)
     for k, v in out["paired_differences_of_run_means"].items():
         print(k, {t: f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]" for t, d in v.items()
                   if d["n"] > 1})
