@@ -10,6 +10,7 @@ the HD95 mean (its Dice, 0, counts). "Mean over tasks" is the unweighted mean of
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import math
 import os
@@ -192,6 +193,25 @@ def _run_curves(states: list[dict]) -> dict:
     return curves
 
 
+def training_warnings(model_folder: str, folds: list) -> dict[str, list[str]]:
+    """{fold: the WARNING lines of its nnU-Net training logs (every invocation's log, oldest first, each line once)}
+    for the folds that have any: a task that never learned its foreground, an unlabeled term on empty targets,
+    ... (docs/METHOD.md). A run's report carries them so that a user reading it sees what its training log said."""
+    out = {}
+    for fold in folds:
+        logs = sorted(glob.glob(join(model_folder, f"fold_{fold}", "training_log_*.txt")))
+        found: list[str] = []
+        for path in logs:
+            with open(path, errors="replace") as f:
+                for line in f:
+                    text = line.split(": ", 1)[1].strip() if ": WARNING" in line else line.strip()
+                    if text.startswith("WARNING") and text not in found:
+                        found.append(text)
+        if found:
+            out[str(fold)] = found
+    return out
+
+
 def collect(
     evals: dict[str, dict], states: list[dict], table: TaskTable, methods: list, baseline: str, meta: dict
 ) -> dict:
@@ -217,6 +237,8 @@ def collect(
             "cases": cases,
             "runs": states,
             "curves": curves,
+            "training_warnings": {st["run"]: w for st in states
+                                  if (w := training_warnings(st["model_folder"], st["folds"]))},
         }
     )
 
@@ -330,10 +352,22 @@ def _runs_section(results: dict) -> list[str]:
     return lines
 
 
+def _warnings_section(results: dict) -> list[str]:
+    """The WARNING lines of the runs' training logs, if any."""
+    found = results.get("training_warnings") or {}
+    if not found:
+        return []
+    lines = ["", "## Warnings in the training logs", ""]
+    for run, folds in found.items():
+        lines += [f"- {run}, fold {fold}: {w}" for fold, ws in folds.items() for w in ws]
+    return lines
+
+
 def markdown(results: dict) -> str:
     rows = [*results["tasks"], MEAN_ROW]
     lines = _markdown_header(results)
     lines += _dice_section(results, rows)
+    lines += _warnings_section(results)
     lines += _hd95_section(results, rows)
     lines += _runs_section(results)
     lines += [
