@@ -54,6 +54,10 @@ class StageSchedule:
     def labeled_box_ratio(self, epoch: int) -> tuple[float, float]:
         return self.config.unlabeled_box_ratio if self.in_stage_two(epoch) else self.config.labeled_box_ratio
 
+    def below_switch(self, pseudo_dice: dict[str, float]) -> list[str]:
+        """The tasks whose pseudo Dice has not reached ``switch_dice`` (NaN never counts as reached)."""
+        return [k for k, v in pseudo_dice.items() if not v >= self.config.switch_dice]
+
     def due(self, epoch: int, num_epochs: int, pseudo_dice: dict[str, float]) -> str | None:
         """After epoch ``epoch``'s validation: why the unlabeled terms start with the next epoch, or None.
 
@@ -64,7 +68,7 @@ class StageSchedule:
         nxt = epoch + 1
         if not self.active or self.switch_epoch is not None or nxt >= num_epochs:
             return None
-        below = [k for k, v in pseudo_dice.items() if not v >= c.switch_dice]
+        below = self.below_switch(pseudo_dice)
         if nxt < c.stage1_min_fraction * num_epochs or (below and nxt < c.stage1_fraction * num_epochs):
             return None
         return (f"every task's pseudo Dice >= {c.switch_dice}" if not below else

@@ -203,7 +203,7 @@ class VerSemiTrainer(FinalValidation, TaskData, nnUNetTrainer):
         self.print_to_log_file(
             f"VerSemi: unlabeled terms on from epoch {nxt} (step {nxt * self.num_iterations_per_epoch}): {why}. "
             f"Pseudo Dice per task: { {k: round(v, 4) for k, v in dice.items()} }")
-        weak = [k for k, v in dice.items() if not v >= self.config.switch_dice]
+        weak = self.schedule.below_switch(dice)
         if weak:
             self.print_to_log_file(
                 f"WARNING: the unlabeled terms start before {', '.join(weak)} learned their foreground (pseudo Dice "
