@@ -68,6 +68,9 @@ class VerSemiConfig:
     # -- L_pseudo: None: every voxel's hard pseudo label counts (Dice + CE); a number: only voxels whose pseudo label
     #    has at least this probability count, in a cross-entropy
     pseudo_threshold: float | None = 0.9
+    # -- L_pseudo's cross-entropy per class: each class's confident voxels weigh as much as another's (False: every
+    #    confident voxel alike, where background outnumbers a small structure by orders of magnitude)
+    pseudo_class_balance: bool = False
     # -- the hard-label terms' Dice over the classes present in the target (False: nnU-Net's Dice, which lets a small
     #    class of one task collapse to zero in a union; docs/METHOD.md)
     dice_present_classes_only: bool = True
@@ -83,6 +86,9 @@ class VerSemiConfig:
     # labeled_balance "tasks")
     task_batches: bool = False
     unlabeled_batch_size: int | None = None  # None: the labeled batch size
+    # share of each labeled batch's slots forced to hold foreground (None: nnU-Net's oversample_foreground_percent,
+    # 0.33); a larger share shows a small structure, present in few slices of its task, more often
+    foreground_oversampling: float | None = None
     # -- the consistency target P_agg and the pseudo labels
     unsup_aggregate: Aggregate = "all"  # max over every task head (paper); "source": each region's own head
     target_source: TargetSource = "ema"  # EMA teacher; "detach": the student without gradient; "gradient": official
@@ -129,6 +135,8 @@ class VerSemiConfig:
         if self.pseudo_threshold is not None:
             _number(self, "pseudo_threshold", lambda v: 0 < v < 1, "None or a number in (0, 1)")
         _number(self, "ema_alpha", lambda v: 0 <= v < 1, "a number in [0, 1)")
+        if self.foreground_oversampling is not None:
+            _number(self, "foreground_oversampling", lambda v: 0 <= v <= 1, "None or a number in [0, 1]")
         for name in ("stage1_fraction", "stage1_min_fraction", "switch_dice", "unsup_min_foreground",
                      "rampup_fraction", "recognition_threshold"):
             _number(self, name, lambda v: 0 <= v <= 1, "a number in [0, 1]")
@@ -154,7 +162,7 @@ class VerSemiConfig:
                 raise ValueError(f"{name} must be a (low, high) pair in (0, 1] with low <= high, got {v!r}")
         if self.task_batches and self.labeled_balance != "tasks":
             raise ValueError("task_batches needs labeled_balance 'tasks': a batch per task is a task-balanced batch")
-        for name in ("dice_present_classes_only", "task_batches", "allow_labeled_only", "recognition_detach",
+        for name in ("dice_present_classes_only", "pseudo_class_balance", "task_batches", "allow_labeled_only", "recognition_detach",
                      "validate_prompted_too", "static_head"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")

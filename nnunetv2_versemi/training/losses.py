@@ -198,11 +198,19 @@ def dice_ce(batch_dice: bool, ignore_label: int | None, ddp: bool, deep_supervis
     return DeepSupervisionWrapper(loss, [w / sum(weights) for w in weights])
 
 
-def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, class_balanced: bool = False
+                         ) -> torch.Tensor:
     """Cross-entropy of logits (B, C, *S) against class indices (B, *S), averaged over the voxels whose target
-    is >= 0 (-1: no label); 0, with gradient, when no voxel has one."""
-    total = torch.nn.functional.cross_entropy(logits.float(), target.long(), ignore_index=-1, reduction="sum")
-    return total / (target >= 0).sum().clamp(min=1)
+    is >= 0 (-1: no label); 0, with gradient, when no voxel has one. ``class_balanced``: the mean over each
+    labelled class's voxels, then over the classes present, so a small structure's few voxels weigh as much as
+    the background's many."""
+    target = target.long()
+    if not class_balanced:
+        total = torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=-1, reduction="sum")
+        return total / (target >= 0).sum().clamp(min=1)
+    per_voxel = torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=-1, reduction="none")
+    means = [per_voxel[target == c].mean() for c in torch.unique(target).tolist() if c >= 0]
+    return torch.stack(means).mean() if means else logits.sum() * 0.0
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -123,7 +123,8 @@ class LossTerms:
     def _confident_ce(self, logits: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
         """Cross-entropy per scale over the voxels with a pseudo label (target >= 0); a scale without any counts 0."""
         return losses.deep_supervision_sum(
-            [losses.masked_cross_entropy(lg, tg[:, 0]) for lg, tg in zip(logits, targets)], self.ds_weights)
+            [losses.masked_cross_entropy(lg, tg[:, 0], self.config.pseudo_class_balance)
+             for lg, tg in zip(logits, targets)], self.ds_weights)
 
 
 def step_record(loss: torch.Tensor, terms: dict[str, torch.Tensor], stats: dict, lam: float, num_tasks: int

@@ -59,6 +59,8 @@ class VerSemiTrainer(FinalValidation, TaskData, nnUNetTrainer):
             self.device, self.grad_scaler = device, None
         self.task_table = table
         self.config = type(self).config
+        if self.config.foreground_oversampling is not None:
+            self.oversample_foreground_percent = self.config.foreground_oversampling
         self.teacher: EMATeacher | None = None
         self.recognition_optimizer: torch.optim.Optimizer | None = None
         self.global_step = 0

@@ -99,6 +99,16 @@ class VerSemiTrainer_supOnly_nnunetDice(VerSemiTrainer):
     config = replace(VerSemiTrainer_supOnly.config, dice_present_classes_only=False)
 
 
+class VerSemiTrainer_foreground67(VerSemiTrainer):
+    """Two of every three labeled slots forced to hold foreground (nnU-Net: one of three)."""
+    config = replace(DEFAULT, foreground_oversampling=0.67)
+
+
+class VerSemiTrainer_pseudoBalanced(VerSemiTrainer):
+    """L_pseudo's cross-entropy averaged per class, then over the classes present."""
+    config = replace(DEFAULT, pseudo_class_balance=True)
+
+
 class VerSemiTrainer_taskBatches(VerSemiTrainer):
     """One planned nnU-Net batch per task in every step (batch x T, steps / T): each task's Dice over a batch of its
     own and the learning-rate schedule over the per-task number of steps, as per-task nnU-Net trains."""

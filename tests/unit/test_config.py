@@ -76,6 +76,8 @@ def test_no_two_ablations_are_the_same_config_except_the_named_aliases():
     (dict(labeled_box_ratio=(0.7, 0.5)), "labeled_box_ratio must be a"),
     (dict(unlabeled_batch_size=0), "unlabeled_batch_size must be a positive integer or None"),
     (dict(static_head=1), "static_head must be True or False"),
+    (dict(pseudo_class_balance="yes"), "pseudo_class_balance must be True or False"),
+    (dict(foreground_oversampling=1.5), "foreground_oversampling must be None or a number in"),
     (dict(recognition_input="encoder"), "recognition_input must be 'stages' or 'bottleneck'"),
 ])
 def test_invalid_values_fail_where_the_config_is_made(changes, message):

@@ -343,6 +343,26 @@ def test_masked_cross_entropy_counts_only_labeled_voxels():
     assert none.item() == 0.0 and logits.grad is not None
 
 
+def test_class_balanced_cross_entropy_weighs_each_present_class_alike():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 3, 6, 6, generator=g)
+    target = torch.zeros(1, 6, 6, dtype=torch.long)
+    target[0, 0, 0] = 1  # one voxel of a small structure against 30 of background
+    target[0, 5, :] = -1  # not confident: no label
+    per_voxel = torch.nn.functional.cross_entropy(logits, target.clamp(min=0), reduction="none")
+    expected = (per_voxel[target == 0].mean() + per_voxel[target == 1].mean()) / 2
+    balanced = losses.masked_cross_entropy(logits, target, class_balanced=True)
+    assert torch.allclose(balanced, expected)
+    # the plain mean gives the single voxel 1/31 of the weight
+    assert torch.allclose(losses.masked_cross_entropy(logits, target), per_voxel[target >= 0].mean())
+    # class 2, absent from the labels, adds no term
+    assert not torch.allclose(balanced, per_voxel[target >= 0].mean())
+    empty = logits.clone().requires_grad_(True)
+    none = losses.masked_cross_entropy(empty, torch.full_like(target, -1), class_balanced=True)
+    none.backward()
+    assert none.item() == 0.0 and empty.grad is not None
+
+
 @pytest.mark.parametrize("per_task_batch, num_tasks", [(4, 3), (2, 2), (6, 2)])
 def test_forced_foreground_per_task_gives_each_task_nnunets_count(per_task_batch, num_tasks):
     """With task batches (``forced_per_task``) every task's group of the batch gets the forced slots nnU-Net forces

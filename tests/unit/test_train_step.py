@@ -182,3 +182,18 @@ def test_task_batches_need_task_balanced_batches():
 
     with pytest.raises(ValueError, match="task_batches needs labeled_balance 'tasks'"):
         replace(DEFAULT, task_batches=True, labeled_balance="cases")
+
+
+def test_foreground_oversampling_reaches_the_labeled_loader(make_trainer):
+    from nnunetv2_versemi.training.sampling import TaskBalancedDataLoader
+    from nnunetv2_versemi.training.variants import VerSemiTrainer_foreground67
+
+    assert make_trainer(VerSemiTrainer).oversample_foreground_percent == pytest.approx(0.33)
+    trainer = make_trainer(VerSemiTrainer_foreground67)
+    assert trainer.oversample_foreground_percent == pytest.approx(0.67)
+    # the loader the trainer builds from that rate forces 3 of a batch of 4 (nnU-Net's rate: 1 of 4)
+    loader = TaskBalancedDataLoader.__new__(TaskBalancedDataLoader)
+    loader.batch_size, loader.oversample_foreground_percent = 4, trainer.oversample_foreground_percent
+    assert loader.num_forced_slots() == 3
+    loader.oversample_foreground_percent = 0.33
+    assert loader.num_forced_slots() == 1
