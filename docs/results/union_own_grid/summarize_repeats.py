@@ -1,7 +1,7 @@
 """Several trainings of each setting on the same draws, `paper` preset at 20 % labels, 3 seeds: per-task nnU-Net (a),
 the default (d, its closing-phase config `VerSemiTrainer_supFinish40`), task batches in the union's grid ("TB,
-union grid") and task batches with every task at its own spacing ("TB, own
-grids"), each run on the benchmark's seed-s draw (the repeats on copies of the same unions: owngrid.py copy). Each
+union grid"), task batches with every task at its own spacing ("TB, own grids"), and two candidates for Lung's
+recall: `VerSemiTrainer_foreground67` ("fg") and `VerSemiTrainer_pseudoBalanced` ("pb"), each run on the benchmark's seed-s draw (the repeats on copies of the same unions: owngrid.py copy). Each
 test case's Dice is averaged over the runs of its setting before the settings are paired, so that the training
 randomness of one run, which moves Lung by up to 12 points, does not decide the comparison.
 
@@ -28,10 +28,13 @@ from summarize_tb import RESULTS, TASKS, cases_of, grid_cases, load
 from nnunetv2_versemi.benchmark.seeds import paired_difference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SETTINGS = {"a": "a", "tb": "TB, union grid", "own": "TB, own grids", "d": "d"}
+SETTINGS = {"a": "a", "tb": "TB, union grid", "own": "TB, own grids", "d": "d", "fg": "foreground67",
+            "pb": "pseudoBalanced"}
 LEGEND = {"a": "(a) per-task nnU-Net", "tb": "task batches, union's grid", "own": "task batches, own grids",
-          "d": "(d) the default (union's grid)"}
-METHOD_IN_REPORT = {"a": "alone", "tb": "VerSemiTrainer_taskBatches", "d": "VerSemiTrainer_supFinish40"}
+          "d": "(d) the default (union's grid)", "fg": "foreground_oversampling 0.67",
+          "pb": "class-balanced L_pseudo"}
+METHOD_IN_REPORT = {"a": "alone", "tb": "VerSemiTrainer_taskBatches", "d": "VerSemiTrainer_supFinish40",
+                    "fg": "VerSemiTrainer_foreground67", "pb": "VerSemiTrainer_pseudoBalanced"}
 KEYS = ("dice", "hd95", "fp_components")
 
 
@@ -100,17 +103,20 @@ def plot(per_run_means: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     cols = TASKS + ["mean over tasks"]
-    colours = {"a": "tab:blue", "tb": "tab:orange", "own": "tab:green", "d": "tab:red"}
+    colours = {"a": "tab:blue", "tb": "tab:orange", "own": "tab:green", "d": "tab:red", "fg": "tab:purple",
+               "pb": "tab:brown"}
+    shown = [k for k in SETTINGS if any(seed.get(k) for seed in per_run_means)]
+    width = 0.8 / len(shown)
     fig, axes = plt.subplots(1, len(per_run_means), figsize=(5 * len(per_run_means), 4), sharey=True)
     for s, (ax, seed) in enumerate(zip(np.atleast_1d(axes), per_run_means)):
-        for j, setting in enumerate(SETTINGS):
+        for j, setting in enumerate(shown):
             for run in seed.get(setting, []):
-                x = np.arange(len(cols)) + (j - 1.5) * 0.18
+                x = np.arange(len(cols)) + (j - (len(shown) - 1) / 2) * width
                 ax.scatter(x, [run[c] for c in cols], color=colours[setting], s=18,
                            label=LEGEND[setting] if run is seed[setting][0] else None)
             if seed.get(setting):
-                x = np.arange(len(cols)) + (j - 1.5) * 0.18
-                ax.hlines([np.mean([r[c] for r in seed[setting]]) for c in cols], x - 0.08, x + 0.08,
+                x = np.arange(len(cols)) + (j - (len(shown) - 1) / 2) * width
+                ax.hlines([np.mean([r[c] for r in seed[setting]]) for c in cols], x - width / 2, x + width / 2,
                           color=colours[setting], lw=2)
         ax.set_xticks(range(len(cols)), [c.replace("mean over tasks", "mean") for c in cols])
         ax.set_title(f"seed {s}: one dot per training run, bar = mean over runs")
@@ -142,7 +148,10 @@ def main(extra: list[list[str]]) -> None:
         per_run_means.append({k: [task_means(r) for r in v] for k, v in seed.items()})
         per_seed.append({"cases": [c for k, v in seed.items() for c in mean_over_runs(v, SETTINGS[k])]})
     pairs = [("TB, own grids", "a"), ("TB, union grid", "a"), ("d", "a"), ("TB, own grids", "TB, union grid"),
-             ("TB, own grids", "d")]
+             ("TB, own grids", "d"), ("foreground67", "a"), ("foreground67", "d"), ("pseudoBalanced", "a"),
+             ("pseudoBalanced", "d")]
+    present = [{c["method"] for c in seed["cases"]} for seed in per_seed]
+    pairs = [p for p in pairs if all(set(p) <= m for m in present)]
     n_runs = {SETTINGS[k]: [len(seed.get(k, [])) for seed in runs] for k in SETTINGS}
     spread = {SETTINGS[k]: [round(float(np.std([r["mean over tasks"] for r in seed[k]], ddof=1)), 1)
                             if len(seed.get(k, [])) > 1 else None for seed in per_run_means] for k in SETTINGS}
