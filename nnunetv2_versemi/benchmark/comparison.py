@@ -18,6 +18,8 @@ with ``--budget-per task`` the runs on the union get T times the iterations, T =
                   Its compute is (a)'s training, the prediction of the unlabeled images and one more training.
   (f) ``alonePCD`` nnUNetTrainer_presentClassDice on each task alone: (a) with VerSemi's present-class Dice,
                   which tells how much of VerSemi's gain over (a) is its loss alone.
+  (g) ``aloneFg67`` nnUNetTrainer_foreground67 on each task alone: (a) with two of three batch slots forced to hold
+                  foreground, the sampling of ``VerSemiTrainer_foreground67``.
 
 The budget is set without code: training runs in this process. Each trainer is instantiated the way
 ``nnunetv2.run.run_training.get_trainer_from_args`` does it, then ``num_epochs``,

@@ -50,6 +50,8 @@ METHODS = (
     Method("pseudo", "e", "(e) nnU-Net with pseudo labels, each task alone", "nnUNetTrainer", per_task=True),
     Method("alonePCD", "f", "(f) nnU-Net, each task alone, present-class Dice", "nnUNetTrainer_presentClassDice",
            per_task=True),
+    Method("aloneFg67", "g", "(g) nnU-Net, each task alone, foreground oversampling 0.67",
+           "nnUNetTrainer_foreground67", per_task=True),
 )
 PSEUDO = "pseudo"
 DEFAULT_METHODS = ("a", "b", "c", "d", "e")

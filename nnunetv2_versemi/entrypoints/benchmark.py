@@ -197,7 +197,7 @@ def _add_run_arguments(p: argparse.ArgumentParser, methods: list[str]) -> None:
         "--methods",
         nargs="+",
         default=methods,
-        help="a/alone b/union c/noUnsup d/versemi e/pseudo f/alonePCD (default: a b c d e), or trainer class names "
+        help="a/alone b/union c/noUnsup d/versemi e/pseudo f/alonePCD g/aloneFg67 (default: a b c d e), or trainer class names "
         "(ablations, trained on the union)",
     )
     p.add_argument(

@@ -3,6 +3,7 @@ for attributing VerSemi's gains: class name = ``-tr`` value = results folder nam
 
 from __future__ import annotations
 
+import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from typing_extensions import override
 
@@ -24,3 +25,15 @@ class nnUNetTrainer_presentClassDice(nnUNetTrainer):
         return losses.dice_ce(
             self.configuration_manager.batch_dice, self.label_manager.ignore_label, self.is_ddp,
             len(self._get_deep_supervision_scales()) if self.enable_deep_supervision else None)
+
+
+class nnUNetTrainer_foreground67(nnUNetTrainer):
+    """nnUNetTrainer with two of every three batch slots forced to hold foreground (nnU-Net: one of three), as
+    ``VerSemiTrainer_foreground67`` samples its labeled batches: per-task nnU-Net with the same sampling, so that a
+    comparison tells the sampling's gain from the union's."""
+
+    # nnU-Net records the __init__ arguments by name (my_init_kwargs): the signature must be nnUNetTrainer's
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.oversample_foreground_percent = 0.67

@@ -9,7 +9,10 @@ from dataclasses import replace
 import torch
 
 from nnunetv2_versemi.training.config import DEFAULT
-from nnunetv2_versemi.training.nnunet_variants import nnUNetTrainer_presentClassDice  # noqa: F401 (re-export)
+from nnunetv2_versemi.training.nnunet_variants import (  # noqa: F401 (re-export)
+    nnUNetTrainer_foreground67,
+    nnUNetTrainer_presentClassDice,
+)
 from nnunetv2_versemi.training.trainer import VerSemiTrainer
 
 # the paper's unlabeled terms alone: no L_pseudo, P_agg from the student's own heads without gradient
@@ -273,4 +276,4 @@ class VerSemiTrainer_noUnsup_tiny(ShortRun, VerSemiTrainer_noUnsup):
 
 
 __all__ = [n for n, v in dict(globals()).items() if isinstance(v, type) and issubclass(v, VerSemiTrainer)]
-__all__.append("nnUNetTrainer_presentClassDice")  # the plain nnU-Net variant, found through the same module
+__all__ += ["nnUNetTrainer_presentClassDice", "nnUNetTrainer_foreground67"]  # plain nnU-Net variants, found here too

@@ -197,3 +197,23 @@ def test_foreground_oversampling_reaches_the_labeled_loader(make_trainer):
     assert loader.num_forced_slots() == 3
     loader.oversample_foreground_percent = 0.33
     assert loader.num_forced_slots() == 1
+
+
+
+def test_per_task_nnunet_with_the_same_sampling(tmp_path, monkeypatch):
+    """Benchmark method (g): plain nnU-Net whose only change is VerSemiTrainer_foreground67's forced share."""
+    from conftest import CONFIGURATION, tiny_dataset_json, tiny_plans, tiny_table
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunetv2_versemi.benchmark.methods import method_by_name
+    from nnunetv2_versemi.training.nnunet_variants import nnUNetTrainer_foreground67
+
+    for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(v, str(tmp_path / v))
+    table = tiny_table()
+    plain, ours = (cls(tiny_plans(table), CONFIGURATION, 0, tiny_dataset_json(table), device=torch.device("cpu"))
+                   for cls in (nnUNetTrainer, nnUNetTrainer_foreground67))  # nnU-Net pops keys of the plans
+    assert (plain.oversample_foreground_percent, ours.oversample_foreground_percent) == (0.33, 0.67)
+    assert plain.num_iterations_per_epoch == ours.num_iterations_per_epoch and plain.num_epochs == ours.num_epochs
+    m = method_by_name("g")
+    assert m.trainer == "nnUNetTrainer_foreground67" and m.per_task and not m.prompted and not m.unlabeled
