@@ -197,8 +197,8 @@ def _add_run_arguments(p: argparse.ArgumentParser, methods: list[str]) -> None:
         "--methods",
         nargs="+",
         default=methods,
-        help="a/alone b/union c/noUnsup d/versemi e/pseudo f/alonePCD g/aloneFg67 (default: a b c d e), or trainer class names "
-        "(ablations, trained on the union)",
+        help="a/alone b/union c/noUnsup d/versemi e/pseudo f/alonePCD g/aloneFg67 (default: a b c d e), or trainer "
+        "class names (ablations, trained on the union)",
     )
     p.add_argument(
         "-o",

@@ -162,8 +162,8 @@ class VerSemiConfig:
                 raise ValueError(f"{name} must be a (low, high) pair in (0, 1] with low <= high, got {v!r}")
         if self.task_batches and self.labeled_balance != "tasks":
             raise ValueError("task_batches needs labeled_balance 'tasks': a batch per task is a task-balanced batch")
-        for name in ("dice_present_classes_only", "pseudo_class_balance", "task_batches", "allow_labeled_only", "recognition_detach",
-                     "validate_prompted_too", "static_head"):
+        for name in ("dice_present_classes_only", "pseudo_class_balance", "task_batches", "allow_labeled_only",
+                     "recognition_detach", "validate_prompted_too", "static_head"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 

@@ -9,6 +9,9 @@ from typing_extensions import override
 
 from nnunetv2_versemi.training import losses
 
+#: the forced-foreground share of both foreground67 trainers (nnU-Net's: 0.33)
+FOREGROUND_67 = 0.67
+
 
 class nnUNetTrainer_presentClassDice(nnUNetTrainer):
     """nnUNetTrainer whose Dice averages over the classes present in the target
@@ -36,4 +39,4 @@ class nnUNetTrainer_foreground67(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.oversample_foreground_percent = 0.67
+        self.oversample_foreground_percent = FOREGROUND_67

@@ -10,6 +10,7 @@ import torch
 
 from nnunetv2_versemi.training.config import DEFAULT
 from nnunetv2_versemi.training.nnunet_variants import (  # noqa: F401 (re-export)
+    FOREGROUND_67,
     nnUNetTrainer_foreground67,
     nnUNetTrainer_presentClassDice,
 )
@@ -104,7 +105,7 @@ class VerSemiTrainer_supOnly_nnunetDice(VerSemiTrainer):
 
 class VerSemiTrainer_foreground67(VerSemiTrainer):
     """Two of every three labeled slots forced to hold foreground (nnU-Net: one of three)."""
-    config = replace(DEFAULT, foreground_oversampling=0.67)
+    config = replace(DEFAULT, foreground_oversampling=FOREGROUND_67)
 
 
 class VerSemiTrainer_pseudoBalanced(VerSemiTrainer):
